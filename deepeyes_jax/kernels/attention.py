@@ -1,0 +1,93 @@
+"""One attention function for the vision tower, the decoder (prefill, extend, decode) and training.
+
+`attention(..., impl="xla")` is the plain `jax.numpy` reference: it is the specification that faster kernels are
+checked against (DESIGN.md principle 1). Masks are described, not materialised by callers:
+
+- segment ids: a query attends to a key only if both carry the same segment id; id 0 marks padding (never
+  attended to). Vision windows, per-image full attention, packed training rows and padded batches are all
+  segments.
+- positions + `causal=True`: a query at position p attends to keys at positions <= p. Positions here are token
+  slots in the sequence/cache (monotone), not M-RoPE positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_IMPLS = ("xla",)
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  q_segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  causal: bool = False,
+  scale: float | None = None,
+  impl: str = "xla",
+) -> jax.Array:
+  """Grouped-query attention.
+
+  Args:
+    q: (B, T, H, D) queries.
+    k, v: (B, S, K, D) keys/values, H % K == 0 (query head h reads KV head h // (H // K)).
+    q_segment_ids: (B, T) int32, kv_segment_ids: (B, S) int32; None means one segment with no padding.
+    q_positions: (B, T) int32, kv_positions: (B, S) int32 token slots; required when `causal`.
+    scale: logit scale, default D ** -0.5.
+  Returns:
+    (B, T, H, D) in q's dtype. Rows with no visible key return the mean of all values (finite, never NaN).
+  """
+  if impl != "xla":
+    raise ValueError(f"unknown attention impl {impl!r}; available: {_IMPLS}")
+  return xla_attention(
+    q,
+    k,
+    v,
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    causal=causal,
+    scale=scale,
+  )
+
+
+def make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool, shape) -> jax.Array | None:
+  """(B, T, S) bool mask, or None when everything is visible."""
+  b, t, s = shape
+  mask = None
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    qs = q_segment_ids if q_segment_ids is not None else jnp.ones((b, t), jnp.int32)
+    ks = kv_segment_ids if kv_segment_ids is not None else jnp.ones((b, s), jnp.int32)
+    mask = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
+  if causal:
+    if q_positions is None or kv_positions is None:
+      raise ValueError("causal attention needs q_positions and kv_positions")
+    c = kv_positions[:, None, :] <= q_positions[:, :, None]
+    mask = c if mask is None else mask & c
+  return mask
+
+
+def xla_attention(
+  q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, causal=False, scale=None
+):
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  if h % kh:
+    raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads")
+  g = h // kh
+  scale = d**-0.5 if scale is None else scale
+  qg = q.reshape(b, t, kh, g, d)
+  # Logits and softmax in fp32 whatever the activation dtype (the reference computes softmax in fp32).
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, (b, t, s))
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None], logits, jnp.float32(-1e30))
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)

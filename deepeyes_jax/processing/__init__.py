@@ -1,0 +1,1 @@
+"""Host-side input processing (images, text) for the DeepEyes / Qwen2.5-VL JAX port."""
