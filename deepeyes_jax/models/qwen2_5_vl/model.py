@@ -19,7 +19,7 @@ from flax import nnx
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from deepeyes_jax.models.qwen2_5_vl.layers import linear
 from deepeyes_jax.models.qwen2_5_vl.rope import get_rope_index, mrope_cos_sin
-from deepeyes_jax.models.qwen2_5_vl.text import TextDecoder
+from deepeyes_jax.models.qwen2_5_vl.text import CacheView, TextDecoder
 from deepeyes_jax.models.qwen2_5_vl.vision import VisionPlan, VisionTower, make_vision_plan
 
 
@@ -57,6 +57,11 @@ class Qwen25VL(nnx.Module):
     t = self.config.text
     return mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
 
+  def inputs(self, input_ids, position_ids, pixel_values=None, plan=None):
+    """Decoder inputs: embeddings (B, S, D) with image features merged in, and M-RoPE cos/sin (B, S, head_dim)."""
+    feats = None if pixel_values is None else self.image_features(pixel_values, plan)
+    return (self.embed(input_ids, feats), *self.rope(position_ids))
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states (B, S, D) -> logits (B, S, V) fp32."""
     if self.lm_head is None:
@@ -83,10 +88,37 @@ class Qwen25VL(nnx.Module):
       positions: (B, S) int32 token slots for the causal mask.
       pixel_values: (N, 1176) patches of all images (N may include bucket padding), with their `plan`.
     """
-    feats = None if pixel_values is None else self.image_features(pixel_values, plan)
-    x = self.embed(input_ids, feats)
-    cos, sin = self.rope(position_ids)
+    x, cos, sin = self.inputs(input_ids, position_ids, pixel_values, plan)
     return self.logits(self.language_model(x, cos, sin, segment_ids, positions))
+
+  def extend(
+    self,
+    ks: tuple[jax.Array, ...],
+    vs: tuple[jax.Array, ...],
+    view: CacheView,
+    input_ids: jax.Array,
+    position_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    last_index: jax.Array,
+    pixel_values: jax.Array | None = None,
+    plan: VisionPlan | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """New tokens (B, N) against a KV cache; see `deepeyes_jax.sampling`.
+
+    Args:
+      ks, vs: per-layer caches (B, C, K, head_dim).
+      view: where the new tokens are written and which slots are visible.
+      input_ids: (B, N) new tokens (bucket-padded), position_ids (3, B, N), segment_ids (B, N) 1 = real,
+        positions (B, N) their cache slots, last_index (B,) index in N of each row's last real token.
+      pixel_values, plan: patches of the images whose placeholders are among the new tokens.
+    Returns:
+      logits (B, V) fp32 at each row's last new token, updated ks, vs.
+    """
+    x, cos, sin = self.inputs(input_ids, position_ids, pixel_values, plan)
+    h, ks, vs = self.language_model.extend(x, cos, sin, segment_ids, positions, ks, vs, view)
+    last = h[jnp.arange(h.shape[0]), last_index]
+    return self.logits(last), ks, vs
 
   # --- convenient call -----------------------------------------------------------------------------------
   def __call__(

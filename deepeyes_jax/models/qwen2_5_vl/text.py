@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, linear
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheView:
+  """Where new tokens go in a KV cache of C slots per row, and which slots are visible afterwards.
+
+  write_index: (B, N) int32 slot of each new token; C (out of range) means "do not write".
+  kv_segment_ids: (B, C) int32, 1 for slots holding a real token after the write, 0 otherwise.
+  kv_positions: (B, C) int32 slot numbers (for the causal mask against the queries' slots).
+  """
+
+  write_index: jax.Array
+  kv_segment_ids: jax.Array
+  kv_positions: jax.Array
 
 
 class Attention(nnx.Module):
@@ -27,27 +45,36 @@ class Attention(nnx.Module):
     return apply_rope(k, cos, sin), v
 
   def __call__(
-    self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, positions: jax.Array
-  ) -> jax.Array:
-    """Causal self-attention over x (B, S, D) -> (B, S, D).
+    self,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    kv: tuple[jax.Array, jax.Array] | None = None,
+    view: CacheView | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Causal attention of x (B, S, D) -> ((B, S, D), updated cache (k, v) or None).
 
     segment_ids (B, S) int32 (0 = padding; packed sequences use several ids), positions (B, S) int32 token
-    slots for the causal mask.
+    slots for the causal mask. With a cache (`kv` = this layer's (B, C, K, hd) keys/values and its `view`), the
+    new keys/values are written at `view.write_index` and the queries attend over the whole cache.
     """
     b, s, _ = x.shape
     q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
     k, v = self.project_kv(x, cos, sin)
+    if kv is None:
+      kv_seg, kv_pos = segment_ids, positions
+    else:
+      rows = jnp.arange(b)[:, None]
+      # mode="drop": slots >= C (unused bucket padding, inactive rows) write nothing.
+      k = kv[0].at[rows, view.write_index].set(k.astype(kv[0].dtype), mode="drop")
+      v = kv[1].at[rows, view.write_index].set(v.astype(kv[1].dtype), mode="drop")
+      kv_seg, kv_pos = view.kv_segment_ids, view.kv_positions
     out = attention(
-      q,
-      k,
-      v,
-      q_segment_ids=segment_ids,
-      kv_segment_ids=segment_ids,
-      q_positions=positions,
-      kv_positions=positions,
-      causal=True,
+      q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg, q_positions=positions, kv_positions=kv_pos, causal=True
     )
-    return self.o_proj(out.reshape(b, s, -1))
+    return self.o_proj(out.reshape(b, s, -1)), (None if kv is None else (k, v))
 
 
 class DecoderLayer(nnx.Module):
@@ -59,9 +86,10 @@ class DecoderLayer(nnx.Module):
       cfg.hidden_size, cfg.intermediate_size, bias=False, embed_axis="embed", mlp_axis="mlp", dtype=dtype, rngs=rngs
     )
 
-  def __call__(self, x, cos, sin, segment_ids, positions):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions)
-    return x + self.mlp(self.post_attention_layernorm(x))
+  def __call__(self, x, cos, sin, segment_ids, positions, kv=None, view=None):
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions, kv, view)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class TextDecoder(nnx.Module):
@@ -86,5 +114,17 @@ class TextDecoder(nnx.Module):
   ) -> jax.Array:
     """Input embeddings (B, S, D) -> final-normed hidden states (B, S, D)."""
     for layer in self.layers:
-      x = layer(x, cos, sin, segment_ids, positions)
+      x, _ = layer(x, cos, sin, segment_ids, positions)
     return self.norm(x)
+
+  def extend(self, x, cos, sin, segment_ids, positions, ks, vs, view: CacheView):
+    """Like __call__ but reading/writing a KV cache: ks, vs are per-layer tuples of (B, C, K, hd).
+
+    Returns (hidden (B, S, D), new ks, new vs).
+    """
+    new_ks, new_vs = [], []
+    for layer, k, v in zip(self.layers, ks, vs):
+      x, (k, v) = layer(x, cos, sin, segment_ids, positions, (k, v), view)
+      new_ks.append(k)
+      new_vs.append(v)
+    return self.norm(x), tuple(new_ks), tuple(new_vs)

@@ -1,0 +1,346 @@
+"""The jitted sampler: `extend` (run new tokens, possibly with images, against the cache) and `decode`.
+
+    sampler = Sampler(model, mesh=mesh)                      # splits the model once
+    cache = sampler.init_cache(batch=8, capacity=4096)
+    cache, logits = sampler.extend(cache, [Chunk(ids, images=[(pv, grid)]), ...])   # prefill = extend on empty
+    cache, out = sampler.decode(cache, logits, max_new_tokens=256, stop_tokens=[im_end], keys=row_keys(0, 8))
+    cache, logits = sampler.extend(cache, [None, Chunk(observation_ids, [(crop_pv, crop_grid)]), ...])
+    cache, out = sampler.decode(cache, logits, max_new_tokens=[0, 256, ...], ...)
+
+Host work per call (numpy): validating inputs, M-RoPE positions of the new tokens (continuing each row's
+position exactly as `get_rope_index` over the whole sequence would), the vision plan, and padding everything to
+shape buckets (powers of two) so that compilations stay few; each new shape signature is logged.
+Device work: one jitted call per `extend`, one `lax.while_loop` per `decode`; the cache is donated through both.
+
+Rows are independent: each row has its own PRNG key (token i of a row is drawn with fold_in(key, slot)), its own
+budget and stop state, so a row's output does not depend on the other rows of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
+from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
+from deepeyes_jax.models.qwen2_5_vl.text import CacheView
+from deepeyes_jax.models.qwen2_5_vl.vision import make_vision_plan
+from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling.cache import KVCache, cache_shardings, constrain, init_cache
+
+log = logging.getLogger(__name__)
+
+STOP_REASONS = ("stop_token", "length", "cache_full", "inactive")
+_STOP, _LENGTH, _FULL, _INACTIVE = range(4)
+
+
+@dataclasses.dataclass
+class Chunk:
+  """New tokens for one row: ids with each image's `<|image_pad|>` already expanded to t*h*w/4 copies, and the
+  images in placeholder order as (pixel_values (n, 1176) float32, grid_thw (3,) int)."""
+
+  tokens: Sequence[int]
+  images: Sequence[tuple[np.ndarray, np.ndarray]] = ()
+
+
+@dataclasses.dataclass
+class DecodeResult:
+  """Per row: generated token ids (the stop token included), their log-probs, and why the row stopped."""
+
+  tokens: list[list[int]]
+  logprobs: list[np.ndarray]
+  stop_reason: list[str]
+  logits: np.ndarray | None = None  # (B, T, V) fp32 when asked for: the distribution of each generated token
+
+
+def bucket(n: int, minimum: int) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def row_keys(seed: int, rows: Sequence[int] | int) -> jax.Array:
+  """Per-row PRNG keys folded from (seed, row id): (B,) key array."""
+  rows = np.arange(rows) if isinstance(rows, int) else np.asarray(rows)
+  base = jax.random.key(seed)
+  return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.uint32))
+
+
+class Sampler:
+  """Split-once sampler over a `Qwen25VL` (parameters are read, never copied)."""
+
+  def __init__(
+    self,
+    model: Qwen25VL,
+    *,
+    mesh: Mesh | None = None,
+    min_token_bucket: int = 16,
+    min_patch_bucket: int = 256,
+    min_step_bucket: int = 16,
+  ):
+    self.config = model.config
+    self.dtype = model.dtype
+    self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    self.min_token_bucket, self.min_patch_bucket, self.min_step_bucket = (
+      min_token_bucket,
+      min_patch_bucket,
+      min_step_bucket,
+    )
+    self.signatures: set[tuple] = set()
+
+  # --- bookkeeping ---------------------------------------------------------------------------------------
+  @property
+  def num_compiles(self) -> int:
+    """Distinct shape signatures compiled so far (extend + decode)."""
+    return len(self.signatures)
+
+  def _note(self, signature: tuple) -> None:
+    if signature not in self.signatures:
+      self.signatures.add(signature)
+      log.info("sampler: compiling %s (compilation #%d)", signature, len(self.signatures))
+
+  def _shardings(self, cache: KVCache) -> KVCache | None:
+    if self.mesh is None:
+      return None
+    return cache_shardings(self.config, cache.batch_size, cache.capacity, self.mesh)
+
+  def init_cache(self, batch: int, capacity: int) -> KVCache:
+    return init_cache(self.config, batch, capacity, self.dtype, self.mesh)
+
+  # --- extend --------------------------------------------------------------------------------------------
+  def extend(self, cache: KVCache, chunks: Sequence[Chunk | None]) -> tuple[KVCache, jax.Array]:
+    """Appends each row's chunk (None or empty = row unchanged) and returns logits (B, V) fp32 at each row's
+    last new token (rows without new tokens get zeros). `cache` is donated: use the returned one."""
+    cfg = self.config
+    b, cap = cache.batch_size, cache.capacity
+    if len(chunks) != b:
+      raise ValueError(f"got {len(chunks)} chunks for a cache of {b} rows")
+    lengths = np.asarray(jax.device_get(cache.lengths))
+    next_pos = np.asarray(jax.device_get(cache.next_pos))
+    m = cfg.vision.spatial_merge_size
+    rows_ids, rows_pos, pvs, grids = [], [], [], []
+    new_next = next_pos.copy()
+    for r, ch in enumerate(chunks):
+      ids = np.asarray([] if ch is None else ch.tokens, np.int64).reshape(-1)
+      if len(ids) and (ids.min() < 0 or ids.max() >= cfg.text.vocab_size):
+        raise ValueError(f"row {r}: token id outside the vocabulary [0, {cfg.text.vocab_size})")
+      if lengths[r] + len(ids) > cap:
+        raise ValueError(
+          f"row {r}: {lengths[r]} cached + {len(ids)} new tokens exceed the cache capacity {cap}; "
+          "use a larger capacity or a shorter prompt"
+        )
+      images = [] if ch is None else list(ch.images)
+      row_grids = [np.asarray(g, np.int64).reshape(3) for _, g in images]
+      for k, (pv, g) in enumerate(zip((p for p, _ in images), row_grids)):
+        if np.shape(pv) != (int(np.prod(g)), cfg.vision.patch_dim):
+          raise ValueError(f"row {r} image {k}: pixel_values shape {np.shape(pv)} does not match grid {g.tolist()}")
+      n_pad = int((ids == cfg.image_token_id).sum())
+      n_feat = sum(int(np.prod(g)) // (m * m) for g in row_grids)
+      if n_pad != n_feat:
+        raise ValueError(f"row {r}: {n_pad} <|image_pad|> tokens but its {len(row_grids)} image(s) give {n_feat}")
+      pos, nxt = positions_for_tokens(
+        ids, iter(row_grids), cfg.image_token_id, m, start=int(next_pos[r]), source=f"row {r}: "
+      )
+      if len(ids):
+        new_next[r] = nxt
+      rows_ids.append(ids)
+      rows_pos.append(pos)
+      pvs += [np.asarray(p, np.float32) for p, _ in images]
+      grids += row_grids
+    counts = np.array([len(x) for x in rows_ids], np.int32)
+    if counts.max() == 0:
+      raise ValueError("extend: every chunk is empty (an empty prompt?)")
+    empty_new = (lengths == 0) & (counts == 0)
+    if np.all(lengths == 0) and empty_new.any():
+      raise ValueError(f"prefill: rows {np.flatnonzero(empty_new).tolist()} have an empty prompt")
+
+    n = bucket(counts.max(), self.min_token_bucket)
+    tokens = np.zeros((b, n), np.int32)
+    position_ids = np.zeros((3, b, n), np.int32)
+    for r, (ids, pos) in enumerate(zip(rows_ids, rows_pos)):
+      tokens[r, : len(ids)] = ids
+      position_ids[:, r, : len(ids)] = pos
+    pixel_values = plan = None
+    n_patches = 0
+    if pvs:
+      n_patches = bucket(sum(len(p) for p in pvs), self.min_patch_bucket)
+      pixel_values = np.zeros((n_patches, cfg.vision.patch_dim), np.float32)
+      flat = np.concatenate(pvs)
+      pixel_values[: len(flat)] = flat
+      plan = make_vision_plan(np.stack(grids), cfg.vision, pad_to=n_patches)
+    self._note(("extend", b, cap, n, n_patches))
+    cache, logits = _extend(
+      self.graphdef,
+      self._shardings(cache),
+      self.state,
+      cache,
+      tokens,
+      counts,
+      position_ids,
+      new_next.astype(np.int32),
+      pixel_values,
+      plan,
+    )
+    return cache, logits
+
+  # --- decode --------------------------------------------------------------------------------------------
+  def decode(
+    self,
+    cache: KVCache,
+    logits: jax.Array,
+    *,
+    max_new_tokens: int | Sequence[int],
+    stop_tokens: Sequence[int] = (),
+    suppress_tokens: Sequence[int] | None = None,
+    params: rules.SamplingParams = rules.GREEDY,
+    keys: jax.Array | None = None,
+    return_logits: bool = False,
+  ) -> tuple[KVCache, DecodeResult]:
+    """Generates until every row hit a stop token, its budget, or a full cache.
+
+    Args:
+      logits: (B, V) from `extend`: the distribution of each row's first new token.
+      max_new_tokens: a budget for all rows or one per row (0 = row inactive).
+      keys: (B,) PRNG keys (see `row_keys`); required unless greedy.
+      suppress_tokens: ids never sampled; default the image/video placeholders, whose generation would make
+        the sequence ambiguous (a generated `<|image_pad|>` has no image behind it). Suppression is a hard
+        constraint outside the policy: the reported log-probs are those of the unsuppressed model.
+    """
+    b = cache.batch_size
+    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,)).copy()
+    if budgets.min() < 0:
+      raise ValueError(f"max_new_tokens must be >= 0, got {budgets.tolist()}")
+    if keys is None:
+      if not params.greedy:
+        raise ValueError("sampling with temperature > 0 needs per-row keys (see row_keys)")
+      keys = row_keys(0, b)
+    steps = bucket(budgets.max(), self.min_step_bucket)
+    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+    if suppress_tokens is None:
+      suppress_tokens = (self.config.image_token_id, self.config.video_token_id)
+    suppress = np.asarray(list(suppress_tokens) or [-1], np.int32)
+    self._note(("decode", b, cache.capacity, steps, len(stops), len(suppress), params, return_logits))
+    cache, tokens, logprobs, counts, reasons, all_logits = _decode(
+      self.graphdef,
+      self._shardings(cache),
+      params,
+      steps,
+      return_logits,
+      self.state,
+      cache,
+      logits,
+      keys,
+      budgets,
+      stops,
+      suppress,
+    )
+    tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
+    result = DecodeResult(
+      tokens=[tokens[r, : counts[r]].tolist() for r in range(b)],
+      logprobs=[logprobs[r, : counts[r]] for r in range(b)],
+      stop_reason=[STOP_REASONS[int(x)] for x in reasons],
+      logits=None if all_logits is None else np.asarray(all_logits),
+    )
+    return cache, result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Jitted functions
+# --------------------------------------------------------------------------------------------------------------
+def _run(model, cache: KVCache, tokens, counts, position_ids, new_next, pixel_values=None, plan=None):
+  """Writes tokens (B, N) of which the first counts[r] are real; returns (cache, logits at last real token)."""
+  b, n = tokens.shape
+  cap = cache.capacity
+  idx = jnp.arange(n, dtype=jnp.int32)[None]
+  valid = idx < counts[:, None]
+  slots = cache.lengths[:, None] + idx
+  new_lengths = cache.lengths + counts
+  view = CacheView(
+    write_index=jnp.where(valid, slots, cap),
+    kv_segment_ids=(jnp.arange(cap, dtype=jnp.int32)[None] < new_lengths[:, None]).astype(jnp.int32),
+    kv_positions=jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32), (b, cap)),
+  )
+  logits, ks, vs = model.extend(
+    cache.k,
+    cache.v,
+    view,
+    tokens,
+    position_ids,
+    valid.astype(jnp.int32),
+    slots,
+    jnp.maximum(counts - 1, 0),
+    pixel_values,
+    plan,
+  )
+  logits = jnp.where((counts > 0)[:, None], logits, 0.0)
+  return KVCache(ks, vs, new_lengths, new_next), logits
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _extend(graphdef, shardings, state, cache, tokens, counts, position_ids, new_next, pixel_values, plan):
+  model = nnx.merge(graphdef, state)
+  cache, logits = _run(model, cache, tokens, counts, position_ids, new_next, pixel_values, plan)
+  return constrain(cache, shardings), logits
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+def _decode(graphdef, shardings, params, steps, return_logits, state, cache, logits, keys, budgets, stops, suppress):
+  model = nnx.merge(graphdef, state)
+  b, v = logits.shape
+  cap = cache.capacity
+  done0 = (budgets <= 0) | (cache.lengths >= cap)
+  reason0 = jnp.where(budgets <= 0, _INACTIVE, jnp.where(cache.lengths >= cap, _FULL, -1)).astype(jnp.int32)
+  carry = dict(
+    cache=cache,
+    logits=logits.astype(jnp.float32),
+    step=jnp.int32(0),
+    count=jnp.zeros((b,), jnp.int32),
+    done=done0,
+    reason=reason0,
+    tokens=jnp.full((b, steps), -1, jnp.int32),
+    logprobs=jnp.zeros((b, steps), jnp.float32),
+    all_logits=jnp.zeros((b, steps, v), jnp.float32) if return_logits else None,
+  )
+
+  def cond(c):
+    return (c["step"] < steps) & ~jnp.all(c["done"])
+
+  def body(c):
+    cache, step, active = c["cache"], c["step"], ~c["done"]
+    # A token's randomness depends only on its row's key and its slot, never on the batch.
+    tok_keys = jax.vmap(jax.random.fold_in)(keys, cache.lengths)
+    allowed = c["logits"].at[:, suppress].set(rules.NEG_INF, mode="drop")
+    tok = jax.vmap(lambda k, lg: rules.sample(k, lg, params))(tok_keys, allowed)
+    lp = rules.token_logprob(c["logits"], tok, params)
+    put = lambda buf, x: buf.at[:, step].set(jnp.where(active, x, buf[:, step]))
+    out = dict(c, tokens=put(c["tokens"], tok), logprobs=put(c["logprobs"], lp))
+    if return_logits:
+      out["all_logits"] = c["all_logits"].at[:, step].set(c["logits"])
+    n = active.astype(jnp.int32)
+    pos = jnp.broadcast_to(cache.next_pos[None, :, None], (3, b, 1))
+    cache, new_logits = _run(model, cache, tok[:, None], n, pos, cache.next_pos + n)
+    count = c["count"] + n
+    hit_stop = active & jnp.isin(tok, stops)
+    hit_len = active & (count >= budgets)
+    hit_full = active & (cache.lengths >= cap)
+    reason = jnp.where(hit_stop, _STOP, jnp.where(hit_len, _LENGTH, jnp.where(hit_full, _FULL, c["reason"])))
+    out.update(
+      cache=constrain(cache, shardings),
+      logits=jnp.where(active[:, None], new_logits, c["logits"]),
+      step=step + 1,
+      count=count,
+      done=c["done"] | hit_stop | hit_len | hit_full,
+      reason=reason.astype(jnp.int32),
+    )
+    return out
+
+  c = jax.lax.while_loop(cond, body, carry)
+  return c["cache"], c["tokens"], c["logprobs"], c["count"], c["reason"], c["all_logits"]
