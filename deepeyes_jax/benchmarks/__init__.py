@@ -1,0 +1,1 @@
+"""Benchmarks: sampling throughput of the JAX sampler against HF transformers."""
