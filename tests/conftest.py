@@ -127,3 +127,25 @@ def rel_err(a, b, mask=None) -> float:
   if mask is not None:
     a, b = a[np.asarray(mask).astype(bool)], b[np.asarray(mask).astype(bool)]
   return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+  """A tiny HF checkpoint + tokenizer directory whose config uses the tokenizer's special-token ids."""
+  path = tmp_path_factory.mktemp("tiny_vlm")
+  from deepeyes_jax.processing import tokenizer as toklib
+
+  ids = toklib.build_tiny_tokenizer(path)
+  cfg = tiny_config(
+    text=tiny_config().text.__class__(**{**tiny_config().text.__dict__, "vocab_size": 512 + toklib.NUM_ADDED_TOKENS}),
+    image_token_id=ids["<|image_pad|>"],
+    video_token_id=ids["<|video_pad|>"],
+    vision_start_token_id=ids["<|vision_start|>"],
+    vision_end_token_id=ids["<|vision_end|>"],
+    eos_token_id=ids["<|im_end|>"],
+    pad_token_id=ids["<|endoftext|>"],
+    bos_token_id=ids["<|endoftext|>"],
+  )
+  hf = make_hf_model(cfg, seed=11)
+  hf.save_pretrained(path)
+  return path, hf, cfg

@@ -1,38 +1,17 @@
 """`generate` end to end (chat template, tokenizer from a local directory, image processing, sampler) vs HF."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model, tiny_config
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 from deepeyes_jax import sampling as smp
 from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.processing import tokenizer as toklib
 from deepeyes_jax.sampling.generate import generate, load_tokenizer
 
 MAXPIX = 64 * 28 * 28
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-  """A tiny HF checkpoint + tokenizer directory whose config uses the tokenizer's special-token ids."""
-  path = tmp_path_factory.mktemp("tiny_vlm")
-  ids = toklib.build_tiny_tokenizer(path)
-  cfg = tiny_config(
-    text=tiny_config().text.__class__(**{**tiny_config().text.__dict__, "vocab_size": 512 + toklib.NUM_ADDED_TOKENS}),
-    image_token_id=ids["<|image_pad|>"],
-    video_token_id=ids["<|video_pad|>"],
-    vision_start_token_id=ids["<|vision_start|>"],
-    vision_end_token_id=ids["<|vision_end|>"],
-    eos_token_id=ids["<|im_end|>"],
-    pad_token_id=ids["<|endoftext|>"],
-    bos_token_id=ids["<|endoftext|>"],
-  )
-  hf = make_hf_model(cfg, seed=11)
-  hf.save_pretrained(path)
-  return path, hf, cfg
 
 
 def _image(seed, size):
@@ -85,7 +64,7 @@ def _hf_reference(hf, tok, messages, images, max_new_tokens):
 def test_generate_matches_hf_pipeline(tiny_vlm):
   path, hf, cfg = tiny_vlm
   tok = load_tokenizer(str(path))
-  model = qvl.from_pretrained(path)
+  model = qvl.from_pretrained(path, dtype=jnp.float32)
   assert model.config == cfg
   img_a, img_b = _image(1, (200, 120)), _image(2, (90, 300))
   conversations = [
@@ -114,6 +93,6 @@ def test_generate_matches_hf_pipeline(tiny_vlm):
 def test_generate_rejects_image_items_without_data(tiny_vlm):
   path, _, _ = tiny_vlm
   tok = load_tokenizer(str(path))
-  model = qvl.from_pretrained(path)
+  model = qvl.from_pretrained(path, dtype=jnp.float32)
   with pytest.raises(ValueError, match="message 0: an image item needs an 'image' field"):
     generate(smp.Sampler(model), tok, [[{"role": "user", "content": [{"type": "image"}]}]], max_new_tokens=2)

@@ -203,6 +203,7 @@ class Sampler:
     params: rules.SamplingParams = rules.GREEDY,
     keys: jax.Array | None = None,
     return_logits: bool = False,
+    forced_tokens: Sequence[Sequence[int] | None] | None = None,
   ) -> tuple[KVCache, DecodeResult]:
     """Generates until every row hit a stop token, its budget, or a full cache.
 
@@ -213,6 +214,8 @@ class Sampler:
       suppress_tokens: ids never sampled; default the image/video placeholders, whose generation would make
         the sequence ambiguous (a generated `<|image_pad|>` has no image behind it). Suppression is a hard
         constraint outside the policy: the reported log-probs are those of the unsuppressed model.
+      forced_tokens: per row, tokens to emit instead of sampling (None = sample); a scripted policy for tests
+        and demos. The model still runs on them and their log-probs are reported; the budget still applies.
     """
     b = cache.batch_size
     budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,)).copy()
@@ -223,6 +226,11 @@ class Sampler:
         raise ValueError("sampling with temperature > 0 needs per-row keys (see row_keys)")
       keys = row_keys(0, b)
     steps = bucket(budgets.max(), self.min_step_bucket)
+    forced = np.full((b, steps), -1, np.int32)
+    for r, toks in enumerate(forced_tokens or ()):
+      if toks is not None:  # tokens past the row's budget are never reached
+        toks = list(toks)[:steps]
+        forced[r, : len(toks)] = toks
     stops = np.asarray(list(stop_tokens) or [-1], np.int32)
     if suppress_tokens is None:
       suppress_tokens = (self.config.image_token_id, self.config.video_token_id)
@@ -241,6 +249,7 @@ class Sampler:
       budgets,
       stops,
       suppress,
+      forced,
     )
     tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
     result = DecodeResult(
@@ -292,7 +301,9 @@ def _extend(graphdef, shardings, state, cache, tokens, counts, position_ids, new
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
-def _decode(graphdef, shardings, params, steps, return_logits, state, cache, logits, keys, budgets, stops, suppress):
+def _decode(
+  graphdef, shardings, params, steps, return_logits, state, cache, logits, keys, budgets, stops, suppress, forced
+):
   model = nnx.merge(graphdef, state)
   b, v = logits.shape
   cap = cache.capacity
@@ -319,6 +330,7 @@ def _decode(graphdef, shardings, params, steps, return_logits, state, cache, log
     tok_keys = jax.vmap(jax.random.fold_in)(keys, cache.lengths)
     allowed = c["logits"].at[:, suppress].set(rules.NEG_INF, mode="drop")
     tok = jax.vmap(lambda k, lg: rules.sample(k, lg, params))(tok_keys, allowed)
+    tok = jnp.where(forced[:, step] >= 0, forced[:, step], tok)
     lp = rules.token_logprob(c["logits"], tok, params)
     put = lambda buf, x: buf.at[:, step].set(jnp.where(active, x, buf[:, step]))
     out = dict(c, tokens=put(c["tokens"], tok), logprobs=put(c["logprobs"], lp))
