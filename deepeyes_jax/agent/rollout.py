@@ -28,7 +28,7 @@ from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
 from deepeyes_jax.processing import chat
 from deepeyes_jax.processing import image as improc
 from deepeyes_jax.sampling import rules
-from deepeyes_jax.sampling.generate import encode_conversation
+from deepeyes_jax.sampling.generate import encode_conversation, message_images
 from deepeyes_jax.sampling.sampler import Chunk, Sampler, row_keys
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,23 @@ class AgentConfig:
 
 @dataclasses.dataclass
 class Task:
-  """One question about one image. `user_text` is the full user message text (question + DeepEyes suffix)."""
+  """One question about one image.
+
+  Either `user_text` (the full user message text, question + DeepEyes suffix; rendered with the DeepEyes system
+  prompt and the image first) or `messages_override` (chat messages with the image items in place, e.g. a
+  DeepEyes dataset record kept byte for byte). `image` is the image the zoom tool crops.
+  """
 
   task_id: str
   image: Image.Image
-  user_text: str
+  user_text: str = ""
   system_prompt: str = prompts.SYSTEM_PROMPT
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  messages_override: list[dict] | None = None
 
   def messages(self) -> list[dict]:
+    if self.messages_override is not None:
+      return self.messages_override
     return [
       {"role": "system", "content": self.system_prompt},
       {"role": "user", "content": [{"type": "image", "image": self.image}, {"type": "text", "text": self.user_text}]},
@@ -116,15 +124,18 @@ def run_rollouts(
   rows: list[_Row] = []
   chunks: list[Chunk] = []
   for task in tasks:
+    msgs = task.messages()
+    # Encoded once per task (tokenising and preprocessing are the same for all G samples).
+    ch = encode_conversation(
+      tokenizer, msgs, image_token_id=cfg.image_token_id, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+    )
+    if not ch.images:
+      raise ValueError(f"task {task.task_id!r}: the prompt has no image for the zoom tool")
+    prompt_images = [improc.load_image(src) for src in message_images(msgs)]
+    # The zoom tool crops `task.image`; the frame the model saw is that of the prompt image it corresponds to.
+    crop_idx = next((k for k, im in enumerate(prompt_images) if im.size == task.image.size), 0)
+    grid = ch.images[crop_idx][1]
     for g in range(group_size):
-      ch = encode_conversation(
-        tokenizer,
-        task.messages(),
-        image_token_id=cfg.image_token_id,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-      )
-      (pv, grid) = ch.images[0]
       rows.append(
         _Row(
           task=task,
@@ -132,9 +143,9 @@ def run_rollouts(
           tokens=list(ch.tokens),
           mask=[0] * len(ch.tokens),
           logprobs=[0.0] * len(ch.tokens),
-          images=[task.image],
-          pixel_values=[pv],
-          grids=[np.asarray(grid)],
+          images=list(prompt_images),
+          pixel_values=[pv for pv, _ in ch.images],
+          grids=[np.asarray(gr) for _, gr in ch.images],
           seen_size=(int(grid[2]) * cfg.vision.patch_size, int(grid[1]) * cfg.vision.patch_size),
           prompt_length=len(ch.tokens),
         )

@@ -41,11 +41,12 @@ class KVCache:
 
 
 def cache_shardings(config: Qwen25VLConfig, batch: int, capacity: int, mesh: Mesh) -> KVCache:
-  """NamedShardings: rows over (data, fsdp), KV heads over tensor (where they divide)."""
+  """NamedShardings: K/V rows over (data, fsdp), KV heads over tensor (where they divide); lengths replicated."""
   t = config.text
   kv_shape = (batch, capacity, t.num_key_value_heads, t.head_dim)
   kv = shd.logical_to_sharding(("batch", None, "kv_heads", None), kv_shape, mesh)
-  row = shd.logical_to_sharding(("batch",), (batch,), mesh)
+  # Lengths and positions are a few integers that the host reads after each call: replicated.
+  row = shd.logical_to_sharding((None,), (batch,), mesh)
   n = t.num_hidden_layers
   return KVCache(k=(kv,) * n, v=(kv,) * n, lengths=row, next_pos=row)
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
 from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
@@ -355,4 +356,8 @@ def _decode(
     return out
 
   c = jax.lax.while_loop(cond, body, carry)
-  return c["cache"], c["tokens"], c["logprobs"], c["count"], c["reason"], c["all_logits"]
+  outs = (c["tokens"], c["logprobs"], c["count"], c["reason"], c["all_logits"])
+  if shardings is not None:  # small per-row results every host reads: replicated (multi-process safe)
+    rep = shardings.lengths
+    outs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep.update(spec=P())), outs)
+  return (c["cache"], *outs)

@@ -1,0 +1,122 @@
+"""The published DeepEyes recipe (SPEC.md section 2, "RL recipe"), with variants.
+
+    python -m deepeyes_jax.train --config configs/deepeyes_7b.py --workdir DIR \
+        --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.train=/data/deepeyes/*.parquet
+    python -m deepeyes_jax.train --config configs/deepeyes_7b.py:size=3b ...
+    python -m deepeyes_jax.train --config configs/deepeyes_7b.py:size=tiny ...   # CPU smoke run (tests use it)
+
+7B: GRPO (std-normalised group advantages, eps 1e-6), no KL, no entropy bonus, PPO clip 0.2/0.2, dual-clip 3,
+token-mean loss; AdamW lr 1e-6 constant, weight decay 0.01, grad-norm clip 1.0; 256 prompts x 16 rollouts and ONE
+optimizer step per rollout batch; temperature 1.0, top_p 1.0; at most 5 assistant turns, 10240 tokens per turn,
+prompt <= 8192 and response <= 20480 tokens; ~80 steps. The judge is an OpenAI-compatible endpoint
+(DEEPEYES_JUDGE_URL / DEEPEYES_JUDGE_MODEL / DEEPEYES_JUDGE_API_KEY).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
+  size = args.get("size", "7b")
+  if size not in ("tiny", "3b", "7b", "32b"):
+    raise ValueError(f"size must be one of tiny, 3b, 7b, 32b; got {size!r}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 80
+  c.train_vision = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # HF directory: config.json + safetensors
+  c.model.tokenizer = ml_collections.config_dict.placeholder(str)  # default: model.checkpoint
+  c.model.dtype = "bfloat16"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # comma-separated parquet / JSONL paths or globs (DeepEyes-Datasets-47k format)
+  c.data.batch_size = 256  # prompts per step (per process: divided by the process count)
+  c.data.shuffle = True
+  c.data.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.group_size = 16
+  c.rollout.max_turns = 5
+  c.rollout.max_tokens_per_turn = 10240
+  c.rollout.max_total_tokens = 8192 + 20480  # prompt + response
+  c.rollout.max_images = 5
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+  c.rollout.coordinate_frame = "original"
+  c.rollout.min_pixels = 4 * 28 * 28
+  c.rollout.max_pixels = 16384 * 28 * 28
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.advantage = "grpo"
+  c.rl.adv_eps = 1e-6
+  c.rl.drop_zero_variance = False
+  c.rl.policy_loss = "ppo_clip"
+  c.rl.clip_low = 0.2
+  c.rl.clip_high = 0.2
+  c.rl.dual_clip = 3.0  # 0 = off
+  c.rl.aggregation = "token_mean"
+  c.rl.kl_coef = 0.0
+  c.rl.entropy_coef = 0.0
+  c.rl.ppo_epochs = 1
+  c.rl.num_minibatches = 1
+  c.rl.old_logprobs = "sampler"  # "sampler" | "recompute"
+  c.rl.min_row_len = 1024  # packing rows are a power of two >= the longest trajectory
+  c.rl.micro_batch_rows = 8
+  c.rl.logits_chunk = 512
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-6
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.judge_url = ml_collections.config_dict.placeholder(str)  # default: $DEEPEYES_JUDGE_URL; None = rules only
+  c.reward.judge_model = ""  # "" = $DEEPEYES_JUDGE_MODEL, else the first model the endpoint lists
+  c.reward.judge_workers = 32
+  c.reward.plugins = ""  # comma-separated modules to import: they register reward functions by data_source name
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # all devices: FSDP over parameters, optimizer state and rows
+  c.mesh.tensor = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 5
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.keep_period = ml_collections.config_dict.placeholder(int)
+  c.checkpoint.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.save_trajectories_every = 5
+  c.log.num_saved_trajectories = 16
+
+  if size == "3b":
+    c.mesh.fsdp, c.mesh.tensor = -1, 1
+  elif size == "32b":
+    c.mesh.fsdp, c.mesh.tensor = -1, 4
+    c.rl.micro_batch_rows = 2
+  elif size == "tiny":
+    # A CPU smoke run: a tiny checkpoint and a few prompts (set model.checkpoint and data.train).
+    c.total_steps = 2
+    c.model.dtype = "float32"
+    c.data.batch_size = 2
+    c.rollout.group_size = 2
+    c.rollout.max_tokens_per_turn = 24
+    c.rollout.max_total_tokens = 1536
+    c.rollout.max_turns = 3
+    c.rollout.max_pixels = 48 * 28 * 28
+    c.rl.min_row_len = 256
+    c.rl.micro_batch_rows = 2
+    c.rl.logits_chunk = 128
+    c.optim.learning_rate = 1e-4
+    c.checkpoint.every_steps = 1
+    c.checkpoint.async_save = True
+    c.log.save_trajectories_every = 1
+    c.log.num_saved_trajectories = 2
+  return c

@@ -1,0 +1,1 @@
+"""Reinforcement learning: GRPO losses, sequence packing, the learner step, rewards and the LLM judge."""

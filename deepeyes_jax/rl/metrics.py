@@ -1,0 +1,148 @@
+"""Training metrics: clu writers (TensorBoard + logging) plus a `metrics.jsonl` file, rollout statistics, and a
+progress line with an ETA.
+
+clu's `metric_writers` imports TensorFlow for its TensorBoard writer, so `tensorflow-cpu` and `tensorboard` are
+core dependencies (see docs/training.md for the reasoning). Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+from deepeyes_jax.agent.trajectory import Trajectory
+
+# Peak dense bf16 FLOP/s per device (SPEC.md section 3). CPU: measured fp32 matmul rate of the CI machine kind.
+PEAK_FLOPS = {
+  "h100": 989e12,
+  "h200": 989e12,
+  "v5p": 459e12,
+  "v5e": 197e12,
+  "v5 lite": 197e12,
+  "v6e": 918e12,
+  "cpu": 3e11,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float:
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  for k, v in PEAK_FLOPS.items():
+    if k in kind:
+      return v
+  return PEAK_FLOPS["cpu"] if jax.default_backend() == "cpu" else float("nan")
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends {"step": s, **scalars} per line to a file; other kinds of summaries are ignored."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._f = open(path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    row = {"step": int(step)}
+    row.update({k: float(v) for k, v in scalars.items()})
+    self._f.write(json.dumps(row) + "\n")
+    self._f.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+def make_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard (workdir/tensorboard) + log lines + workdir/metrics.jsonl on process 0; log-only elsewhere."""
+  if jax.process_index() != 0:
+    return metric_writers.LoggingWriter()
+  os.makedirs(workdir, exist_ok=True)
+  return metric_writers.MultiWriter(
+    [
+      metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+    ]
+  )
+
+
+def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) -> dict[str, float]:
+  """Reward and each component, accuracy, tool use, failure reasons, turns, lengths, stop reasons."""
+  n = max(1, len(trajectories))
+  m: dict[str, float] = {}
+  m["reward/mean"] = float(np.mean([r.total for r in rewards])) if rewards else 0.0
+  m["reward/std"] = float(np.std([r.total for r in rewards])) if rewards else 0.0
+  for comp in ("acc", "fmt", "tool"):
+    m[f"reward/{comp}"] = float(np.mean([getattr(r, comp) for r in rewards])) if rewards else 0.0
+  m["accuracy"] = m["reward/acc"]
+  calls = [t.num_tool_calls for t in trajectories]
+  ok = [t.num_successful_tool_calls for t in trajectories]
+  m["tool/calls_per_traj"] = float(np.mean(calls)) if calls else 0.0
+  m["tool/success_rate"] = float(sum(ok) / max(1, sum(calls)))
+  m["tool/traj_with_call"] = float(np.mean([c > 0 for c in calls])) if calls else 0.0
+  status = collections.Counter(tc.status for t in trajectories for tc in t.tool_calls)
+  for s, c in status.items():
+    if s != "ok":
+      m[f"tool/fail_{s}"] = c / max(1, sum(calls))
+  stops = collections.Counter(t.stop_reason for t in trajectories)
+  for s, c in stops.items():
+    m[f"stop/{s}"] = c / n
+  m["turns/mean"] = float(np.mean([len(t.turns) for t in trajectories])) if trajectories else 0.0
+  m["length/response"] = float(np.mean([t.response_length for t in trajectories])) if trajectories else 0.0
+  m["length/generated"] = float(np.mean([int(t.action_mask.sum()) for t in trajectories])) if trajectories else 0.0
+  m["length/total"] = float(np.mean([len(t.token_ids) for t in trajectories])) if trajectories else 0.0
+  return m
+
+
+class Progress:
+  """'step 12/80 | reward 1.02 | acc 0.55 | tools 1.3 | 41.2 s/step | ETA 46m40s' lines."""
+
+  def __init__(self, total_steps: int, start_step: int = 0):
+    self.total, self.start, self.t0 = total_steps, start_step, time.time()
+
+  def line(self, step: int, m: Mapping[str, float]) -> str:
+    done = step - self.start
+    per = (time.time() - self.t0) / max(1, done)
+    eta = per * (self.total - step)
+    return (
+      f"step {step}/{self.total} | reward {m.get('reward/mean', 0):.3f} | acc {m.get('accuracy', 0):.3f} | "
+      f"tools/traj {m.get('tool/calls_per_traj', 0):.2f} (ok {m.get('tool/success_rate', 0):.2f}) | "
+      f"loss {m.get('loss', 0):+.4f} | {per:.1f} s/step | ETA {_fmt(eta)}"
+    )
+
+
+def _fmt(s: float) -> str:
+  s = int(max(0, s))
+  h, rem = divmod(s, 3600)
+  mnt, sec = divmod(rem, 60)
+  return f"{h}h{mnt:02d}m" if h else f"{mnt}m{sec:02d}s"

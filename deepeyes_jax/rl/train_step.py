@@ -1,0 +1,235 @@
+"""The jitted GRPO update: log-probs of action tokens of packed multimodal rows, clipped loss, Optax AdamW.
+
+    learner = Learner(model, LearnerConfig(...), mesh=mesh)
+    metrics = learner.update(micro_batches)          # one optimizer step over all micro-batches
+    sampler.state = learner.state                     # the sampler reads the new parameters, no copy
+
+Gradient accumulation: every micro-batch's loss is normalised by the token count of the whole mini-batch, so
+the summed gradient is exactly the token mean over the mini-batch. A non-finite loss or gradient leaves the
+parameters and optimizer state unchanged (`skipped` = 1 in the metrics) and the run continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
+from deepeyes_jax.parallel import sharding as shd
+from deepeyes_jax.rl import grpo
+from deepeyes_jax.rl.packing import PackedBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+  learning_rate: float = 1e-6
+  warmup_steps: int = 0
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  policy_loss: str = "ppo_clip"
+  clip_low: float = 0.2
+  clip_high: float = 0.2
+  dual_clip: float | None = 3.0
+  aggregation: str = "token_mean"
+  kl_coef: float = 0.0  # KL to a frozen reference policy (k3 estimator); 0 = off, as in DeepEyes
+  entropy_coef: float = 0.0  # entropy bonus; 0 = off, as in DeepEyes
+  train_vision: bool = True
+  logits_chunk: int = 512  # tokens per chunk of the vocabulary projection (bounds logits memory)
+
+
+def make_optimizer(cfg: LearnerConfig, labels=None) -> optax.GradientTransformation:
+  """Grad-norm clip + AdamW with linear warmup then constant lr; frozen parameters get zero updates."""
+  if cfg.warmup_steps > 0:
+    lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
+      [cfg.warmup_steps],
+    )
+  else:
+    lr = optax.constant_schedule(cfg.learning_rate)
+  tx = optax.chain(
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+  )
+  if labels is not None:
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx, lr
+
+
+def token_logprobs(
+  model: Qwen25VL, batch: PackedBatch, *, train_vision: bool = True, chunk: int = 512, with_entropy: bool = False
+):
+  """Log-prob (and entropy) of every token given its prefix in its segment: (R, L) fp32, 0 at t = 0.
+
+  The vocabulary projection runs in chunks of `chunk` positions under `jax.checkpoint`, so the (R, L, V) logits
+  never exist at once (V = 152k for the real models).
+  """
+  feats = None
+  if batch.pixel_values is not None:
+    feats = model.image_features(batch.pixel_values, batch.plan)
+    if not train_vision:
+      feats = jax.lax.stop_gradient(feats)
+  x = model.embed(batch.tokens, feats)
+  cos, sin = model.rope(batch.position_ids)
+  h = model.language_model(x, cos, sin, batch.segment_ids, batch.positions)  # (R, L, D)
+  r, length, d = h.shape
+  h_prev, targets = h[:, :-1], batch.tokens[:, 1:]
+  n = length - 1
+  c = min(chunk, n)
+  pad = (-n) % c
+  h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0))).reshape(r, -1, c, d).transpose(1, 0, 2, 3)
+  targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(r, -1, c).transpose(1, 0, 2)
+
+  @jax.checkpoint
+  def one(args):
+    hc, tc = args
+    logits = model.logits(hc)  # (R, c, V) fp32
+    logp_all = jax.nn.log_softmax(logits, -1)
+    lp = jnp.take_along_axis(logp_all, tc[..., None], -1)[..., 0]
+    ent = -(jnp.exp(logp_all) * logp_all).sum(-1) if with_entropy else jnp.zeros_like(lp)
+    return lp, ent
+
+  lp, ent = jax.lax.map(one, (h_prev, targets))
+  lp = lp.transpose(1, 0, 2).reshape(r, -1)[:, :n]
+  ent = ent.transpose(1, 0, 2).reshape(r, -1)[:, :n]
+  zero = jnp.zeros((r, 1), jnp.float32)
+  return jnp.concatenate([zero, lp], 1), jnp.concatenate([zero, ent], 1)
+
+
+def _loss(params, graphdef, batch: PackedBatch, denominator, cfg: LearnerConfig, ref_logprobs=None):
+  model = nnx.merge(graphdef, params)
+  logp, ent = token_logprobs(model, batch, train_vision=cfg.train_vision, chunk=cfg.logits_chunk, with_entropy=True)
+  mask = batch.loss_mask
+  loss_fn = grpo.get_policy_loss(cfg.policy_loss)
+  loss, aux = loss_fn(
+    logp,
+    batch.old_logprobs,
+    batch.advantages,
+    mask,
+    clip_low=cfg.clip_low,
+    clip_high=cfg.clip_high,
+    dual_clip=cfg.dual_clip,
+    aggregation=cfg.aggregation,
+    denominator=denominator,
+  )
+  ent = jax.lax.stop_gradient(ent) if cfg.entropy_coef == 0 else ent
+  aux["entropy"] = grpo.aggregate(ent, mask, cfg.aggregation, denominator)
+  aux["pg_loss"] = loss
+  if cfg.entropy_coef:
+    loss = loss - cfg.entropy_coef * aux["entropy"]
+  if cfg.kl_coef and ref_logprobs is not None:
+    aux["kl"] = grpo.aggregate(grpo.kl_k3(logp, ref_logprobs), mask, cfg.aggregation, denominator)
+    loss = loss + cfg.kl_coef * aux["kl"]
+  aux["loss"] = loss
+  return loss, aux
+
+
+class Learner:
+  """Holds the trainable state (parameters, optimizer state) and applies GRPO updates.
+
+  The parameters are the model's own arrays (sharded as the model was loaded); `state` is what a `Sampler`
+  needs to generate with the current policy.
+  """
+
+  def __init__(self, model: Qwen25VL, cfg: LearnerConfig, *, mesh: Mesh | None = None):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.graphdef, self.state = nnx.split(model)
+    labels = None
+    if not cfg.train_vision:
+      labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "freeze" if getattr(path[0], "key", None) == "visual" else "train", self.state
+      )
+    self.tx, self.schedule = make_optimizer(cfg, labels)
+    self.opt_state = jax.jit(self.tx.init)(self.state)
+    self.step = 0
+    self._grad = jax.jit(functools.partial(self._grad_impl, graphdef=self.graphdef, cfg=cfg))
+    self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1))
+
+  # --- jitted pieces --------------------------------------------------------------------------------------
+  @staticmethod
+  def _grad_impl(state, batch, denominator, *, graphdef, cfg):
+    (_, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state, graphdef, batch, denominator, cfg)
+    return grads, aux
+
+  def _apply_impl(self, state, opt_state, grads, loss):
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    # Zero non-finite gradients before the update so the skipped branch never produces NaNs anywhere.
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, new_opt = self.tx.update(safe, opt_state, state)
+    new_state = optax.apply_updates(state, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    return jax.tree.map(keep, new_state, state), jax.tree.map(keep, new_opt, opt_state), grad_norm, ok
+
+  # --- host API -------------------------------------------------------------------------------------------
+  def place(self, batch: PackedBatch) -> PackedBatch:
+    """Puts a micro-batch on the mesh: rows over (data, fsdp), images replicated."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, batch)
+    rows = NamedSharding(self.mesh, shd.logical_to_spec(("batch", None), batch.tokens.shape, self.mesh))
+    row_axes = rows.spec[0]
+
+    def put(path, x):
+      name = path[0].name
+      if name == "position_ids":
+        return jax.device_put(x, NamedSharding(self.mesh, P(None, row_axes)))
+      if name in ("pixel_values", "plan"):
+        return jax.device_put(x, NamedSharding(self.mesh, P()))
+      return jax.device_put(x, rows)
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+  def logprobs(self, batch: PackedBatch) -> np.ndarray:
+    """Current-policy log-probs (R, L) of a packed batch (no gradient): the 'recompute' old log-probs."""
+    rep = None if self.mesh is None else NamedSharding(self.mesh, P())  # every host reads it
+    return np.asarray(_logprobs_jit(self.graphdef, self.cfg.logits_chunk, rep, self.state, self.place(batch)))
+
+  def update(self, micro_batches: Sequence[PackedBatch]) -> dict[str, float]:
+    """One optimizer step over all micro-batches (gradient accumulation). Returns host metrics."""
+    denominator = self._denominator(micro_batches)
+    grads, aux_sum = None, None
+    for mb in micro_batches:
+      g, aux = self._grad(self.state, self.place(mb), denominator)
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
+    self.state, self.opt_state, grad_norm, ok = self._apply(self.state, self.opt_state, grads, aux_sum["loss"])
+    metrics = {k: float(v) for k, v in aux_sum.items()}
+    metrics["grad_norm"] = float(grad_norm)
+    metrics["skipped"] = float(not bool(ok))
+    metrics["learning_rate"] = float(self.schedule(self.step))
+    if not bool(ok):
+      log.warning(
+        "step %d: non-finite loss (%s) or gradient norm (%s): update skipped",
+        self.step,
+        metrics["loss"],
+        metrics["grad_norm"],
+      )
+    else:
+      self.step += 1
+    return metrics
+
+  def _denominator(self, micro_batches) -> jax.Array:
+    if self.cfg.aggregation == "token_mean":
+      return jnp.float32(max(1.0, float(sum(mb.loss_mask.sum() for mb in micro_batches))))
+    return jnp.float32(max(1.0, float(sum((mb.loss_mask.sum(-1) > 0).sum() for mb in micro_batches))))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _logprobs_jit(graphdef, chunk, replicated, state, batch):
+  lp = token_logprobs(nnx.merge(graphdef, state), batch, chunk=chunk)[0]
+  return lp if replicated is None else jax.lax.with_sharding_constraint(lp, replicated)

@@ -1,0 +1,326 @@
+"""The GRPO training loop (DESIGN.md "One RL step, as data"), flat and readable in the big_vision style.
+
+Each step: a batch of prompts from the grain pipeline -> G rollouts each with the zoom agent (the sampler reads
+the learner's current parameters, no copy) -> DeepEyes rewards -> group-normalised advantages -> packed rows ->
+`ppo_epochs` x `num_minibatches` optimizer steps (one by default, as DeepEyes) -> metrics -> async checkpoint.
+
+Every random choice is a function of (config.seed, step, row), and the data iterator state is checkpointed, so a
+run killed at any point and restarted from its workdir produces the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
+from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
+from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.parallel import sharding as shd
+from deepeyes_jax.rl import grpo
+from deepeyes_jax.rl import rewards as rewards_lib
+from deepeyes_jax.rl.checkpoint import Checkpointer
+from deepeyes_jax.rl.metrics import Progress, device_peak_flops, make_writer, rollout_metrics
+from deepeyes_jax.rl.packing import assign_rows, pack
+from deepeyes_jax.rl.train_step import Learner, LearnerConfig
+from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling.generate import load_tokenizer
+from deepeyes_jax.sampling.sampler import Sampler, bucket
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Set-up pieces
+# --------------------------------------------------------------------------------------------------------------
+def maybe_init_distributed() -> None:
+  """Multi-process runs: `jax.distributed.initialize()`.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0) + JAX_NUM_PROCESSES + JAX_PROCESS_ID (what
+  `launch/` scripts and the tests set). Otherwise JAX's own cluster detection (Cloud TPU pods, SLURM, ...)
+  is used when such an environment is detected.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+  elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+
+
+def load_model(config: ml_collections.ConfigDict, mesh) -> qvl.Qwen25VL:
+  dtype = jnp.dtype(config.model.dtype)
+  return qvl.from_pretrained(config.model.checkpoint, dtype=dtype, mesh=mesh)
+
+
+def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
+  r = config.rollout
+  params = rules.SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+  return AgentConfig(
+    max_turns=r.max_turns,
+    max_tokens_per_turn=r.max_tokens_per_turn,
+    max_total_tokens=r.max_total_tokens,
+    max_images=r.max_images,
+    coordinate_frame=r.coordinate_frame,
+    min_pixels=r.min_pixels,
+    max_pixels=r.max_pixels,
+    sampling=params,
+  )
+
+
+def learner_config(config: ml_collections.ConfigDict) -> LearnerConfig:
+  o, rl = config.optim, config.rl
+  return LearnerConfig(
+    learning_rate=o.learning_rate,
+    warmup_steps=o.warmup_steps,
+    weight_decay=o.weight_decay,
+    b1=o.b1,
+    b2=o.b2,
+    grad_clip=o.grad_clip,
+    policy_loss=rl.policy_loss,
+    clip_low=rl.clip_low,
+    clip_high=rl.clip_high,
+    dual_clip=rl.dual_clip if rl.dual_clip else None,
+    aggregation=rl.aggregation,
+    kl_coef=rl.kl_coef,
+    entropy_coef=rl.entropy_coef,
+    train_vision=config.train_vision,
+    logits_chunk=rl.logits_chunk,
+  )
+
+
+def example_to_task(example) -> Task:
+  """A data-pipeline Example (DeepEyes record) -> an agent Task, keeping the record's messages byte for byte."""
+  return Task(
+    task_id=example.uid,
+    image=example.images[0],
+    user_text="",
+    messages_override=example.messages,
+    metadata={
+      "data_source": example.data_source,
+      "ground_truth": example.ground_truth,
+      "question": example.question,
+      **{k: v for k, v in (example.extra or {}).items() if isinstance(v, (str, int, float, bool))},
+    },
+  )
+
+
+def make_judge(config: ml_collections.ConfigDict, workdir: str):
+  """The LLM judge from config.reward.judge_url or $DEEPEYES_JUDGE_URL; None (rules only) when neither is set."""
+  from deepeyes_jax.rl.judge import JudgeConfig, LLMJudge
+
+  overrides = dict(max_workers=config.reward.judge_workers, cache_path=os.path.join(workdir, "judge_cache.jsonl"))
+  if config.reward.judge_model:
+    overrides["model"] = config.reward.judge_model
+  if config.reward.judge_url:
+    jc = JudgeConfig(url=config.reward.judge_url, **overrides)
+  else:
+    jc = JudgeConfig.from_env(**overrides)
+  if jc is None:
+    log.info("no judge endpoint configured: accuracy from rule matching only")
+    return None
+  log.info("LLM judge at %s (model %s)", jc.url, jc.model or "<first listed>")
+  return LLMJudge(jc)
+
+
+def step_seed(seed: int, step: int) -> int:
+  return zlib.crc32(f"{seed}/{step}".encode())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One RL step
+# --------------------------------------------------------------------------------------------------------------
+def score(trajectories: list[Trajectory], tokenizer, judge=None) -> list:
+  items = []
+  for t in trajectories:
+    response = tokenizer.decode(t.token_ids[t.prompt_length :].tolist(), skip_special_tokens=False)
+    items.append(
+      dict(
+        data_source=t.metadata["data_source"],
+        response=response,
+        ground_truth=t.metadata["ground_truth"],
+        num_successful_tool_calls=t.num_successful_tool_calls,
+        question=t.metadata.get("question"),
+      )
+    )
+  return rewards_lib.score_batch(items, judge=judge)
+
+
+def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
+  """Splits the kept trajectories into `num_minibatches` mini-batches of packed micro-batches."""
+  rl = config.rl
+  lengths = [len(t.token_ids) for t in trajs]
+  row_len = bucket(max(lengths), rl.min_row_len)
+  old = None
+  if rl.old_logprobs == "recompute":
+    old = []
+    for i, t in enumerate(trajs):
+      one = pack([t], adv[i : i + 1], [[0]], row_len=len(t.token_ids), vision=vision_cfg)
+      old.append(learner.logprobs(one)[0][: len(t.token_ids)])
+  order = np.arange(len(trajs))
+  out = []
+  for mb_idx in np.array_split(order, rl.num_minibatches):
+    idx = list(mb_idx)
+    rows = assign_rows([lengths[i] for i in idx], row_len)
+    rows = [[idx[j] for j in row] for row in rows]
+    per = max(1, rl.micro_batch_rows)
+    micro = []
+    for k in range(0, len(rows), per):
+      n_rows = per if learner.mesh is None else _round_up(per, _row_multiple(learner.mesh))
+      micro.append(
+        pack(trajs, adv, rows[k : k + per], row_len=row_len, vision=vision_cfg, num_rows=n_rows, old_logprobs=old)
+      )
+    out.append(micro)
+  return out
+
+
+def _row_multiple(mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) training in `workdir`. Returns the last step's metrics."""
+  from deepeyes_jax.data.pipeline import make_train_iterator
+
+  maybe_init_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  m = config.mesh
+  mesh = shd.make_mesh(m.data, m.fsdp, m.tensor)
+  if jax.process_index() == 0:
+    print(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}", flush=True)
+  model = load_model(config, mesh)
+  tokenizer = load_tokenizer(config.model.tokenizer or config.model.checkpoint)
+  learner = Learner(model, learner_config(config), mesh=mesh)
+  sampler = Sampler(model, mesh=mesh)
+  del model  # the learner owns the parameters from here on
+  agent_cfg = agent_config(config)
+  judge = make_judge(config, workdir)
+  for module in filter(None, config.reward.plugins.split(",")):
+    importlib.import_module(module)  # registers extra reward functions by name (@register_reward)
+
+  # Every process reads the same global batch and runs the same host loop (parsing, cropping, rewards), so all
+  # host-side inputs of the jitted functions are identical across processes; device work is sharded over the
+  # global mesh. (Per-process data shards with process-local rollouts are a planned optimisation.)
+  data_iter, data_stats = make_train_iterator(
+    [p for p in config.data.train.split(",") if p],
+    seed=config.seed,
+    batch_size=config.data.batch_size,
+    shuffle=config.data.shuffle,
+    num_epochs=config.data.num_epochs,
+    process_index=0,
+    process_count=1,
+  )
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.checkpoint.max_to_keep,
+    keep_period=config.checkpoint.keep_period,
+    async_save=config.checkpoint.async_save,
+  )
+  start = ckpt.latest_step() or 0
+  if start:
+    learner.state, learner.opt_state, meta = ckpt.restore(start, learner.state, learner.opt_state, data_iter)
+    learner.step = meta["learner_step"]
+    log.info("resuming from step %d", start)
+  writer = make_writer(workdir)
+  if start == 0 and jax.process_index() == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+  progress = Progress(config.total_steps, start)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.state))
+  peak = device_peak_flops() * jax.device_count()
+  metrics: dict[str, float] = {}
+  kill_at = int(os.environ.get("DEEPEYES_TEST_KILL_AT_STEP", "-1"))  # test hook: SIGKILL mid-step
+
+  for step in range(start, config.total_steps):
+    t0 = time.time()
+    examples = next(data_iter)
+    tasks = [example_to_task(e) for e in examples]
+    sampler.state = learner.state
+    trajs = run_rollouts(
+      sampler,
+      tokenizer,
+      tasks,
+      group_size=config.rollout.group_size,
+      config=agent_cfg,
+      seed=step_seed(config.seed, step),
+    )
+    t_rollout = time.time() - t0
+    if step + 1 == kill_at:
+      os.kill(os.getpid(), 9)
+    rewards = score(trajs, tokenizer, judge)
+    adv_fn = grpo.get_advantage_fn(config.rl.advantage)
+    adv, keep = adv_fn(
+      [r.total for r in rewards],
+      [t.task_id for t in trajs],
+      eps=config.rl.adv_eps,
+      drop_zero_variance=config.rl.drop_zero_variance,
+    )
+    kept = [t for t, k in zip(trajs, keep) if k]
+    t1 = time.time()
+    update_metrics: dict[str, float] = {}
+    if kept:
+      adv_kept = adv[keep]
+      for _ in range(config.rl.ppo_epochs):
+        for micro in minibatches(kept, adv_kept, config, sampler.config.vision, learner):
+          update_metrics = learner.update(micro)
+    t_update = time.time() - t1
+
+    metrics = rollout_metrics(trajs, rewards)
+    metrics.update({f"train/{k}": v for k, v in update_metrics.items()})
+    metrics["loss"] = update_metrics.get("loss", 0.0)
+    metrics["kept_fraction"] = float(np.mean(keep)) if len(keep) else 0.0
+    gen_tokens = sum(int(t.action_mask.sum()) for t in trajs)
+    all_tokens = sum(len(t.token_ids) for t in trajs)
+    train_tokens = sum(len(t.token_ids) for t in kept) * config.rl.ppo_epochs
+    metrics["time/rollout_s"] = t_rollout
+    metrics["time/update_s"] = t_update
+    metrics["time/step_s"] = time.time() - t0
+    metrics["throughput/rollout_tokens_per_s"] = all_tokens / max(t_rollout, 1e-9)
+    metrics["throughput/generated_tokens_per_s"] = gen_tokens / max(t_rollout, 1e-9)
+    flops = 2 * n_params * all_tokens + 6 * n_params * train_tokens
+    metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
+    metrics["data/skipped_records"] = float(getattr(data_stats, "skipped", 0))
+    writer.write_scalars(step + 1, metrics)
+    if jax.process_index() == 0:
+      print(progress.line(step + 1, metrics), flush=True)
+      if config.log.save_trajectories_every and (step + 1) % config.log.save_trajectories_every == 0:
+        save_trajectories(
+          trajs[: config.log.num_saved_trajectories],
+          os.path.join(workdir, "rollouts"),
+          filename=f"step_{step + 1:06d}.jsonl",
+        )
+    if (step + 1) % config.checkpoint.every_steps == 0 or step + 1 == config.total_steps:
+      ckpt.save(step + 1, learner.state, learner.opt_state, learner_step=learner.step, data_iterator=data_iter)
+  ckpt.close()
+  writer.flush()
+  return metrics
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[key] = v
+  return out

@@ -1,0 +1,29 @@
+"""GRPO training of the DeepEyes zoom agent.
+
+    python -m deepeyes_jax.train --config configs/deepeyes_7b.py --workdir DIR [--config.a.b=value ...]
+
+Re-running the same command with the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from deepeyes_jax.rl.trainer import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :variant)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, TensorBoard)", required=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.INFO)
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
