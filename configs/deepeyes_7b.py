@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # HF directory: config.json + safetensors
   c.model.tokenizer = ml_collections.config_dict.placeholder(str)  # default: model.checkpoint
   c.model.dtype = "bfloat16"
+  c.model.attention_impl = "xla"  # "xla" | "pallas" | "cudnn" | "auto" (deepeyes_jax/kernels/attention.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # comma-separated parquet / JSONL paths or globs (DeepEyes-Datasets-47k format)

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from conftest import IMAGE, hf_logits, image_block, random_pixels, rel_err
 
@@ -130,3 +131,19 @@ def test_hf_reference_needs_mm_token_type_ids(hf_checkpoint, jax_model):
     ).logits.numpy()
   out = np.asarray(jax_model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=np.array(grids)))
   assert rel_err(out, wrong) > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_parity_with_each_attention_implementation(hf_checkpoint, impl):
+  """The same parity checks with the attention implementation selected by config (Pallas in interpret mode)."""
+  model = qvl.from_pretrained(hf_checkpoint[0], dtype=jnp.float32, attention_impl=impl)
+  ids, mask, grids = _left_padded_batch()
+  pv = random_pixels(grids, seed=2)
+  ref = hf_logits(hf_checkpoint[1], ids, mask, pv, grids)
+  out = np.asarray(model(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=np.array(grids)))
+  assert rel_err(out, ref, mask) <= TOL
+  grids1 = [(1, 10, 14)]
+  ids1 = np.array([[5, 6] + image_block(grids1[0]) + [7, 8, 9]])
+  pv1 = random_pixels(grids1)
+  ref1 = hf_logits(hf_checkpoint[1], ids1, np.ones_like(ids1), pv1, grids1)
+  assert rel_err(np.asarray(model(ids1, pixel_values=pv1, image_grid_thw=np.array(grids1))), ref1) <= TOL

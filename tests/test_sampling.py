@@ -251,3 +251,17 @@ def test_compilations_are_bounded_by_buckets(jax_model):
   # token buckets {16, 32, 64} x patch buckets {64} -> at most 3 extend compilations for 9 calls
   assert sampler.num_compiles <= 3
   assert sampler_lib._extend._cache_size() - before == sampler.num_compiles
+
+
+def test_sampler_with_pallas_attention_matches_xla(hf_checkpoint, jax_model):
+  """extend + decode through the Pallas kernels (interpret mode on CPU) give the XLA path's tokens and log-probs."""
+  ref_sampler = smp.Sampler(jax_model)
+  cache, logits = ref_sampler.extend(ref_sampler.init_cache(3, 128), _chunks(ROWS))
+  _, ref = ref_sampler.decode(cache, logits, max_new_tokens=6)
+  model = qvl.from_pretrained(hf_checkpoint[0], dtype=jnp.float32, attention_impl="pallas")
+  sampler = smp.Sampler(model)
+  cache, logits = sampler.extend(sampler.init_cache(3, 128), _chunks(ROWS))
+  _, out = sampler.decode(cache, logits, max_new_tokens=6)
+  assert out.tokens == ref.tokens
+  for a, b in zip(out.logprobs, ref.logprobs):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -68,7 +68,11 @@ def test_tiny_variant_end_to_end(tmp_path, tiny_vlm, train_data):
   from deepeyes_jax.rl.trainer import train
 
   workdir = tmp_path / "run"
-  metrics = train(_config(tiny_vlm[0], train_data), str(workdir))
+  # Beyond the default (one step on sampler log-probs): 2 epochs x 2 mini-batches on recomputed old log-probs.
+  cfg = _config(
+    tiny_vlm[0], train_data, **{"rl.ppo_epochs": 2, "rl.num_minibatches": 2, "rl.old_logprobs": "recompute"}
+  )
+  metrics = train(cfg, str(workdir))
   for key in (
     "reward/mean",
     "accuracy",

@@ -8,6 +8,19 @@ checked against (DESIGN.md principle 1). Masks are described, not materialised b
   segments.
 - positions + `causal=True`: a query at position p attends to keys at positions <= p. Positions here are token
   slots in the sequence/cache (monotone), not M-RoPE positions.
+
+Implementations (`impl`):
+
+- "xla": `xla_attention`, the reference (materialises the (B, K, G, T, S) logits).
+- "pallas": `pallas_attention.pallas_attention`, our flash-attention kernels (forward, decode split-K and a Pallas
+  backward; segment/causal masks computed in the kernel, fully masked key blocks skipped). Interpret mode on CPU
+  (slow: for tests only), Triton on GPU. Why jax's own Pallas attention ops are not routed to: see that module.
+- "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, GPU only, bf16/fp16 only, head_dim a
+  multiple of 8. Our masks are general (segments x token-slot causality), so they are passed as a dense boolean
+  (B, 1, T, S) mask (cuDNN adds it as a bias; fully masked rows get the same uniform softmax as the reference).
+- "auto": "pallas" on GPU, "xla" elsewhere. CPU: interpret mode is for tests only. TPU: our kernel is written for
+  the Triton lowering and its Mosaic lowering is unverified (and unlikely as is); add "tpu" to
+  `_AUTO_PALLAS_BACKENDS` once it is checked there.
 """
 
 from __future__ import annotations
@@ -15,7 +28,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_IMPLS = ("xla",)
+_IMPLS = ("xla", "pallas", "cudnn", "auto")
+_AUTO_PALLAS_BACKENDS = ("gpu",)
 
 
 def attention(
@@ -42,18 +56,46 @@ def attention(
   Returns:
     (B, T, H, D) in q's dtype. Rows with no visible key return the mean of all values (finite, never NaN).
   """
-  if impl != "xla":
-    raise ValueError(f"unknown attention impl {impl!r}; available: {_IMPLS}")
-  return xla_attention(
-    q,
-    k,
-    v,
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in _AUTO_PALLAS_BACKENDS else "xla"
+  kw = dict(
     q_segment_ids=q_segment_ids,
     kv_segment_ids=kv_segment_ids,
     q_positions=q_positions,
     kv_positions=kv_positions,
     causal=causal,
     scale=scale,
+  )
+  if impl == "xla":
+    return xla_attention(q, k, v, **kw)
+  if impl == "pallas":
+    from deepeyes_jax.kernels.pallas_attention import pallas_attention
+
+    return pallas_attention(q, k, v, **kw)
+  if impl == "cudnn":
+    return cudnn_attention(q, k, v, **kw)
+  raise ValueError(f"unknown attention impl {impl!r}; available: {_IMPLS}")
+
+
+def cudnn_attention(
+  q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, causal=False, scale=None
+):
+  """cuDNN flash attention through `jax.nn.dot_product_attention`, with our mask passed densely (GPU only)."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(f"attention impl 'cudnn' needs a CUDA GPU backend; the default JAX backend is {backend!r}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention impl 'cudnn' supports bfloat16/float16 only, got {q.dtype}")
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, (b, t, s))
+  return jax.nn.dot_product_attention(
+    q,
+    k.astype(q.dtype),
+    v.astype(q.dtype),
+    mask=None if mask is None else mask[:, None],
+    scale=scale,
+    implementation="cudnn",
   )
 
 

@@ -69,12 +69,11 @@ def pack(
   vision: VisionConfig,
   num_rows: int | None = None,
   min_patch_bucket: int = 256,
-  old_logprobs: list[np.ndarray] | None = None,
 ) -> PackedBatch:
   """Builds the arrays for the given row assignment (`assign_rows`), padded to `num_rows` rows.
 
-  advantages: (N,) one per trajectory. old_logprobs: optional per-trajectory (L_i,) arrays replacing the
-  sampler's log-probs (e.g. recomputed ones).
+  advantages: (N,) one per trajectory. The behaviour log-probs are the sampler's (see trainer.minibatches for
+  recomputing them).
   """
   n_rows = len(rows) if num_rows is None else num_rows
   if n_rows < len(rows):
@@ -97,7 +96,7 @@ def pack(
       seg[r, sl] = s
       pos_ids[:, r, sl] = t.position_ids
       mask[r, sl] = t.action_mask
-      old[r, sl] = t.logprobs if old_logprobs is None else old_logprobs[i]
+      old[r, sl] = t.logprobs
       adv[r, sl] = advantages[i] * t.action_mask
       pvs += t.get_pixel_values()
       grids += list(t.grids)

@@ -63,7 +63,9 @@ def maybe_init_distributed() -> None:
 
 def load_model(config: ml_collections.ConfigDict, mesh) -> qvl.Qwen25VL:
   dtype = jnp.dtype(config.model.dtype)
-  return qvl.from_pretrained(config.model.checkpoint, dtype=dtype, mesh=mesh)
+  return qvl.from_pretrained(
+    config.model.checkpoint, dtype=dtype, mesh=mesh, attention_impl=config.model.attention_impl
+  )
 
 
 def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
@@ -160,29 +162,31 @@ def score(trajectories: list[Trajectory], tokenizer, judge=None) -> list:
 
 
 def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
-  """Splits the kept trajectories into `num_minibatches` mini-batches of packed micro-batches."""
+  """Splits the kept trajectories into `num_minibatches` mini-batches of packed micro-batches.
+
+  With `rl.old_logprobs == "recompute"`, the behaviour log-probs are recomputed here with the current (pre-update)
+  parameters, so every PPO epoch uses the same old policy.
+  """
   rl = config.rl
   lengths = [len(t.token_ids) for t in trajs]
   row_len = bucket(max(lengths), rl.min_row_len)
-  old = None
-  if rl.old_logprobs == "recompute":
-    old = []
-    for i, t in enumerate(trajs):
-      one = pack([t], adv[i : i + 1], [[0]], row_len=len(t.token_ids), vision=vision_cfg)
-      old.append(learner.logprobs(one)[0][: len(t.token_ids)])
-  order = np.arange(len(trajs))
+  per = max(1, rl.micro_batch_rows)
+  n_rows = per if learner.mesh is None else _round_up(per, _row_multiple(learner.mesh))
   out = []
-  for mb_idx in np.array_split(order, rl.num_minibatches):
+  for mb_idx in np.array_split(np.arange(len(trajs)), rl.num_minibatches):
     idx = list(mb_idx)
-    rows = assign_rows([lengths[i] for i in idx], row_len)
-    rows = [[idx[j] for j in row] for row in rows]
-    per = max(1, rl.micro_batch_rows)
-    micro = []
-    for k in range(0, len(rows), per):
-      n_rows = per if learner.mesh is None else _round_up(per, _row_multiple(learner.mesh))
-      micro.append(
-        pack(trajs, adv, rows[k : k + per], row_len=row_len, vision=vision_cfg, num_rows=n_rows, old_logprobs=old)
-      )
+    if not idx:
+      continue
+    rows = [[idx[j] for j in row] for row in assign_rows([lengths[i] for i in idx], row_len)]
+    micro = [
+      pack(trajs, adv, rows[k : k + per], row_len=row_len, vision=vision_cfg, num_rows=n_rows)
+      for k in range(0, len(rows), per)
+    ]
+    if rl.old_logprobs == "recompute":
+      for mb in micro:
+        mb.old_logprobs = learner.logprobs(mb) * mb.loss_mask
+    elif rl.old_logprobs != "sampler":
+      raise ValueError(f"rl.old_logprobs must be 'sampler' or 'recompute', got {rl.old_logprobs!r}")
     out.append(micro)
   return out
 
@@ -278,9 +282,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     t1 = time.time()
     update_metrics: dict[str, float] = {}
     if kept:
-      adv_kept = adv[keep]
+      batches = minibatches(kept, adv[keep], config, sampler.config.vision, learner)
       for _ in range(config.rl.ppo_epochs):
-        for micro in minibatches(kept, adv_kept, config, sampler.config.vision, learner):
+        for micro in batches:
           update_metrics = learner.update(micro)
     t_update = time.time() - t1
 

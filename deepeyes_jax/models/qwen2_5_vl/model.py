@@ -19,8 +19,8 @@ from flax import nnx
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from deepeyes_jax.models.qwen2_5_vl.layers import linear
 from deepeyes_jax.models.qwen2_5_vl.rope import get_rope_index, mrope_cos_sin
-from deepeyes_jax.models.qwen2_5_vl.text import CacheView, TextDecoder
-from deepeyes_jax.models.qwen2_5_vl.vision import VisionPlan, VisionTower, make_vision_plan
+from deepeyes_jax.models.qwen2_5_vl.text import Attention, CacheView, TextDecoder
+from deepeyes_jax.models.qwen2_5_vl.vision import VisionAttention, VisionPlan, VisionTower, make_vision_plan
 
 
 class Qwen25VL(nnx.Module):
@@ -37,6 +37,14 @@ class Qwen25VL(nnx.Module):
       self.lm_head = linear(
         config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs
       )
+
+  def set_attention_impl(self, impl: str) -> "Qwen25VL":
+    """Selects the attention implementation of every vision and decoder attention layer ("xla", "pallas", ...,
+    see `deepeyes_jax.kernels.attention`). A static attribute: jitted functions recompile for the new choice."""
+    for _, module in nnx.iter_graph(self):
+      if isinstance(module, (Attention, VisionAttention)):
+        module.attention_impl = impl
+    return self
 
   # --- pieces -------------------------------------------------------------------------------------------
   def image_features(self, pixel_values: jax.Array, plan: VisionPlan) -> jax.Array:

@@ -29,6 +29,8 @@ class CacheView:
 
 
 class Attention(nnx.Module):
+  attention_impl = "xla"  # see Qwen25VL.set_attention_impl
+
   def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
@@ -72,7 +74,15 @@ class Attention(nnx.Module):
       v = kv[1].at[rows, view.write_index].set(v.astype(kv[1].dtype), mode="drop")
       kv_seg, kv_pos = view.kv_segment_ids, view.kv_positions
     out = attention(
-      q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg, q_positions=positions, kv_positions=kv_pos, causal=True
+      q,
+      k,
+      v,
+      q_segment_ids=segment_ids,
+      kv_segment_ids=kv_seg,
+      q_positions=positions,
+      kv_positions=kv_pos,
+      causal=True,
+      impl=self.attention_impl,
     )
     return self.o_proj(out.reshape(b, s, -1)), (None if kv is None else (k, v))
 

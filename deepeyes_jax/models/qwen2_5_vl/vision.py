@@ -121,6 +121,8 @@ def make_vision_plan(grid_thw: np.ndarray, config: VisionConfig, pad_to: int | N
 # Modules
 # --------------------------------------------------------------------------------------------------------------
 class VisionAttention(nnx.Module):
+  attention_impl = "xla"  # see Qwen25VL.set_attention_impl
+
   def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.num_heads = cfg.num_heads
@@ -146,7 +148,7 @@ class VisionAttention(nnx.Module):
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     seg = segment_ids[None]
-    out = attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg)[0]
+    out = attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=self.attention_impl)[0]
     return self.proj(out.reshape(n, d))
 
 

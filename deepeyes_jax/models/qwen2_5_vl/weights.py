@@ -172,7 +172,11 @@ def _reader(slice_obj, kind: str, shape: tuple[int, ...], np_dtype) -> Callable:
 
 
 def from_pretrained(
-  hf_dir: str | os.PathLike, dtype=jnp.bfloat16, mesh: Mesh | None = None, rules=shd.DEFAULT_RULES
+  hf_dir: str | os.PathLike,
+  dtype=jnp.bfloat16,
+  mesh: Mesh | None = None,
+  rules=shd.DEFAULT_RULES,
+  attention_impl: str = "xla",
 ) -> Qwen25VL:
   """Loads an HF Qwen2.5-VL checkpoint directory (config.json + safetensors) into a `Qwen25VL`.
 
@@ -180,6 +184,7 @@ def from_pretrained(
     hf_dir: directory with config.json and model.safetensors or model.safetensors.index.json + shards.
     dtype: parameter and compute dtype (tensors are cast while loading).
     mesh: shard parameters over this mesh with the logical-axis `rules`; None puts them on the default device.
+    attention_impl: "xla" (the reference) or a kernel of `deepeyes_jax.kernels.attention`.
   """
   hf_dir = os.fspath(hf_dir)
   config = Qwen25VLConfig.from_json_file(hf_dir)
@@ -226,7 +231,7 @@ def from_pretrained(
   if missing:
     raise CheckpointError(f"{hf_dir}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
   state = nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in flat.items()])
-  return nnx.merge(graphdef, state)
+  return nnx.merge(graphdef, state).set_attention_impl(attention_impl)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""Pallas flash attention (interpret mode on CPU) against the XLA reference: values and gradients w.r.t. q, k, v.
+
+Errors are max |a - b| / max |b| per array. fp32: <= 1e-5. bf16: <= 2e-2 (BF16_TOL): both sides round their inputs,
+probabilities and outputs to bf16 (8 bits of mantissa, relative step 2 ** -8 = 3.9e-3) at different points (the
+flash kernel casts unnormalised probabilities block by block and rescales in fp32; the reference casts normalised
+ones), and gradients go through two more bf16 roundings, so a few bf16 ulps of the largest entry is the expected
+disagreement; 2e-2 is ~5 ulps, tight enough to catch a wrong mask, scale or missing head group (those give O(1)).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepeyes_jax.kernels import attention as attn
+from deepeyes_jax.kernels.pallas_attention import BlockSizes, pallas_attention
+
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+SMALL = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)  # several blocks on tiny shapes
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _inputs(b, t, s, h, kh, d, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = [(b, t, h, d), (b, s, kh, d), (b, s, kh, d), (b, t, h, d)]
+  q, k, v, ct = (rng.standard_normal(shape).astype(np.float32) for shape in shapes)
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v, ct))
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def _value_and_grads(fn, q, k, v, ct, meta):
+  out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **meta), q, k, v)
+  return out, vjp(ct.astype(out.dtype))
+
+
+def _check(q, k, v, ct, tol, sizes=SMALL, **meta):
+  causal = meta.pop("causal", False)
+  ours = functools.partial(pallas_attention, causal=causal, block_sizes=sizes)
+  ref = functools.partial(attn.xla_attention, causal=causal)
+  out, grads = _value_and_grads(ours, q, k, v, ct, meta)
+  out_ref, grads_ref = _value_and_grads(ref, q, k, v, ct, meta)
+  assert out.dtype == q.dtype and out.shape == q.shape
+  errs = {"out": _rel(out, out_ref)} | {f"d{n}": _rel(g, r) for n, g, r in zip("qkv", grads, grads_ref)}
+  assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in (out, *grads))
+  assert max(errs.values()) <= tol, errs
+  return out
+
+
+def _packed_segments(lengths_per_row, t):
+  """Packed training rows: uneven segments 1, 2, ... then padding (0)."""
+  seg = np.zeros((len(lengths_per_row), t), np.int32)
+  for r, lengths in enumerate(lengths_per_row):
+    start = 0
+    for i, n in enumerate(lengths):
+      seg[r, start : start + n] = i + 1
+      start += n
+  return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize(
+  "dtype,d,tol", [(jnp.float32, 80, FP32_TOL), (jnp.float32, 128, FP32_TOL), (jnp.bfloat16, 128, BF16_TOL)]
+)
+def test_packed_causal_training_rows(dtype, d, tol):
+  b, t, h, kh = 2, 56, 4, 2
+  q, k, v, ct = _inputs(b, t, t, h, kh, d, dtype)
+  seg = _packed_segments([[13, 30, 9], [3, 20, 33]], t)  # row 0 ends with 4 padding tokens
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  meta = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+  _check(q, k, v, ct, tol, causal=True, **meta)
+
+
+def _window_segments(grids, window):
+  """Vision tokens in raster order per image; segment = window index (unique over images); windows cut by the
+  grid edge are smaller (grids not multiples of the window)."""
+  ids, next_id = [], 1
+  for gh, gw in grids:
+    wr, wc = -(-gh // window), -(-gw // window)
+    rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    ids.append((next_id + (rows // window) * wc + cols // window).reshape(-1))
+    next_id += wr * wc
+  return jnp.asarray(np.concatenate(ids)[None].astype(np.int32))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, FP32_TOL), (jnp.bfloat16, BF16_TOL)])
+def test_vision_windows_two_images(dtype, tol):
+  seg = _window_segments([(6, 7), (5, 3)], window=4)  # 42 + 15 tokens, 4 + 2 windows, most cut by the edge
+  t = seg.shape[1]
+  q, k, v, ct = _inputs(1, t, t, 2, 2, 80, dtype, seed=1)
+  _check(q, k, v, ct, tol, q_segment_ids=seg, kv_segment_ids=seg)
+
+
+def test_vision_full_attention_per_image_padded_head_dim():
+  # Segment = image; the head dim is padded 80 -> 128 inside (the GPU path), on CPU here.
+  seg = jnp.asarray(np.array([[1] * 30 + [2] * 18 + [0] * 4], np.int32))
+  q, k, v, ct = _inputs(1, 52, 52, 2, 2, 80, jnp.float32, seed=2)
+  sizes = BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32, pow2_head_dim=True)
+  _check(q, k, v, ct, FP32_TOL, sizes=sizes, q_segment_ids=seg, kv_segment_ids=seg)
+
+
+@pytest.mark.parametrize(
+  "dtype,tol,splits", [(jnp.float32, FP32_TOL, 1), (jnp.float32, FP32_TOL, 3), (jnp.bfloat16, BF16_TOL, 2)]
+)
+def test_gqa_decode_ragged_cache(dtype, tol, splits):
+  """T = 1 against a cache of S slots, per-row lengths (kv segment = slot < length), query at slot length - 1;
+  the length-0 row sees nothing and must return the mean of the values."""
+  b, s, h, kh, d = 4, 96, 4, 1, 128
+  lengths = np.array([96, 37, 1, 0])
+  q, k, v, ct = _inputs(b, 1, s, h, kh, d, dtype, seed=3)
+  kv_seg = jnp.asarray((np.arange(s)[None] < lengths[:, None]).astype(np.int32))
+  meta = dict(
+    q_segment_ids=jnp.ones((b, 1), jnp.int32),
+    kv_segment_ids=kv_seg,
+    q_positions=jnp.asarray(np.maximum(lengths - 1, 0)[:, None].astype(np.int32)),
+    kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
+  )
+  sizes = BlockSizes(block_q=8, block_k=16, block_q_bwd=16, block_k_bwd=32, num_splits=splits)
+  out = _check(q, k, v, ct, tol, sizes=sizes, causal=True, **meta)
+  np.testing.assert_allclose(
+    np.asarray(out[3, 0], np.float32), np.asarray(jnp.mean(v[3].astype(jnp.float32), 0)).repeat(h, 0), atol=tol
+  )
+
+
+def test_extend_against_cache_and_padded_query_row():
+  """Prefill/extend: T new tokens at slots lengths + i of an S-slot cache; row 1 has a padded query (segment 0),
+  which sees nothing and must stay finite (mean of values), in the output and in the gradients."""
+  b, t, s, h, kh, d = 2, 5, 40, 4, 2, 32
+  lengths = np.array([11, 30])
+  q, k, v, ct = _inputs(b, t, s, h, kh, d, jnp.float32, seed=4)
+  q_seg = np.ones((b, t), np.int32)
+  q_seg[1, 3:] = 0
+  q_pos = lengths[:, None] + np.arange(t)[None]
+  kv_seg = (np.arange(s)[None] < (lengths + t)[:, None]).astype(np.int32)
+  meta = dict(
+    q_segment_ids=jnp.asarray(q_seg),
+    kv_segment_ids=jnp.asarray(kv_seg),
+    q_positions=jnp.asarray(q_pos.astype(np.int32)),
+    kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
+  )
+  out = _check(q, k, v, ct, FP32_TOL, causal=True, **meta)
+  np.testing.assert_allclose(
+    np.asarray(out[1, 3:]), np.broadcast_to(np.asarray(jnp.mean(v[1], 0)).repeat(2, 0), (2, h, d)), atol=1e-5
+  )
+
+
+@pytest.mark.parametrize("splits,grad", [(1, True), (3, False)])
+def test_lowers_to_triton_for_cuda(splits, grad):
+  """No GPU here: lower the jitted kernels (forward, and dq + dkv backward) for CUDA from the CPU. This runs the
+  Pallas -> Triton IR lowering (power-of-two tiles, supported primitives), not Triton's compiler."""
+  b, t, s, h, kh, d = 2, 3, 200, 28, 4, 80
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, s, kh, d), jnp.bfloat16)
+  iq, ik = jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.int32)
+  sizes = BlockSizes(num_splits=splits, pow2_head_dim=True)
+
+  def f(q, k, v, qs, ks, qp, kp):
+    meta = dict(q_segment_ids=qs, kv_segment_ids=ks, q_positions=qp, kv_positions=kp)
+    fn = lambda q, k, v: pallas_attention(q, k, v, causal=True, block_sizes=sizes, interpret=False, **meta)
+    out, vjp = jax.vjp(fn, q, k, v)
+    return vjp(out) if grad else out
+
+  text = jax.jit(f).trace(q, kv, kv, iq, ik, iq, ik).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == (3 if grad else 1)
+
+
+def test_attention_dispatch():
+  q, k, v, _ = _inputs(1, 24, 24, 2, 1, 16, jnp.float32, seed=5)
+  seg = jnp.asarray(np.array([[1] * 10 + [2] * 14], np.int32))
+  kw = dict(q_segment_ids=seg, kv_segment_ids=seg)
+  ref = attn.attention(q, k, v, **kw)
+  assert _rel(attn.attention(q, k, v, impl="pallas", **kw), ref) <= FP32_TOL
+  assert _rel(attn.attention(q, k, v, impl="pallas"), attn.attention(q, k, v)) <= FP32_TOL  # no mask at all
+  odd = dict(q_segment_ids=seg * 7 - 10, kv_segment_ids=seg * 7 - 10)  # any non-zero id is a segment, even < 0
+  assert _rel(attn.attention(q, k, v, impl="pallas", **odd), attn.attention(q, k, v, **odd)) <= FP32_TOL
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(np.asarray(attn.attention(q, k, v, impl="auto", **kw)), np.asarray(ref))
+    with pytest.raises(ValueError, match="cpu"):
+      attn.attention(q.astype(jnp.bfloat16), k, v, impl="cudnn", **kw)
+  with pytest.raises(ValueError, match="unknown attention impl"):
+    attn.attention(q, k, v, impl="flash")
