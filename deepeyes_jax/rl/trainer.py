@@ -46,8 +46,8 @@ def maybe_init_distributed() -> None:
   """Multi-process runs: `jax.distributed.initialize()`.
 
   Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0) + JAX_NUM_PROCESSES + JAX_PROCESS_ID (what
-  `launch/` scripts and the tests set). Otherwise JAX's own cluster detection (Cloud TPU pods, SLURM, ...)
-  is used when such an environment is detected.
+  `launch/slurm.sh` and the tests set). DEEPEYES_DISTRIBUTED=1 (set by `launch/tpu.sh`): JAX's own cluster
+  detection (Cloud TPU pods). Also a multi-task SLURM job.
   """
   if jax.distributed.is_initialized():
     return
@@ -57,7 +57,7 @@ def maybe_init_distributed() -> None:
       num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
       process_id=int(os.environ["JAX_PROCESS_ID"]),
     )
-  elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+  elif os.environ.get("DEEPEYES_DISTRIBUTED") == "1" or os.environ.get("SLURM_NTASKS", "1") != "1":
     jax.distributed.initialize()
 
 
