@@ -68,4 +68,4 @@ def test_two_processes_match_one_process(tmp_path, tiny_vlm, train_data):  # noq
   for ra, rb in zip(a, b):
     for key in ("reward/mean", "length/response", "tool/calls_per_traj", "train/loss", "train/grad_norm"):
       assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
-  assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["2"]
+  assert "2" in os.listdir(tmp_path / "multi" / "checkpoints")

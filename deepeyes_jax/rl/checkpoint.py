@@ -78,6 +78,10 @@ class Checkpointer:
     log.info("restored step %d from %s", step, self.directory)
     return out.state["params"], out.state["opt_state"], dict(out.meta)
 
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step all processes agreed to checkpoint at after a preemption notice (SIGTERM)."""
+    return self.manager.reached_preemption(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

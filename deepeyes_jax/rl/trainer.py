@@ -312,8 +312,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           os.path.join(workdir, "rollouts"),
           filename=f"step_{step + 1:06d}.jsonl",
         )
-    if (step + 1) % config.checkpoint.every_steps == 0 or step + 1 == config.total_steps:
-      ckpt.save(step + 1, learner.state, learner.opt_state, learner_step=learner.step, data_iterator=data_iter)
+    # Orbax decides: every `checkpoint.every_steps`, the last step, and a preemption sync point (all processes
+    # agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs).
+    ckpt.save(
+      step + 1,
+      learner.state,
+      learner.opt_state,
+      learner_step=learner.step,
+      data_iterator=data_iter,
+      force=step + 1 == config.total_steps,
+    )
+    if ckpt.reached_preemption(step + 1):
+      ckpt.close()
+      log.warning("preemption: checkpoint of step %d written; exiting (re-run the same command to resume)", step + 1)
+      if jax.process_index() == 0:
+        print(f"preempted: saved step {step + 1}, exiting", flush=True)
+      writer.flush()
+      return metrics
   ckpt.close()
   writer.flush()
   return metrics

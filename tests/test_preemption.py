@@ -1,0 +1,58 @@
+"""Preemption: SIGTERM (the notice spot / preemptible TPUs get) makes the run checkpoint at the next step all
+processes agree on and exit cleanly; re-running the same command resumes from that checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from test_multiprocess import _free_port
+from test_train import ROOT, train_data  # noqa: F401  (fixture)
+
+
+def _cmd(workdir, ckpt, data):
+  return [
+    sys.executable, "-m", "deepeyes_jax.train", f"--config={ROOT}/configs/deepeyes_7b.py:size=tiny",
+    f"--workdir={workdir}", f"--config.model.checkpoint={ckpt}", f"--config.data.train={data}",
+    "--config.total_steps=4", "--config.checkpoint.every_steps=100", "--config.reward.plugins=reward_plugin",
+  ]  # fmt: skip
+
+
+def test_sigterm_checkpoints_at_the_sync_point_and_the_rerun_resumes(tmp_path, tiny_vlm, train_data):  # noqa: F811
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"),
+    # a one-process jax.distributed job: the preemption sync manager only exists under jax.distributed
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0",
+  )  # fmt: skip
+  workdir = tmp_path / "run"
+  p = subprocess.Popen(
+    _cmd(workdir, tiny_vlm[0], train_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+  )
+  timer = threading.Timer(600, p.kill)  # bounded: never hang the test suite
+  timer.start()
+  lines = []
+  try:
+    for line in p.stdout:
+      lines.append(line)
+      if line.startswith("step 1/4"):
+        p.send_signal(signal.SIGTERM)  # the preemption notice
+    err = p.stderr.read()
+    p.wait()
+  finally:
+    timer.cancel()
+  out = "".join(lines)
+  assert p.returncode == 0, err[-3000:]
+  saved = [int(x.split("saved step ")[1].split(",")[0]) for x in lines if x.startswith("preempted: saved step")]
+  assert len(saved) == 1 and 2 <= saved[0] <= 3, out
+  # every_steps=100: besides orbax's initial save of step 1, only the preemption save exists
+  assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == saved[0]
+
+  again = subprocess.run(
+    _cmd(workdir, tiny_vlm[0], train_data), capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from step {saved[0]}" in again.stderr
+  steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
