@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -160,9 +159,3 @@ def kl_k3(logp, ref_logp):
   """Per-token k3 estimator of KL(pi || ref) = exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
   d = ref_logp - logp
   return jnp.exp(d) - d - 1.0
-
-
-def entropy_from_logits(logits):
-  """Per-token entropy of softmax(logits), fp32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-  return -(jnp.exp(logp) * logp).sum(-1)
