@@ -51,40 +51,8 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
-
-warn() { echo "$PROG: warning: $*" >&2; }
-
-# Quote one word for a POSIX shell (only when needed).
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//"'"/"'\\''"}"
-  fi
-}
-
-qargs() {
-  local out="" a
-  for a in "$@"; do out+="${out:+ }$(q "$a")"; done
-  printf '%s' "$out"
-}
-
-DRY_RUN=0
-
-run() {
-  if ((DRY_RUN)); then
-    printf '+ %s\n' "$(qargs "$@")"
-  else
-    printf '+ %s\n' "$(qargs "$@")" >&2
-    "$@"
-  fi
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Argument parsing.

@@ -741,6 +741,10 @@ def test_shellcheck(fx, tmp_path):
   sbatch = tmp_path / "job.sh"
   sbatch.write_text(fx.run(SLURM, "train", *SLURM_BASE, "--config", CONFIG, "--workdir", "/w", "--write-only").stdout)
   p = subprocess.run(
-    [_shellcheck(), "--external-sources", str(TPU), str(SLURM), str(sbatch)], capture_output=True, text=True, timeout=60
+    [_shellcheck(), "--external-sources", str(TPU), str(SLURM), str(TPU.parent / "lib.sh"), str(sbatch)],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    cwd=TPU.parent.parent,  # `# shellcheck source=launch/lib.sh` is relative to the repository root
   )
   assert p.returncode == 0, p.stdout + p.stderr
