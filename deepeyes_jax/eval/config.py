@@ -1,0 +1,69 @@
+"""The shared evaluation config; ``configs/eval_*.py`` set the benchmark and its defaults on top of it."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from deepeyes_jax.processing import image as improc
+
+
+def base_config(benchmark: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.benchmark = benchmark  # vstar | hrbench_4k | hrbench_8k | pope | deepeyes
+  c.data_path = ml_collections.config_dict.placeholder(str)  # release dir / TSV / question file(s) / parquet
+  c.image_dir = ""  # POPE only: the COCO val2014 images
+  c.out_dir = ""  # default: eval_runs/<benchmark>[_notool][_unshuffled]
+  c.limit = 0  # evaluate only the first N items (0 = all)
+
+  c.checkpoint = ml_collections.config_dict.placeholder(str)  # HF directory: config.json + safetensors + tokenizer
+  c.tokenizer = ml_collections.config_dict.placeholder(str)  # default: checkpoint
+  c.dtype = "bfloat16"
+  c.attention_impl = "xla"
+
+  c.seed = 0
+  c.shuffle_options = True  # False reproduces the original evaluation (V*: the correct option is always A)
+  c.num_samples = 1  # k > 1: avg@k and pass@k (needs rollout.temperature > 0)
+  c.no_tool = False  # baseline: plain Qwen prompt, one turn, no zoom tool
+  c.batch_size = 16  # items per rollout batch; rows in the KV cache = batch_size * num_samples
+  c.save_trajectories = True
+
+  c.rollout = ml_collections.ConfigDict()  # field names as in configs/deepeyes_7b.py (trainer.agent_config)
+  c.rollout.max_turns = 5
+  c.rollout.max_tokens_per_turn = 2048
+  c.rollout.max_total_tokens = 16384
+  c.rollout.max_images = 5
+  c.rollout.temperature = 0.0  # greedy
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+  c.rollout.coordinate_frame = "original"
+  c.rollout.min_pixels = improc.MIN_PIXELS
+  c.rollout.max_pixels = improc.MAX_PIXELS
+
+  c.reward = ml_collections.ConfigDict()  # the judge, as in training (trainer.make_judge)
+  c.reward.use_judge = True  # asked only when the rule cannot decide; needs judge_url or $DEEPEYES_JUDGE_URL
+  c.reward.judge_url = ml_collections.config_dict.placeholder(str)
+  c.reward.judge_model = ""
+  c.reward.judge_workers = 16
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """``:size=tiny`` (CPU tests: small images, short turns, float32) and ``:no_tool=1``."""
+  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
+  if args.get("no_tool", "0") in ("1", "true", "True"):
+    c.no_tool = True
+  if args.get("size") == "tiny":
+    c.dtype = "float32"
+    c.batch_size = 2
+    c.rollout.max_turns = 3
+    c.rollout.max_tokens_per_turn = 16
+    c.rollout.max_total_tokens = 1024
+    c.rollout.min_pixels = 4 * 28 * 28
+    c.rollout.max_pixels = 48 * 28 * 28
+    c.reward.use_judge = False
+  return c

@@ -1,0 +1,361 @@
+"""Benchmark evaluation with the zoom agent: batched rollouts, scoring, resumable per-item results, tables.
+
+``evaluate(items, rollout_fn, out_dir, settings)`` runs every item ``settings.num_samples`` times (greedy by
+default), in batches of ``settings.batch_size`` items, through ``rollout_fn(tasks, group_size, seed)`` (the
+sampler-backed ``run_rollouts`` in production, sharded over the mesh like training rollouts). After each batch it
+appends one JSON line per item to ``out_dir/results.jsonl`` (flushed and fsynced) and that batch's trajectories to
+``out_dir/trajectories.jsonl`` (+ ``images/``). On start it reads ``results.jsonl`` back and skips the items
+already there, so a killed evaluation re-run with the same command continues where it stopped; a torn last line
+and trajectories of unfinished items are dropped first. ``run_config.json`` pins the settings that change the
+numbers (benchmark, seed, shuffle, samples, no-tool, checkpoint): resuming with different ones is refused.
+
+At the end: ``summary.json`` and ``summary.md`` (accuracy by category: greedy / avg@k / pass@k, tool use, turns;
+then a comparison against the published numbers of SPEC.md section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from deepeyes_jax.agent.rollout import Task
+from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
+from deepeyes_jax.data.benchmarks import BenchmarkItem, LoadReport
+from deepeyes_jax.eval import scoring
+from deepeyes_jax.processing.image import ImageError
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+TRAJECTORIES = "trajectories.jsonl"
+KILL_ENV = "DEEPEYES_TEST_KILL_AFTER_ITEMS"  # test hook: SIGKILL once this many items were written by this process
+
+# SPEC.md section 2, "Published results" (accuracy %). V*: measured with the correct option always "A".
+PUBLISHED: dict[str, dict[str, float]] = {
+  "GPT-4o": {"vstar": 66.0, "hrbench_4k": 59.0, "hrbench_8k": 55.5},
+  "Qwen2.5-VL-7B": {"vstar": 71.2, "hrbench_4k": 68.8, "hrbench_8k": 65.3},
+  "Qwen2.5-VL-32B": {"vstar": 87.9, "hrbench_4k": 73.9, "hrbench_8k": 70.4},
+  "ZoomEye-7B (training-free search)": {"vstar": 90.6, "hrbench_4k": 69.6, "hrbench_8k": 69.3},
+  "DeepEyes-7B": {"vstar": 90.1, "hrbench_4k": 75.1, "hrbench_8k": 72.6},
+}
+
+RolloutFn = Callable[[Sequence[Task], int, int], list[Trajectory]]
+"""``rollout_fn(tasks, group_size, seed) -> trajectories`` in (task, sample) order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  benchmark: str
+  seed: int = 0
+  shuffle_options: bool = True
+  num_samples: int = 1  # k: avg@k and pass@k; 1 = greedy
+  no_tool: bool = False
+  batch_size: int = 8  # items per rollout batch (rows = batch_size * num_samples)
+  checkpoint: str = ""
+  save_trajectories: bool = True
+
+  def pinned(self) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues."""
+    keys = ("benchmark", "seed", "shuffle_options", "num_samples", "no_tool", "checkpoint")
+    return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def read_done(out_dir: str) -> dict[str, dict]:
+  """Per-item results already written (item id -> record). Drops a torn last line (killed mid-write) from the file
+  and the trajectories of items that have no result line."""
+  path = os.path.join(out_dir, RESULTS)
+  done: dict[str, dict] = {}
+  if not os.path.exists(path):
+    return done
+  good, torn = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+        done[rec["item_id"]] = rec
+        good.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):
+        torn += 1
+  if torn:
+    log.warning("%s: dropping %d unreadable line(s) (a run killed mid-write)", path, torn)
+    _rewrite(path, good)
+  traj_path = os.path.join(out_dir, TRAJECTORIES)
+  if os.path.exists(traj_path):
+    with open(traj_path) as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        if json.loads(line)["task_id"] in done:
+          keep.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass
+    if len(keep) != len(lines):
+      _rewrite(traj_path, keep)
+  return done
+
+
+def _rewrite(path: str, lines: list[str]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
+
+
+def _check_settings(out_dir: str, settings: EvalSettings) -> None:
+  path = os.path.join(out_dir, "run_config.json")
+  pinned = settings.pinned()
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    diff = {k: (before.get(k), v) for k, v in pinned.items() if before.get(k) != v}
+    if diff:
+      changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+      raise ValueError(f"{out_dir} holds an evaluation with other settings ({changes}); use another output directory")
+  else:
+    with open(path, "w") as f:
+      json.dump(pinned, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def make_task(item: BenchmarkItem, shown: scoring.Shown) -> Task:
+  """The agent task for an item (decodes its image; raises ImageError for a corrupt one)."""
+  image = item.load_image()
+  meta = {"benchmark": item.benchmark, "category": item.category, "ground_truth": shown.ground_truth}
+  if item.messages is not None:  # a DeepEyes record: its own prompt, byte for byte
+    return Task(task_id=item.item_id, image=image, messages_override=item.messages, metadata=meta)
+  return Task(
+    task_id=item.item_id, image=image, user_text=shown.user_text, system_prompt=shown.system_prompt, metadata=meta
+  )
+
+
+def evaluate(
+  items: Sequence[BenchmarkItem],
+  rollout_fn: RolloutFn,
+  out_dir: str,
+  settings: EvalSettings,
+  *,
+  tokenizer=None,
+  judge=None,
+  load_report: LoadReport | None = None,
+  write: bool = True,
+) -> dict[str, Any]:
+  """Evaluates ``items`` (resuming from ``out_dir``); returns the summary (also written to ``out_dir``).
+
+  ``tokenizer`` decodes each response for DeepEyes-format items (scored by their reward function); ``write``:
+  False on every process but the first of a multi-process run (all run the same batches; one writes)."""
+  os.makedirs(out_dir, exist_ok=True)
+  if write:
+    _check_settings(out_dir, settings)
+  done = read_done(out_dir)
+  todo = [it for it in items if it.item_id not in done]
+  ids = [it.item_id for it in items]
+  if len(set(ids)) != len(ids):
+    raise ValueError("benchmark item ids are not unique")
+  if done:
+    print(f"resuming: {len(done)} of {len(items)} items already done, {len(todo)} to go", flush=True)
+  kill_after = int(os.environ.get(KILL_ENV, "-1"))
+  written, t0 = 0, time.time()
+  for start in range(0, len(todo), settings.batch_size):
+    batch = todo[start : start + settings.batch_size]
+    records = _run_batch(batch, rollout_fn, out_dir, settings, tokenizer, judge, write)
+    for rec in records:
+      done[rec["item_id"]] = rec
+    written += len(records)
+    print(_progress(done, written, len(todo), time.time() - t0, len(items)), flush=True)
+    if 0 <= kill_after <= written:
+      os.kill(os.getpid(), signal.SIGKILL)
+  summary = summarize([done[i] for i in ids if i in done], settings, load_report)
+  if write:
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+      f.write(summary_markdown(summary))
+  return summary
+
+
+def _run_batch(batch, rollout_fn, out_dir, settings, tokenizer, judge, write) -> list[dict]:
+  k = settings.num_samples
+  records, tasks, shown_by_id = [], [], {}
+  for item in batch:
+    shown = scoring.show(item, seed=settings.seed, shuffle=settings.shuffle_options, no_tool=settings.no_tool)
+    try:
+      tasks.append(make_task(item, shown))
+      shown_by_id[item.item_id] = shown
+    except (ImageError, OSError) as e:  # reported and skipped, never fatal
+      src = item.metadata.get("image_path", item.item_id)
+      log.warning("%s: skipping %s: image does not decode (%s)", item.benchmark, src, e)
+      records.append(_record(item, shown, [], error=f"{src}: image does not decode: {e}"))
+  trajs = rollout_fn(tasks, k, settings.seed) if tasks else []
+  by_item = {item.item_id: item for item in batch}
+  for i, task in enumerate(tasks):
+    item, shown = by_item[task.task_id], shown_by_id[task.task_id]
+    samples = [_sample(item, shown, t, settings, tokenizer, judge) for t in trajs[i * k : (i + 1) * k]]
+    records.append(_record(item, shown, samples))
+  if write:
+    if settings.save_trajectories and trajs:
+      save_trajectories(trajs, out_dir, filename=TRAJECTORIES)
+    with open(os.path.join(out_dir, RESULTS), "a") as f:  # results last: a result line means "done"
+      for rec in records:
+        f.write(json.dumps(rec) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+  return records
+
+
+def _sample(item, shown, traj: Trajectory, settings, tokenizer, judge) -> dict:
+  last = traj.turns[-1].text if traj.turns else ""
+  if item.messages is not None:
+    response = tokenizer.decode(traj.token_ids[traj.prompt_length :].tolist(), skip_special_tokens=False)
+    verdict = scoring.score_with_reward(item, response, traj.num_successful_tool_calls, judge)
+    answer = traj.answer
+  else:
+    answer = scoring.final_answer(traj.answer, last, settings.no_tool)
+    verdict = scoring.score_answer(answer, shown, judge, item.question)
+  return {
+    "sample": traj.sample_index,
+    "answer": answer,
+    "correct": verdict.correct,
+    "how": verdict.how,
+    "tool_calls": traj.num_tool_calls,
+    "successful_tool_calls": traj.num_successful_tool_calls,
+    "turns": len(traj.turns),
+    "stop_reason": traj.stop_reason,
+    "response_tokens": traj.response_length,
+  }
+
+
+def _record(item: BenchmarkItem, shown: scoring.Shown, samples: list[dict], error: str | None = None) -> dict:
+  n = len(samples)
+  return {
+    "item_id": item.item_id,
+    "benchmark": item.benchmark,
+    "category": item.category,
+    "question": item.question,
+    "options_shown": list(shown.options),
+    "option_order": list(shown.order),
+    "ground_truth": shown.ground_truth,
+    "answer_text": item.answer,
+    "samples": samples,
+    "greedy_correct": bool(samples[0]["correct"]) if samples else None,
+    "acc": sum(s["correct"] for s in samples) / n if n else None,
+    "pass": any(s["correct"] for s in samples) if n else None,
+    "error": error,
+  }
+
+
+def _progress(done: dict, written: int, todo: int, elapsed: float, total: int) -> str:
+  scored = [r for r in done.values() if r["error"] is None]
+  acc = sum(r["acc"] for r in scored) / max(1, len(scored))
+  tools = sum(s["tool_calls"] for r in scored for s in r["samples"]) / max(1, sum(len(r["samples"]) for r in scored))
+  per = elapsed / max(1, written)
+  eta = per * (todo - written)
+  return (
+    f"items {len(done)}/{total} | acc {acc:.3f} | tools/traj {tools:.2f} | {per:.1f} s/item | "
+    f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _row(records: list[dict]) -> dict[str, float]:
+  scored = [r for r in records if r["error"] is None]
+  n, samples = len(scored), [s for r in scored for s in r["samples"]]
+  m = max(1, len(samples))
+  return {
+    "items": n,
+    "skipped": len(records) - n,
+    "greedy": 100.0 * sum(r["greedy_correct"] for r in scored) / max(1, n),  # sample 0
+    "avg_at_k": 100.0 * sum(r["acc"] for r in scored) / max(1, n),
+    "pass_at_k": 100.0 * sum(r["pass"] for r in scored) / max(1, n),
+    "tool_calls_per_traj": sum(s["tool_calls"] for s in samples) / m,
+    "successful_crops_per_traj": sum(s["successful_tool_calls"] for s in samples) / m,
+    "turns_per_traj": sum(s["turns"] for s in samples) / m,
+    "judged_fraction": sum(s["how"] == "judge" for s in samples) / m,
+    "no_answer_fraction": sum(s["how"] == "no_answer" for s in samples) / m,
+  }
+
+
+def summarize(records: list[dict], settings: EvalSettings, load_report: LoadReport | None = None) -> dict[str, Any]:
+  """Accuracy (%) by category and overall (micro average over items), plus the comparison rows."""
+  cats = sorted({r["category"] for r in records})
+  by_cat = {c: _row([r for r in records if r["category"] == c]) for c in cats}
+  overall = _row(records)
+  ours = overall["avg_at_k"]
+  comparison = [
+    {"model": name, "accuracy": nums[settings.benchmark], "source": "published (SPEC.md)"}
+    for name, nums in PUBLISHED.items()
+    if settings.benchmark in nums
+  ]
+  label = (
+    "this run"
+    + (" (no tool)" if settings.no_tool else "")
+    + ("" if settings.shuffle_options else " (options unshuffled)")
+  )
+  comparison.append({"model": label, "accuracy": ours, "source": settings.checkpoint or "?"})
+  out = {
+    "benchmark": settings.benchmark,
+    "settings": dataclasses.asdict(settings),
+    "overall": overall,
+    "by_category": by_cat,
+    "comparison": comparison,
+  }
+  if load_report is not None:
+    out["load_report"] = {
+      "items": load_report.items,
+      "skipped": load_report.skipped,
+      "by_reason": dict(load_report.by_reason),
+      "problems": load_report.problems[:50],
+    }
+  return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+  """The two tables of ``summary.json`` as markdown."""
+  s = summary["settings"]
+  k = s["num_samples"]
+  head = (
+    f"# {summary['benchmark']}: {s['checkpoint'] or '?'}\n\n"
+    f"seed {s['seed']}, options {'shuffled' if s['shuffle_options'] else 'in release order'}, "
+    f"{'greedy' if k == 1 else f'{k} samples'}, {'no tool (one turn)' if s['no_tool'] else 'zoom tool'}\n\n"
+  )
+  cols = ["items", "greedy", "avg_at_k", "pass_at_k", "tool_calls_per_traj", "successful_crops_per_traj"]
+  cols += ["turns_per_traj", "judged_fraction", "no_answer_fraction", "skipped"]
+  lines = ["| category | " + " | ".join(c.replace("_at_k", f"@{k}") for c in cols) + " |"]
+  lines.append("|---" * (len(cols) + 1) + "|")
+  rows = list(summary["by_category"].items()) + [("**overall**", summary["overall"])]
+  for name, row in rows:
+    cells = [f"{row[c]:.1f}" if c in ("greedy", "avg_at_k", "pass_at_k") else _fmt(row[c]) for c in cols]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  comp = ["", "## Against the published numbers (accuracy %)", "", "| model | accuracy | source |", "|---|---|---|"]
+  for r in summary["comparison"]:
+    comp.append(f"| {r['model']} | {r['accuracy']:.1f} | {r['source']} |")
+  if summary["benchmark"] == "vstar":
+    comp.append("")
+    comp.append(
+      "The published V* numbers come from an evaluation whose correct option was always A; with shuffled options "
+      "DeepEyes-7B scores about 85."
+    )
+  if len(summary["comparison"]) == 1:
+    comp.append("")
+    comp.append("SPEC.md lists no published numbers for this benchmark.")
+  return head + "\n".join(lines + comp) + "\n"
+
+
+def _fmt(x) -> str:
+  return str(x) if isinstance(x, int) else f"{x:.2f}"

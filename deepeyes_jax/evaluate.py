@@ -1,0 +1,109 @@
+"""Evaluate a checkpoint on a benchmark with the zoom agent.
+
+    python -m deepeyes_jax.evaluate --config configs/eval_vstar.py --config.checkpoint=DIR --config.data_path=DIR
+
+Writes to config.out_dir (default eval_runs/<benchmark>...): results.jsonl (one line per item, appended as items
+finish), trajectories.jsonl + images/, summary.json and summary.md (accuracy by category, comparison with the
+published numbers). Re-running the same command after a kill continues without redoing finished items.
+See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from deepeyes_jax.agent.rollout import run_rollouts
+from deepeyes_jax.data.benchmarks import load_benchmark
+from deepeyes_jax.eval.runner import EvalSettings, evaluate, summary_markdown
+from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.parallel import sharding as shd
+from deepeyes_jax.rl.trainer import agent_config, make_judge, maybe_init_distributed
+from deepeyes_jax.sampling.generate import load_tokenizer
+from deepeyes_jax.sampling.sampler import Sampler
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/eval_*.py file (optionally :variant)")
+
+
+def out_dir(config: ml_collections.ConfigDict) -> str:
+  if config.out_dir:
+    return config.out_dir
+  name = config.benchmark + ("_notool" if config.no_tool else "") + ("" if config.shuffle_options else "_unshuffled")
+  return os.path.join("eval_runs", name)
+
+
+def settings(config: ml_collections.ConfigDict) -> EvalSettings:
+  if config.num_samples > 1 and config.rollout.temperature == 0.0:
+    raise ValueError("num_samples > 1 needs sampling: set --config.rollout.temperature (e.g. 1.0)")
+  return EvalSettings(
+    benchmark=config.benchmark,
+    seed=config.seed,
+    shuffle_options=config.shuffle_options,
+    num_samples=config.num_samples,
+    no_tool=config.no_tool,
+    batch_size=config.batch_size,
+    checkpoint=os.path.abspath(config.checkpoint) if config.checkpoint else "",
+    save_trajectories=config.save_trajectories,
+  )
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """Loads the benchmark and the model, evaluates (resuming), prints and returns the summary."""
+  if not config.checkpoint or not config.data_path:
+    raise ValueError("set --config.checkpoint=DIR and --config.data_path=PATH")
+  s = settings(config)
+  maybe_init_distributed()
+  items, report = load_benchmark(config.benchmark, config.data_path, image_dir=config.image_dir)
+  print(report.summary(), flush=True)
+  if config.limit:
+    items = items[: config.limit]
+  t0 = time.perf_counter()
+  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model = qvl.from_pretrained(
+    config.checkpoint, dtype=jnp.dtype(config.dtype), mesh=mesh, attention_impl=config.attention_impl
+  )
+  tokenizer = load_tokenizer(config.tokenizer or config.checkpoint)
+  sampler = Sampler(model, mesh=mesh)
+  print(f"loaded {config.checkpoint} on mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
+  agent = agent_config(config)
+  if config.no_tool:  # one answer turn: a tool call in it is not executed
+    agent = dataclasses.replace(agent, max_turns=1)
+  directory = out_dir(config)
+  judge = make_judge(config, directory) if config.reward.use_judge else None
+
+  def rollout_fn(tasks, group_size, seed):
+    return run_rollouts(sampler, tokenizer, tasks, group_size=group_size, config=agent, seed=seed)
+
+  summary = evaluate(
+    items,
+    rollout_fn,
+    directory,
+    s,
+    tokenizer=tokenizer,
+    judge=judge,
+    load_report=report,
+    write=jax.process_index() == 0,
+  )
+  if jax.process_index() == 0:
+    print(summary_markdown(summary), flush=True)
+    print(f"wrote {directory}/results.jsonl, summary.json, summary.md", flush=True)
+  return summary
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.INFO)
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

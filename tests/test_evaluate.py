@@ -1,0 +1,216 @@
+"""Evaluation: prompts and option shuffling, rule-then-judge scoring, and the resumable end-to-end run of a tiny model
+on a generated V*-layout benchmark (in-process with a scripted policy, and as a CLI killed midway then resumed)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+from benchmark_fixtures import write_vstar
+
+from deepeyes_jax.agent import prompts
+from deepeyes_jax.agent.rollout import AgentConfig, run_rollouts
+from deepeyes_jax.data import benchmarks as bm
+from deepeyes_jax.eval import runner, scoring
+from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.rl.judge import Judge
+from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling.generate import load_tokenizer
+from deepeyes_jax.sampling.sampler import Sampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _item(item_id="c/x", options=("red", "blue", "green", "white"), answer_index=0, category="c"):
+  return bm.BenchmarkItem(
+    item_id=item_id,
+    benchmark="vstar",
+    category=category,
+    question="What is the color of the cup?",
+    answer=options[answer_index],
+    answer_index=answer_index,
+    options=list(options),
+    image=b"",
+  )
+
+
+def _shown_letter(user_text: str, option: str) -> str:
+  """The letter the prompt shows next to `option` (read from the rendered text, not from the code's mapping)."""
+  (letter,) = re.findall(rf"\n([A-Z])\. {re.escape(option)}\n", user_text)
+  return letter
+
+
+class FakeJudge:
+  def __init__(self, verdict):
+    self.verdict, self.asked = verdict, []
+
+  def judge(self, question, answer, ground_truth):
+    self.asked.append((question, answer, ground_truth))
+    return self.verdict
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts, shuffling, scoring
+
+
+def test_eval_prompt_is_the_spec_text_and_unshuffled_keeps_release_order():
+  shown = scoring.show(_item(), shuffle=False)
+  assert shown.user_text == (
+    "Question: What is the color of the cup?\nOptions: \nA. red\nB. blue\nC. green\nD. white\n\n" + prompts.USER_SUFFIX
+  )
+  assert shown.system_prompt == prompts.SYSTEM_PROMPT and shown.ground_truth == "A"  # V*'s original: always A
+
+
+def test_shuffled_options_map_back_to_the_correct_answer():
+  letters = []
+  for i in range(40):
+    item = _item(item_id=f"c/{i}", answer_index=i % 4)
+    shown = scoring.show(item, seed=3, shuffle=True)
+    letter = _shown_letter(shown.user_text, item.answer)
+    letters.append(letter)
+    assert sorted(shown.options) == sorted(item.options)
+    assert scoring.score_answer(letter, shown) == scoring.Verdict(True, "rule")
+    assert scoring.score_answer(f"({letter}) {item.answer}", shown).correct
+    assert scoring.score_answer(item.answer, shown).correct  # the option's text without its letter
+    wrong = next(o for o in item.options if o != item.answer)
+    assert scoring.score_answer(_shown_letter(shown.user_text, wrong), shown) == scoring.Verdict(False, "rule")
+    assert scoring.score_answer(wrong, shown).correct is False
+    assert scoring.show(item, seed=3, shuffle=True) == shown  # deterministic per (seed, item id)
+  assert 4 <= letters.count("A") <= 20  # spread over the letters, unlike the release order
+  assert any(scoring.show(_item(f"c/{i}"), seed=4).order != scoring.show(_item(f"c/{i}"), seed=3).order
+             for i in range(10))  # fmt: skip
+
+
+def test_judge_decides_only_what_the_rule_cannot():
+  shown = scoring.show(_item(), shuffle=False)
+  fake = FakeJudge(True)
+  assert isinstance(fake, Judge)
+  assert scoring.score_answer("B", shown, fake) == scoring.Verdict(False, "rule") and fake.asked == []
+  assert scoring.score_answer("a crimson one", shown, fake) == scoring.Verdict(True, "judge")
+  (question, answer, truth) = fake.asked[0]
+  assert answer == "a crimson one" and truth == "A. red" and "B. blue" in question
+  assert scoring.score_answer("a crimson one", shown, FakeJudge(None)) == scoring.Verdict(False, "undecided")
+  assert scoring.score_answer("a crimson one", shown, None) == scoring.Verdict(False, "undecided")
+  assert scoring.score_answer(None, shown, fake) == scoring.Verdict(False, "no_answer")
+
+
+def test_yes_no_and_no_tool_answers():
+  pope = bm.BenchmarkItem("adversarial/1", "pope", "adversarial", "Is there a dog in the image?", "yes", b"")
+  shown = scoring.show(pope)
+  assert shown.user_text == "\nIs there a dog in the image?" + prompts.USER_SUFFIX
+  assert scoring.score_answer("Yes, there is a dog.", shown).correct
+  assert not scoring.score_answer("No.", shown).correct
+  no_tool = scoring.show(_item(), shuffle=False, no_tool=True)
+  assert no_tool.system_prompt == "You are a helpful assistant." and "image_zoom_in_tool" not in no_tool.user_text
+  assert no_tool.user_text.endswith("D. white\nAnswer with the option's letter from the given choices directly.")
+  assert scoring.final_answer(None, "<think>hmm</think>A<|im_end|>", no_tool=True) == "A"
+  assert scoring.final_answer(None, "A<|im_end|>", no_tool=False) is None  # the agent must use <answer>
+  assert scoring.final_answer(" B ", "...", no_tool=False) == "B"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+ZOOM = (
+  '<think>zoom</think>\n<tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 120, 100]}}'
+  "\n</tool_call><|im_end|>"
+)
+
+
+def test_end_to_end_tiny_model_scripted(tmp_path, tiny_vlm):
+  """Real sampler + crops + scoring; the policy is scripted so the expected accuracy is known from the fixture:
+  sa_1 zooms then answers the correct option's TEXT, sa_2 answers the letter the prompt shows for the correct
+  option, sa_3 answers the letter of a wrong option."""
+  items, report = bm.load_vstar(write_vstar(str(tmp_path / "vstar")))
+  sampler = Sampler(qvl.from_pretrained(tiny_vlm[0], dtype=jnp.float32))
+  tok = load_tokenizer(str(tiny_vlm[0]))
+  agent = AgentConfig(max_total_tokens=1536, min_pixels=4 * 28 * 28, max_pixels=48 * 28 * 28, sampling=rules.GREEDY)
+  correct_text = {"direct_attributes/sa_1": "red", "direct_attributes/sa_2": "wood", "relative_position/sa_3": "left"}
+
+  def script(task):
+    text = task.messages()[1]["content"][1]["text"]
+    if task.task_id.endswith("sa_1"):
+      return [ZOOM, "<think>ok</think> <answer>red</answer><|im_end|>"]
+    if task.task_id.endswith("sa_2"):
+      return [f"<answer>{_shown_letter(text, correct_text[task.task_id])}</answer><|im_end|>"]
+    return [f"<answer>{_shown_letter(text, 'right')}</answer><|im_end|>"]
+
+  calls = []
+
+  def rollout_fn(tasks, k, seed):
+    calls.append([t.task_id for t in tasks])
+    return run_rollouts(
+      sampler, tok, tasks, group_size=k, config=agent, seed=seed, scripted_turns=[script(t) for t in tasks]
+    )
+
+  settings = runner.EvalSettings(benchmark="vstar", seed=0, batch_size=2, checkpoint="tiny")
+  out = str(tmp_path / "run")
+  summary = runner.evaluate(items, rollout_fn, out, settings, tokenizer=tok, load_report=report)
+  assert calls == [["direct_attributes/sa_1", "direct_attributes/sa_2"], ["relative_position/sa_3"]]
+  recs = [json.loads(x) for x in open(os.path.join(out, "results.jsonl"))]
+  assert [(r["item_id"], r["greedy_correct"]) for r in recs] == [
+    ("direct_attributes/sa_1", True), ("direct_attributes/sa_2", True), ("relative_position/sa_3", False)
+  ]  # fmt: skip
+  s1 = recs[0]["samples"][0]
+  assert s1["successful_tool_calls"] == 1 and s1["turns"] == 2 and s1["answer"] == "red" and s1["how"] == "rule"
+  assert summary["by_category"]["direct_attributes"]["greedy"] == 100.0
+  assert summary["by_category"]["relative_position"]["greedy"] == 0.0
+  assert summary["overall"]["greedy"] == pytest.approx(200 / 3)
+  assert summary["overall"]["tool_calls_per_traj"] == pytest.approx(1 / 3)
+  trajs = [json.loads(x)["task_id"] for x in open(os.path.join(out, "trajectories.jsonl"))]
+  assert sorted(trajs) == sorted(correct_text)
+  md = open(os.path.join(out, "summary.md")).read()
+  assert "| direct_attributes | 2 | 100.0 |" in md and "| DeepEyes-7B | 90.1 |" in md and "| this run | 66.7 |" in md
+  # A second run finds everything done: no rollout, same tables.
+  calls.clear()
+  again = runner.evaluate(items, rollout_fn, out, settings, tokenizer=tok, load_report=report)
+  assert calls == [] and again["overall"] == summary["overall"]
+  with pytest.raises(ValueError, match="other settings"):
+    runner.evaluate(items, rollout_fn, out, runner.EvalSettings(benchmark="vstar", seed=1, checkpoint="tiny"))
+
+
+def _cli(config_args, env_extra=None):
+  cmd = [sys.executable, "-m", "deepeyes_jax.evaluate", *config_args]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env_extra or {}))
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def test_cli_killed_midway_resumes_without_redoing_items(tmp_path, tiny_vlm):
+  data = write_vstar(str(tmp_path / "vstar"))
+  out = tmp_path / "run"
+  args = [
+    f"--config={ROOT}/configs/eval_vstar.py:size=tiny", f"--config.checkpoint={tiny_vlm[0]}",
+    f"--config.data_path={data}", f"--config.out_dir={out}",
+  ]  # fmt: skip
+  killed = _cli(args, {runner.KILL_ENV: "1"})  # SIGKILL after the first batch (2 items) is written
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  first = (out / "results.jsonl").read_text().splitlines()
+  assert [json.loads(x)["item_id"] for x in first] == ["direct_attributes/sa_1", "direct_attributes/sa_2"]
+  assert not (out / "summary.json").exists()
+  resumed = _cli(args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming: 2 of 3 items already done, 1 to go" in resumed.stdout
+  lines = (out / "results.jsonl").read_text().splitlines()
+  assert lines[:2] == first and json.loads(lines[2])["item_id"] == "relative_position/sa_3"
+  trajs = [json.loads(x)["task_id"] for x in (out / "trajectories.jsonl").read_text().splitlines()]
+  assert sorted(trajs) == sorted(json.loads(x)["item_id"] for x in lines)  # each item rolled out exactly once
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["overall"]["items"] == 3 and summary["settings"]["shuffle_options"] is True
+  assert "| DeepEyes-7B | 90.1 |" in (out / "summary.md").read_text()
+  assert "items 3/3" in resumed.stdout and "ETA" in resumed.stdout
+
+
+def test_resume_drops_a_torn_line_and_orphan_trajectories(tmp_path):
+  good = json.dumps({"item_id": "a", "category": "c", "error": None}) + "\n"
+  (tmp_path / "results.jsonl").write_text(good + '{"item_id": "b", "categ')  # killed mid-write
+  (tmp_path / "trajectories.jsonl").write_text(
+    json.dumps({"task_id": "a"}) + "\n" + json.dumps({"task_id": "b"}) + "\n"
+  )
+  done = runner.read_done(str(tmp_path))
+  assert list(done) == ["a"]
+  assert (tmp_path / "results.jsonl").read_text() == good
+  assert [json.loads(x)["task_id"] for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()] == ["a"]
