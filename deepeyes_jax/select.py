@@ -1,0 +1,98 @@
+"""Tool-use-oriented data selection for DeepEyes-format data with a checkpoint (deepeyes_jax/data/selection.py).
+
+    python -m deepeyes_jax.select --checkpoint /ckpt/Qwen2.5-VL-7B-Instruct --data '/data/deepeyes47k/*.parquet' \
+        --out /data/selected.parquet [--k 8] [--notool_filter] [--no_tool_max 0.5] [--crop_min 0.5]
+
+Writes the kept records (plus a `selection` column with the statistics) to --out, every item's decision to
+<out>.decisions.jsonl, and prints what was kept and why. Bad records are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+from absl import app, flags
+
+from deepeyes_jax.agent.rollout import AgentConfig
+from deepeyes_jax.data.deepeyes import BadRecord, DeepEyesSource, decode_example
+from deepeyes_jax.data.selection import AgentPolicy, SelectionConfig, report, select, write_selection
+from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.parallel import sharding as shd
+from deepeyes_jax.processing import image as improc
+from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling.generate import load_tokenizer
+from deepeyes_jax.sampling.sampler import Sampler
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
+_DATA = flags.DEFINE_list("data", None, "DeepEyes parquet / JSONL paths or globs", required=True)
+_OUT = flags.DEFINE_string("out", None, "output parquet", required=True)
+_K = flags.DEFINE_integer("k", 8, "samples per question and condition")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "questions per rollout batch")
+_TOOL_FILTER = flags.DEFINE_bool("tool_filter", True, "also require: fails without the tool, solved with the crop")
+_NO_TOOL_MAX = flags.DEFINE_float("no_tool_max", 0.5, "max solved rate without the tool")
+_CROP_MIN = flags.DEFINE_float("crop_min", 0.5, "min solved rate with the ground-truth crop")
+_MISSING_BOX = flags.DEFINE_enum("missing_box", "keep", ["keep", "drop"], "items without extra_info.bbox")
+_LIMIT = flags.DEFINE_integer("limit", 0, "only the first N records (0 = all)")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
+_MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most (tool mode)")
+_MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
+_MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for images and crops")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
+_MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor mesh shape")
+_JUDGE = flags.DEFINE_string("judge_url", None, "OpenAI-compatible judge endpoint (default: rules only)")
+
+
+def load_records(paths, limit: int = 0):
+  """(raw records, decoded examples) of the good records; bad ones are logged and counted."""
+  source = DeepEyesSource(paths)
+  records, examples, bad = [], [], 0
+  for i in range(len(source) if not limit else min(limit, len(source))):
+    rec = source[i]
+    try:
+      examples.append(decode_example(rec, i, source_name=rec.get("_file", "?")))
+      records.append(rec)
+    except BadRecord as e:
+      logging.warning("skipping %s", e)
+      bad += 1
+  print(f"{len(examples)} records read from {len(source.paths)} file(s), {bad} bad record(s) skipped", flush=True)
+  return records, examples
+
+
+def main(argv):
+  del argv
+  records, examples = load_records(_DATA.value, _LIMIT.value)
+  mesh = shd.make_mesh(*(int(x) for x in _MESH.value.split(",")))
+  model = qvl.from_pretrained(_CKPT.value, dtype=jnp.dtype(_DTYPE.value), mesh=mesh)
+  agent = AgentConfig(
+    max_turns=_MAX_TURNS.value,
+    max_tokens_per_turn=_MAX_TURN_TOKENS.value,
+    max_total_tokens=_MAX_TOTAL.value,
+    max_pixels=_MAX_PIXELS.value,
+    sampling=rules.SamplingParams(_TEMPERATURE.value),
+  )
+  policy = AgentPolicy(Sampler(model, mesh=mesh), load_tokenizer(_CKPT.value), agent)
+  judge = None
+  if _JUDGE.value:
+    from deepeyes_jax.rl.judge import JudgeConfig, LLMJudge
+
+    judge = LLMJudge(JudgeConfig(url=_JUDGE.value))
+  config = SelectionConfig(
+    k=_K.value,
+    seed=_SEED.value,
+    batch_size=_BATCH.value,
+    tool_filter=_TOOL_FILTER.value,
+    no_tool_max=_NO_TOOL_MAX.value,
+    crop_min=_CROP_MIN.value,
+    missing_box=_MISSING_BOX.value,
+  )
+  decisions = select(examples, policy, config, judge)
+  print(report(decisions), flush=True)
+  parquet, jsonl = write_selection(records, decisions, _OUT.value)
+  print(f"wrote {parquet} ({sum(d.kept for d in decisions)} records) and {jsonl}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
