@@ -14,6 +14,9 @@ prompt <= 8192 and response <= 20480 tokens; ~80 steps. The judge is an OpenAI-c
 
 import ml_collections
 
+# The `arg` values of get_config: documented in docs/config_reference.md (python -m deepeyes_jax.config_reference).
+VARIANTS = ("size=3b", "size=32b", "size=tiny")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
@@ -21,81 +24,81 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if size not in ("tiny", "3b", "7b", "32b"):
     raise ValueError(f"size must be one of tiny, 3b, 7b, 32b; got {size!r}")
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.total_steps = 80
-  c.train_vision = True
+  c.seed = 0  # every random choice derives from (seed, step, row)
+  c.total_steps = 80  # optimizer steps (= rollout batches with the defaults)
+  c.train_vision = True  # False: the vision tower gets no gradient and no update
 
   c.model = ml_collections.ConfigDict()
   c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # HF directory: config.json + safetensors
   c.model.tokenizer = ml_collections.config_dict.placeholder(str)  # default: model.checkpoint
-  c.model.dtype = "bfloat16"
+  c.model.dtype = "bfloat16"  # parameter and compute dtype; AdamW moments and gradients follow it (docs/tpu_7b.md)
   c.model.attention_impl = "xla"  # "xla" | "pallas" | "cudnn" | "auto" (deepeyes_jax/kernels/attention.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # comma-separated parquet / JSONL paths or globs (DeepEyes-Datasets-47k format)
   c.data.batch_size = 256  # prompts per step (per process: divided by the process count)
-  c.data.shuffle = True
+  c.data.shuffle = True  # seeded shuffle; the iterator state is checkpointed
   c.data.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
 
   c.rollout = ml_collections.ConfigDict()
-  c.rollout.group_size = 16
-  c.rollout.max_turns = 5
-  c.rollout.max_tokens_per_turn = 10240
+  c.rollout.group_size = 16  # rollouts per prompt (the GRPO group)
+  c.rollout.max_turns = 5  # assistant turns per trajectory (5 = at most 4 zooms)
+  c.rollout.max_tokens_per_turn = 10240  # a turn cut by this limit ends the trajectory
   c.rollout.max_total_tokens = 8192 + 20480  # prompt + response
-  c.rollout.max_images = 5
-  c.rollout.temperature = 1.0
-  c.rollout.top_p = 1.0
-  c.rollout.top_k = 0
-  c.rollout.coordinate_frame = "original"
-  c.rollout.min_pixels = 4 * 28 * 28
+  c.rollout.max_images = 5  # original + crops
+  c.rollout.temperature = 1.0  # sampling temperature of the rollouts
+  c.rollout.top_p = 1.0  # nucleus mass (1.0 = off)
+  c.rollout.top_k = 0  # 0 = off
+  c.rollout.coordinate_frame = "original"  # "original" (DeepEyes: boxes in original-image pixels) | "resized"
+  c.rollout.min_pixels = 4 * 28 * 28  # smart_resize bounds of the image and the crops (qwen_vl_utils defaults)
   c.rollout.max_pixels = 16384 * 28 * 28
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.advantage = "grpo"
-  c.rl.adv_eps = 1e-6
-  c.rl.drop_zero_variance = False
-  c.rl.policy_loss = "ppo_clip"
-  c.rl.clip_low = 0.2
-  c.rl.clip_high = 0.2
+  c.rl.advantage = "grpo"  # "grpo" | "dr_grpo" | "rloo" (registry in deepeyes_jax/rl/grpo.py)
+  c.rl.adv_eps = 1e-6  # GRPO: (R - mean) / (std + adv_eps)
+  c.rl.drop_zero_variance = False  # drop groups whose rewards are all equal (zero advantage)
+  c.rl.policy_loss = "ppo_clip"  # policy-loss registry name (deepeyes_jax/rl/grpo.py)
+  c.rl.clip_low = 0.2  # PPO ratio clip below 1
+  c.rl.clip_high = 0.2  # PPO ratio clip above 1
   c.rl.dual_clip = 3.0  # 0 = off
-  c.rl.aggregation = "token_mean"
-  c.rl.kl_coef = 0.0
-  c.rl.entropy_coef = 0.0
-  c.rl.ppo_epochs = 1
-  c.rl.num_minibatches = 1
+  c.rl.aggregation = "token_mean"  # "token_mean" | "seq_mean" over the action tokens
+  c.rl.kl_coef = 0.0  # k3 KL to a frozen reference (0 = off, as DeepEyes)
+  c.rl.entropy_coef = 0.0  # entropy bonus (0 = off, as DeepEyes)
+  c.rl.ppo_epochs = 1  # passes over each rollout batch
+  c.rl.num_minibatches = 1  # optimizer steps per epoch
   c.rl.old_logprobs = "sampler"  # "sampler" | "recompute"
   c.rl.min_row_len = 1024  # packing rows are a power of two >= the longest trajectory
-  c.rl.micro_batch_rows = 8
-  c.rl.logits_chunk = 512
+  c.rl.micro_batch_rows = 8  # packed rows per micro-batch (gradients accumulate over micro-batches)
+  c.rl.logits_chunk = 512  # tokens per chunk of the vocabulary projection (bounds logits memory)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-6
-  c.optim.warmup_steps = 0
+  c.optim.learning_rate = 1e-6  # AdamW, constant after the warm-up
+  c.optim.warmup_steps = 0  # linear warm-up from 0
   c.optim.weight_decay = 0.01
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  c.optim.grad_clip = 1.0
+  c.optim.grad_clip = 1.0  # global gradient-norm clip
 
   c.reward = ml_collections.ConfigDict()
   c.reward.judge_url = ml_collections.config_dict.placeholder(str)  # default: $DEEPEYES_JUDGE_URL; None = rules only
   c.reward.judge_model = ""  # "" = $DEEPEYES_JUDGE_MODEL, else the first model the endpoint lists
-  c.reward.judge_workers = 32
+  c.reward.judge_workers = 32  # concurrent judge requests
   c.reward.plugins = ""  # comma-separated modules to import: they register reward functions by data_source name
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
+  c.mesh.data = 1  # mesh (data, fsdp, tensor); -1 = the remaining devices
   c.mesh.fsdp = -1  # all devices: FSDP over parameters, optimizer state and rows
-  c.mesh.tensor = 1
+  c.mesh.tensor = 1  # tensor parallelism over heads / MLP
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 5
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.keep_period = ml_collections.config_dict.placeholder(int)
-  c.checkpoint.async_save = True
+  c.checkpoint.every_steps = 5  # steps between checkpoints
+  c.checkpoint.max_to_keep = 3  # keep the last N checkpoints
+  c.checkpoint.keep_period = ml_collections.config_dict.placeholder(int)  # also keep every K-th step
+  c.checkpoint.async_save = True  # write checkpoints in the background
 
   c.log = ml_collections.ConfigDict()
-  c.log.save_trajectories_every = 5
-  c.log.num_saved_trajectories = 16
+  c.log.save_trajectories_every = 5  # steps between trajectory dumps to workdir/rollouts (0 = never)
+  c.log.num_saved_trajectories = 16  # trajectories per dump
 
   if size == "3b":
     c.mesh.fsdp, c.mesh.tensor = -1, 1

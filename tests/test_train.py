@@ -97,6 +97,8 @@ def test_tiny_variant_end_to_end(tmp_path, tiny_vlm, train_data):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
   assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "2"
   assert (workdir / "rollouts" / "step_000001.jsonl").exists()
+  # what `python -m deepeyes_jax.export` reads to find the base checkpoint (tests/test_export.py)
+  assert json.loads((workdir / "train_config.json").read_text())["model"]["checkpoint"] == str(tiny_vlm[0])
 
 
 def _run(workdir, ckpt, data, steps, env_extra=None):

@@ -18,6 +18,10 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+# The run's config as JSON, written to the workdir by `train`: `python -m deepeyes_jax.export` reads the base HF
+# checkpoint (model.checkpoint, whose config.json describes the architecture) from it.
+TRAIN_CONFIG_FILE = "train_config.json"
+
 
 class Checkpointer:
   def __init__(

@@ -27,6 +27,7 @@ PEAK_FLOPS = {
   "v5e": 197e12,
   "v5 lite": 197e12,
   "v6e": 918e12,
+  "v4": 275e12,  # Google's published TPU v4 bf16 peak (not in SPEC.md)
   "cpu": 3e11,
 }
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
 from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
@@ -28,7 +29,7 @@ from deepeyes_jax.models import qwen2_5_vl as qvl
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.rl import grpo
 from deepeyes_jax.rl import rewards as rewards_lib
-from deepeyes_jax.rl.checkpoint import Checkpointer
+from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, Checkpointer
 from deepeyes_jax.rl.metrics import Progress, device_peak_flops, make_writer, rollout_metrics
 from deepeyes_jax.rl.packing import assign_rows, pack
 from deepeyes_jax.rl.train_step import Learner, LearnerConfig
@@ -208,6 +209,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   maybe_init_distributed()
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # what `python -m deepeyes_jax.export` needs to turn a checkpoint into an HF model
+    (epath.Path(workdir) / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))  # epath: gs:// too
   m = config.mesh
   mesh = shd.make_mesh(m.data, m.fsdp, m.tensor)
   if jax.process_index() == 0:
