@@ -133,3 +133,35 @@ def xla_attention(
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+def segment_local_attention(q, k, v, segment_ids, span: int, block: int = 128):
+  """Attention within contiguous segments of at most `span` tokens, for ONE sequence (the vision tower's packed
+  patches: windows or whole images, one after the other).
+
+  q, k, v: (N, H, D); segment_ids: (N,) int32, equal ids form contiguous runs of <= `span` tokens, 0 = padding.
+  Equal to `xla_attention` with these segment ids on every row that has a visible key, at O(N (2 span + block))
+  cost instead of O(N^2): query block i reads only the key blocks its segments can reach (i - r .. i + r,
+  r = ceil((span - 1) / block)). Without it, a packed training batch of 56 small images spends ~60x longer in
+  vision attention than in everything else on a CPU. Falls back to the full computation when the band would
+  cover everything.
+  """
+  n = q.shape[0]
+  r = max(0, -(-(span - 1) // block))
+  nb = -(-n // block)
+  if span <= 0 or 2 * r + 1 >= nb:
+    seg = segment_ids[None]
+    return xla_attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg)[0]
+  pad = nb * block - n
+
+  def band(x):  # (N, ...) -> (nb, (2r + 1) * block, ...): the keys each query block can see
+    x = jnp.pad(x, [(r * block, pad + r * block)] + [(0, 0)] * (x.ndim - 1))
+    x = x.reshape(nb + 2 * r, block, *x.shape[1:])
+    idx = jnp.arange(nb)[:, None] + jnp.arange(2 * r + 1)[None, :]
+    return x[idx].reshape(nb, (2 * r + 1) * block, *x.shape[2:])
+
+  def blocks(x):  # (N, ...) -> (nb, block, ...)
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(nb, block, *x.shape[1:])
+
+  out = xla_attention(blocks(q), band(k), band(v), q_segment_ids=blocks(segment_ids), kv_segment_ids=band(segment_ids))
+  return out.reshape(nb * block, *q.shape[1:])[:n]

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from deepeyes_jax.kernels.attention import attention
+from deepeyes_jax.kernels.attention import attention, segment_local_attention
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, linear
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
@@ -42,6 +42,9 @@ class VisionPlan:
     pos_hw: (N, 2) int32 (row, col) patch coordinates inside their image, permuted.
     window_segments: (N,) int32 window id + 1 (0 = padding), permuted.
     image_segments: (N,) int32 image/frame id + 1 (0 = padding), permuted.
+    window_span, image_span: static ints, the longest window / frame in patches rounded up to a power of two
+      (>= 64, so that they take few values): the XLA attention path then only computes the blocks a segment
+      can reach (`kernels.attention.segment_local_attention`). 0 = unknown (full attention).
   """
 
   window_index: jax.Array
@@ -49,6 +52,8 @@ class VisionPlan:
   pos_hw: jax.Array
   window_segments: jax.Array
   image_segments: jax.Array
+  window_span: int = dataclasses.field(default=0, metadata=dict(static=True))
+  image_span: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 def patch_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
@@ -108,13 +113,21 @@ def make_vision_plan(grid_thw: np.ndarray, config: VisionConfig, pad_to: int | N
   pad_units = (pad_to - n) // mu
   window_index = np.concatenate(index + [np.arange(unit_offset, unit_offset + pad_units)]).astype(np.int32)
   zeros = np.zeros(pad_to - n, np.int64)
+  longest_window = max(int(np.bincount(w).max()) for w in wseg)
+  longest_frame = max(int(h * w) for _, h, w in grid_thw.tolist())
   return VisionPlan(
     window_index=window_index,
     reverse_index=np.argsort(window_index).astype(np.int32),
     pos_hw=np.concatenate(pos + [np.zeros((pad_to - n, 2), np.int64)]).astype(np.int32),
     window_segments=(np.concatenate(wseg + [zeros - 1]) + 1).astype(np.int32),
     image_segments=(np.concatenate(iseg + [zeros - 1]) + 1).astype(np.int32),
+    window_span=_span_bucket(longest_window),
+    image_span=_span_bucket(longest_frame),
   )
+
+
+def _span_bucket(n: int) -> int:
+  return 1 << max(6, (n - 1).bit_length())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -141,14 +154,17 @@ class VisionAttention(nnx.Module):
     )
     self.proj = linear(d, d, ("vision_heads", "vision_embed"), bias=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x (N, D) -> (N, D); attention only within equal non-zero segment ids."""
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, span: int = 0) -> jax.Array:
+    """x (N, D) -> (N, D); attention only within equal non-zero segment ids (contiguous runs <= `span` long)."""
     n, d = x.shape
     qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    seg = segment_ids[None]
-    out = attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=self.attention_impl)[0]
+    if self.attention_impl == "xla" and span:
+      out = segment_local_attention(q, k, v, segment_ids, span)
+    else:
+      seg = segment_ids[None]
+      out = attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=self.attention_impl)[0]
     return self.proj(out.reshape(n, d))
 
 
@@ -167,8 +183,8 @@ class VisionBlock(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, x, cos, sin, segment_ids):
-    x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
+  def __call__(self, x, cos, sin, segment_ids, span: int = 0):
+    x = x + self.attn(self.norm1(x), cos, sin, segment_ids, span)
     return x + self.mlp(self.norm2(x))
 
 
@@ -207,5 +223,8 @@ class VisionTower(nnx.Module):
     cos, sin = vision_cos_sin(plan.pos_hw, cfg.head_dim, cfg.rope_theta)
     full = set(cfg.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
-      x = block(x, cos, sin, plan.image_segments if i in full else plan.window_segments)
+      if i in full:
+        x = block(x, cos, sin, plan.image_segments, plan.image_span)
+      else:
+        x = block(x, cos, sin, plan.window_segments, plan.window_span)
     return self.merger(x)[plan.reverse_index]
