@@ -121,36 +121,7 @@ def run_rollouts(
   """
   cfg = sampler.config
   im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
-  rows: list[_Row] = []
-  chunks: list[Chunk] = []
-  for task in tasks:
-    msgs = task.messages()
-    # Encoded once per task (tokenising and preprocessing are the same for all G samples).
-    ch = encode_conversation(
-      tokenizer, msgs, image_token_id=cfg.image_token_id, min_pixels=config.min_pixels, max_pixels=config.max_pixels
-    )
-    if not ch.images:
-      raise ValueError(f"task {task.task_id!r}: the prompt has no image for the zoom tool")
-    prompt_images = [improc.load_image(src) for src in message_images(msgs)]
-    # The zoom tool crops `task.image`; the frame the model saw is that of the prompt image it corresponds to.
-    crop_idx = next((k for k, im in enumerate(prompt_images) if im.size == task.image.size), 0)
-    grid = ch.images[crop_idx][1]
-    for g in range(group_size):
-      rows.append(
-        _Row(
-          task=task,
-          sample_index=g,
-          tokens=list(ch.tokens),
-          mask=[0] * len(ch.tokens),
-          logprobs=[0.0] * len(ch.tokens),
-          images=list(prompt_images),
-          pixel_values=[pv for pv, _ in ch.images],
-          grids=[np.asarray(gr) for _, gr in ch.images],
-          seen_size=(int(grid[2]) * cfg.vision.patch_size, int(grid[1]) * cfg.vision.patch_size),
-          prompt_length=len(ch.tokens),
-        )
-      )
-      chunks.append(ch)
+  rows, chunks = _prompt_rows(tokenizer, tasks, group_size, config, cfg)
   b = len(rows)
   if scripted_turns is not None and len(scripted_turns) != b:
     raise ValueError(f"scripted_turns has {len(scripted_turns)} rows, the rollout has {b}")
@@ -190,39 +161,9 @@ def run_rollouts(
       if not active[r]:
         continue
       toks = out.tokens[r]
-      row.tokens += toks
-      row.mask += [1] * len(toks)
-      row.logprobs += [float(x) for x in out.logprobs[r]]
-      text = tokenizer.decode(toks, skip_special_tokens=False)
-      stop = out.stop_reason[r]
-      record = None
-      if stop != "stop_token":
-        t = Turn(text=text, num_tokens=len(toks), stop=stop, kind="cut")
-        cut_by_turn = stop == "length" and len(toks) >= config.max_tokens_per_turn
-        row.stop_reason = "turn_length" if cut_by_turn else "max_sequence"
-      else:
-        outcome = protocol.execute_turn(
-          text,
-          row.task.image,
-          frame=config.coordinate_frame,
-          seen_size=row.seen_size,
-        )
-        t = Turn(text=text, num_tokens=len(toks), stop=stop, kind=outcome.kind)
-        if outcome.kind == "answer":
-          row.answer, row.stop_reason = outcome.answer, "answer"
-        elif outcome.kind == "end":
-          row.stop_reason = "no_tool_call"
-        else:
-          record = _tool_record(turn, outcome.tool_call)
-          row.tool_calls.append(record)
-          chunk, reason = _observation(row, outcome, turn, config, tokenizer, cfg.image_token_id, capacity)
-          if reason is not None:
-            record.status, record.error = "not_executed", None
-            row.stop_reason = reason
-          else:
-            t.observation = outcome.observation
-            next_chunks[r] = chunk
-      row.turns.append(t)
+      t, record, next_chunks[r] = _take_turn(
+        row, turn, toks, out.logprobs[r], out.stop_reason[r], config, tokenizer, cfg.image_token_id, capacity
+      )
       if on_turn is not None:
         on_turn(r, turn, t, record)
     if all(r.stop_reason is not None for r in rows):
@@ -230,6 +171,110 @@ def run_rollouts(
     cache, logits = sampler.extend(cache, next_chunks)
 
   return [_finish(row, config, cfg.image_token_id, cfg.vision.spatial_merge_size) for row in rows]
+
+
+def demonstrate(
+  tokenizer,
+  tasks: Sequence[Task],
+  scripts: Sequence[Sequence[str]],
+  *,
+  config: AgentConfig,
+  model_config,
+) -> list[Trajectory]:
+  """Trajectories of a scripted policy built on the host, without the model: exactly the tokens, masks, crops and
+  positions `run_rollouts(..., scripted_turns=scripts)` produces, but no forward passes (log-probs are 0).
+
+  Each script is the text of each assistant turn; a turn should end with `<|im_end|>` (the rollout's stop token;
+  a turn without it is recorded as cut, as a sampled turn that hit its length limit would be). Used for the
+  supervised warm start (`deepeyes_jax/rl/warmstart.py`).
+  """
+  if len(scripts) != len(tasks):
+    raise ValueError(f"{len(scripts)} scripts for {len(tasks)} tasks")
+  im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
+  rows, _ = _prompt_rows(tokenizer, tasks, 1, config, model_config)
+  capacity = config.max_total_tokens
+  for row, script in zip(rows, scripts):
+    for turn, text in enumerate(script[: config.max_turns], start=1):
+      if row.stop_reason is not None:
+        break
+      toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+      budget = min(config.max_tokens_per_turn, capacity - len(row.tokens))
+      cut = next((k + 1 for k, tok in enumerate(toks) if tok in (im_end, eot)), None)
+      if cut is not None and cut <= budget:
+        toks, stop = toks[:cut], "stop_token"
+      else:
+        toks, stop = toks[:budget], "length"
+      _take_turn(row, turn, toks, [0.0] * len(toks), stop, config, tokenizer, model_config.image_token_id, capacity)
+  return [_finish(row, config, model_config.image_token_id, model_config.vision.spatial_merge_size) for row in rows]
+
+
+def _prompt_rows(tokenizer, tasks, group_size, config: AgentConfig, cfg) -> tuple[list[_Row], list[Chunk]]:
+  """One row per (task, sample) holding the encoded prompt, and the prompt chunk of each row."""
+  rows: list[_Row] = []
+  chunks: list[Chunk] = []
+  for task in tasks:
+    msgs = task.messages()
+    # Encoded once per task (tokenising and preprocessing are the same for all G samples).
+    ch = encode_conversation(
+      tokenizer, msgs, image_token_id=cfg.image_token_id, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+    )
+    if not ch.images:
+      raise ValueError(f"task {task.task_id!r}: the prompt has no image for the zoom tool")
+    prompt_images = [improc.load_image(src) for src in message_images(msgs)]
+    # The zoom tool crops `task.image`; the frame the model saw is that of the prompt image it corresponds to.
+    crop_idx = next((k for k, im in enumerate(prompt_images) if im.size == task.image.size), 0)
+    grid = ch.images[crop_idx][1]
+    for g in range(group_size):
+      rows.append(
+        _Row(
+          task=task,
+          sample_index=g,
+          tokens=list(ch.tokens),
+          mask=[0] * len(ch.tokens),
+          logprobs=[0.0] * len(ch.tokens),
+          images=list(prompt_images),
+          pixel_values=[pv for pv, _ in ch.images],
+          grids=[np.asarray(gr) for _, gr in ch.images],
+          seen_size=(int(grid[2]) * cfg.vision.patch_size, int(grid[1]) * cfg.vision.patch_size),
+          prompt_length=len(ch.tokens),
+        )
+      )
+      chunks.append(ch)
+  return rows, chunks
+
+
+def _take_turn(row: _Row, turn: int, toks, logprobs, stop: str, config, tokenizer, image_token_id, capacity):
+  """Appends one assistant turn to `row`, runs the protocol on it, and appends the observation if any.
+
+  Returns (the Turn, its ToolRecord or None, the observation Chunk to feed the model or None).
+  """
+  row.tokens += toks
+  row.mask += [1] * len(toks)
+  row.logprobs += [float(x) for x in logprobs]
+  text = tokenizer.decode(toks, skip_special_tokens=False)
+  record = chunk = None
+  if stop != "stop_token":
+    t = Turn(text=text, num_tokens=len(toks), stop=stop, kind="cut")
+    cut_by_turn = stop == "length" and len(toks) >= config.max_tokens_per_turn
+    row.stop_reason = "turn_length" if cut_by_turn else "max_sequence"
+  else:
+    outcome = protocol.execute_turn(text, row.task.image, frame=config.coordinate_frame, seen_size=row.seen_size)
+    t = Turn(text=text, num_tokens=len(toks), stop=stop, kind=outcome.kind)
+    if outcome.kind == "answer":
+      row.answer, row.stop_reason = outcome.answer, "answer"
+    elif outcome.kind == "end":
+      row.stop_reason = "no_tool_call"
+    else:
+      record = _tool_record(turn, outcome.tool_call)
+      row.tool_calls.append(record)
+      chunk, reason = _observation(row, outcome, turn, config, tokenizer, image_token_id, capacity)
+      if reason is not None:
+        record.status, record.error = "not_executed", None
+        row.stop_reason = reason
+      else:
+        t.observation = outcome.observation
+  row.turns.append(t)
+  return t, record, chunk
 
 
 def _tool_record(turn: int, tc: protocol.ToolCall) -> ToolRecord:
