@@ -108,6 +108,9 @@ class DecodeOrSkip(grain.transforms.Map):
       return Skipped(index, source, UNEXPECTED_ERROR, f"{source} (index {index}): {type(e).__name__}: {e}")
 
 
+MAX_LEADING_BAD_RECORDS = 100
+
+
 class CountAndDrop(grain.transforms.Filter):
   """Keeps Examples; counts and logs Skipped markers into ``stats``. Runs in the calling process."""
 
@@ -119,6 +122,12 @@ class CountAndDrop(grain.transforms.Filter):
       self.stats.skipped += 1
       self.stats.by_reason[element.reason] += 1
       logger.warning("skipping bad DeepEyes record [%s]: %s", element.reason, element.message)
+      if self.stats.examples == 0 and self.stats.skipped >= MAX_LEADING_BAD_RECORDS:
+        # Every record so far was bad: the data is unusable (wrong format, wrong paths), not noisy. Stop instead of
+        # skipping forever.
+        raise ValueError(
+          f"the first {self.stats.skipped} records were all bad ({dict(self.stats.by_reason)}); last: {element.message}"
+        )
       return False
     self.stats.examples += 1
     return True
@@ -159,7 +168,10 @@ def _build(
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   if worker_count < 0 or read_threads < 1:
     raise ValueError(f"need worker_count >= 0 and read_threads >= 1, got {worker_count} and {read_threads}")
-  source = paths if isinstance(paths, DeepEyesSource) else DeepEyesSource(paths, cache_row_groups=cache_row_groups)
+  if isinstance(paths, str | os.PathLike | list | tuple):
+    source = DeepEyesSource(paths, cache_row_groups=cache_row_groups)
+  else:  # a ready random-access source of raw records: a DeepEyesSource, data.synthetic.SyntheticSource, ...
+    source = paths
   if len(source) == 0:
     raise ValueError(f"{source!r} holds no records")
 
