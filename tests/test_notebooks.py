@@ -24,6 +24,7 @@ COMMON = {"INSTALL": False}
 # Per-notebook settings that keep the run short on a CPU (name -> {parameter: value}).
 OVERRIDES = {
   "quickstart.ipynb": {"MAX_TURNS": 2, "MAX_TOKENS_PER_TURN": 8},
+  "synthetic_training.ipynb": {"REPO_DIR": ROOT, "VARIANT": "ci"},
 }
 CELL_TIMEOUT_S = 300
 
@@ -109,3 +110,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     ]
     assert any("Turn 2" in h and "data:image/png;base64," in h for h in html_out)
     assert os.path.exists(tmp_path / "work" / "trajectories" / "trajectories.jsonl")
+  if name == "synthetic_training.ipynb":
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert "warm start" in text and "RL gain" in text, text[-2000:]
+    assert len(images) >= 2  # the report's curves and at least one trajectory figure, inline
+    assert os.path.exists(tmp_path / "work" / "final_eval.json")

@@ -48,6 +48,22 @@ USER_SUFFIX: str = (
 
 TOOL_NAME = "image_zoom_in_tool"
 
+# Ours, not DeepEyes': the prompt of the "tool disabled" evaluation of a trained model (no tool offered, one turn).
+NO_TOOL_SYSTEM_PROMPT: str = "You are a helpful assistant."
+NO_TOOL_SUFFIX: str = "\nAnswer from the image. Format strictly as:  <think>...</think>  <answer>...</answer> "
+
+
+def no_tool_messages(image: Any, question: str) -> list[dict]:
+  """Chat messages asking `question` about `image` with no tool offered (image first, as in the eval prompts)."""
+  return [
+    {"role": "system", "content": NO_TOOL_SYSTEM_PROMPT},
+    {
+      "role": "user",
+      "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + question + NO_TOOL_SUFFIX}],
+    },
+  ]
+
+
 # One image in the Qwen2.5-VL chat format; the caller expands the single <|image_pad|> to the image's token count.
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 

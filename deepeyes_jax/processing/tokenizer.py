@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -224,7 +224,7 @@ def added_token_ids(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
   return {tok: vocab_size + i for i, (tok, _) in enumerate(ADDED_TOKENS)}
 
 
-def _backend(vocab_size: int) -> Tokenizer:
+def _backend(vocab_size: int, extra_corpus: Sequence[str] = ()) -> Tokenizer:
   tok = Tokenizer(
     models.BPE(
       unk_token=None,
@@ -251,7 +251,7 @@ def _backend(vocab_size: int) -> Tokenizer:
     special_tokens=[],
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
   )
-  tok.train_from_iterator(training_corpus(), trainer=trainer)
+  tok.train_from_iterator([*training_corpus(), *extra_corpus], trainer=trainer)
   got = tok.get_vocab_size()
   if got != vocab_size:
     raise ValueError(f"the built-in corpus supports at most {got} regular tokens, asked for vocab_size={vocab_size}")
@@ -292,8 +292,12 @@ def _tokenizer_config(vocab_size: int) -> dict[str, Any]:
   }
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
+def build_tiny_tokenizer(
+  out_dir: str | os.PathLike, vocab_size: int = DEFAULT_VOCAB_SIZE, extra_corpus: Sequence[str] = ()
+) -> dict[str, int]:
   """Train the tiny Qwen2.5-VL-style tokenizer and save it to ``out_dir`` (created if needed).
+
+  ``extra_corpus``: more training texts (e.g. ``data.synthetic.corpus()``), so that the merges fit a task's texts.
 
   Writes ``tokenizer.json`` and ``tokenizer_config.json``; the same arguments always give byte-identical files.
   ``vocab_size`` is the number of regular BPE tokens (``256 <= vocab_size``, bounded by what the corpus supports);
@@ -304,7 +308,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = DEFAULT_V
   """
   if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
     raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (the byte alphabet), got {vocab_size!r}")
-  tok = _backend(vocab_size)
+  tok = _backend(vocab_size, tuple(extra_corpus))
   ids = added_token_ids(vocab_size)
   for t, i in ids.items():
     if tok.token_to_id(t) != i:  # cannot happen unless the tokenizers library changes how it assigns ids

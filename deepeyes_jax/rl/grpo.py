@@ -155,6 +155,15 @@ def ppo_clip_loss(
   return loss, aux
 
 
+@register_policy_loss("nll")
+def nll_loss(logp, old_logp, advantages, mask, *, aggregation: str = "token_mean", denominator=None, **_):
+  """The supervised (warm-start) loss: -advantages * log p over the action tokens; advantages = 1 is plain
+  behaviour cloning. `old_logp` is not used (no importance ratio)."""
+  del old_logp
+  loss = aggregate(-advantages * logp, mask, aggregation, denominator)
+  return loss, {"nll": aggregate(-logp, mask, aggregation, denominator)}
+
+
 def kl_k3(logp, ref_logp):
   """Per-token k3 estimator of KL(pi || ref) = exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
   d = ref_logp - logp

@@ -118,6 +118,11 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
   stops = collections.Counter(t.stop_reason for t in trajectories)
   for s, c in stops.items():
     m[f"stop/{s}"] = c / n
+  from deepeyes_jax.rl.held_out import zoom_ious
+
+  ious = [x for t in trajectories for x in zoom_ious(t)]
+  if ious:  # tasks that record a target box (the synthetic task)
+    m["tool/iou"] = float(np.mean(ious))
   m["turns/mean"] = float(np.mean([len(t.turns) for t in trajectories])) if trajectories else 0.0
   m["length/response"] = float(np.mean([t.response_length for t in trajectories])) if trajectories else 0.0
   m["length/generated"] = float(np.mean([int(t.action_mask.sum()) for t in trajectories])) if trajectories else 0.0
@@ -135,6 +140,11 @@ class Progress:
     done = step - self.start
     per = (time.time() - self.t0) / max(1, done)
     eta = per * (self.total - step)
+    if "train/nll" in m:  # a warm-start (behaviour cloning) step
+      return (
+        f"step {step}/{self.total} | warm start | nll {m['train/nll']:.4f} | tokens/traj "
+        f"{m.get('length/total', 0):.0f} | {per:.1f} s/step | ETA {_fmt(eta)}"
+      )
     return (
       f"step {step}/{self.total} | reward {m.get('reward/mean', 0):.3f} | acc {m.get('accuracy', 0):.3f} | "
       f"tools/traj {m.get('tool/calls_per_traj', 0):.2f} (ok {m.get('tool/success_rate', 0):.2f}) | "

@@ -648,3 +648,21 @@ def reward_metrics(results: Sequence[RewardResult]) -> dict[str, float]:
     "judge_unavailable": sum(r.details.get("judge") == "unavailable" for r in results) / n,
     "format_error": sum(r.fmt < 0 for r in results) / n,
   }
+
+
+def score_trajectories(trajectories: Sequence[Any], tokenizer, judge: Judge | None = None) -> list[RewardResult]:
+  """Scores rollout trajectories (`agent.trajectory.Trajectory`): the response is everything after the prompt,
+  decoded with the special tokens kept; the data source and ground truth come from the trajectory's metadata."""
+  items = []
+  for t in trajectories:
+    response = tokenizer.decode(t.token_ids[t.prompt_length :].tolist(), skip_special_tokens=False)
+    items.append(
+      dict(
+        data_source=t.metadata["data_source"],
+        response=response,
+        ground_truth=t.metadata["ground_truth"],
+        num_successful_tool_calls=t.num_successful_tool_calls,
+        question=t.metadata.get("question"),
+      )
+    )
+  return score_batch(items, judge=judge)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class LearnerConfig:
   learning_rate: float = 1e-6
   warmup_steps: int = 0
+  decay_steps: int = 0  # > 0: cosine decay to 10% of learning_rate over this many steps (after the warmup)
   weight_decay: float = 0.01
   b1: float = 0.9
   b2: float = 0.999
@@ -53,8 +54,13 @@ class LearnerConfig:
 
 
 def make_optimizer(cfg: LearnerConfig, labels=None) -> optax.GradientTransformation:
-  """Grad-norm clip + AdamW with linear warmup then constant lr; frozen parameters get zero updates."""
-  if cfg.warmup_steps > 0:
+  """Grad-norm clip + AdamW with linear warmup then constant lr (or cosine decay with `decay_steps`); frozen
+  parameters get zero updates."""
+  if cfg.decay_steps > 0:
+    lr = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, cfg.warmup_steps, cfg.warmup_steps + cfg.decay_steps, end_value=0.1 * cfg.learning_rate
+    )
+  elif cfg.warmup_steps > 0:
     lr = optax.join_schedules(
       [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
       [cfg.warmup_steps],

@@ -10,7 +10,9 @@ run killed at any point and restarted from its workdir produces the same metrics
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import logging
 import os
 import time
@@ -62,11 +64,52 @@ def maybe_init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def load_model(config: ml_collections.ConfigDict, mesh) -> qvl.Qwen25VL:
+def model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.model.checkpoint, or (when it is empty and `config.model.tiny` is set) a tiny Qwen2.5-VL + tokenizer
+  made by code in `workdir/base_model` (the embedded default: nothing to download)."""
+  if config.model.checkpoint:
+    return config.model.checkpoint
+  tiny = config.model.get("tiny")
+  if not tiny:
+    raise ValueError("set config.model.checkpoint (an HF Qwen2.5-VL directory) or config.model.tiny")
+  out = os.path.join(workdir, "base_model")
+  if not os.path.exists(os.path.join(out, "config.json")):
+    from deepeyes_jax.data import synthetic
+    from deepeyes_jax.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+
+    kw = dict(tiny.to_dict())
+    corpus = synthetic.corpus(config=scene_config(config)) if kw.pop("corpus", "") == "synthetic" else ()
+    if jax.process_index() == 0:
+      print(f"writing a tiny Qwen2.5-VL and its tokenizer (made by code) to {out}", flush=True)
+      build_tiny_checkpoint(out + ".tmp", corpus=corpus, seed=config.seed, **kw)
+      os.replace(out + ".tmp", out)  # atomic: a killed run never leaves half a model behind
+  return out
+
+
+def load_model(config: ml_collections.ConfigDict, mesh, checkpoint: str | None = None) -> qvl.Qwen25VL:
   dtype = jnp.dtype(config.model.dtype)
   return qvl.from_pretrained(
-    config.model.checkpoint, dtype=dtype, mesh=mesh, attention_impl=config.model.attention_impl
+    checkpoint or config.model.checkpoint, dtype=dtype, mesh=mesh, attention_impl=config.model.attention_impl
   )
+
+
+def scene_config(config: ml_collections.ConfigDict):
+  from deepeyes_jax.data import synthetic
+
+  return synthetic.SceneConfig(**config.synthetic.scene.to_dict()) if "synthetic" in config else synthetic.SceneConfig()
+
+
+def data_source(spec: str, config: ml_collections.ConfigDict):
+  """`data.train` / `eval.data`: comma-separated parquet/JSONL paths or globs, or "synthetic:SPLIT" (scenes drawn on
+  the fly by `data/synthetic.py`, `config.synthetic.num_records` of them)."""
+  if spec.startswith("synthetic:"):
+    from deepeyes_jax.data import synthetic
+
+    split = spec.split(":", 1)[1]
+    return synthetic.SyntheticSource(
+      config.synthetic.num_records, seed=config.seed, split=split, config=scene_config(config)
+    )
+  return [p for p in spec.split(",") if p]
 
 
 def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
@@ -81,6 +124,19 @@ def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
     min_pixels=r.min_pixels,
     max_pixels=r.max_pixels,
     sampling=params,
+  )
+
+
+def warmstart_learner_config(config: ml_collections.ConfigDict) -> LearnerConfig:
+  """The warm start's optimiser: behaviour cloning (`nll` loss), its own learning rate and cosine decay."""
+  ws = config.warmstart
+  return dataclasses.replace(
+    learner_config(config),
+    learning_rate=ws.learning_rate,
+    warmup_steps=ws.warmup_steps,
+    decay_steps=max(1, ws.steps - ws.warmup_steps),
+    weight_decay=ws.weight_decay,
+    policy_loss="nll",
   )
 
 
@@ -106,17 +162,23 @@ def learner_config(config: ml_collections.ConfigDict) -> LearnerConfig:
 
 
 def example_to_task(example) -> Task:
-  """A data-pipeline Example (DeepEyes record) -> an agent Task, keeping the record's messages byte for byte."""
+  """A data-pipeline Example (DeepEyes record) -> an agent Task, keeping the record's messages byte for byte.
+
+  The metadata holds the scalar columns and `extra_info` fields of the record (e.g. the synthetic task's
+  `target_box`), then data_source / ground_truth / question."""
+  extra = example.extra or {}
+  scalars = lambda d: {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool))}  # noqa: E731
   return Task(
     task_id=example.uid,
     image=example.images[0],
     user_text="",
     messages_override=example.messages,
     metadata={
+      **scalars(extra.get("extra_info") or {}),
+      **scalars(extra),
       "data_source": example.data_source,
       "ground_truth": example.ground_truth,
       "question": example.question,
-      **{k: v for k, v in (example.extra or {}).items() if isinstance(v, (str, int, float, bool))},
     },
   )
 
@@ -147,19 +209,7 @@ def step_seed(seed: int, step: int) -> int:
 # One RL step
 # --------------------------------------------------------------------------------------------------------------
 def score(trajectories: list[Trajectory], tokenizer, judge=None) -> list:
-  items = []
-  for t in trajectories:
-    response = tokenizer.decode(t.token_ids[t.prompt_length :].tolist(), skip_special_tokens=False)
-    items.append(
-      dict(
-        data_source=t.metadata["data_source"],
-        response=response,
-        ground_truth=t.metadata["ground_truth"],
-        num_successful_tool_calls=t.num_successful_tool_calls,
-        question=t.metadata.get("question"),
-      )
-    )
-  return rewards_lib.score_batch(items, judge=judge)
+  return rewards_lib.score_trajectories(trajectories, tokenizer, judge)
 
 
 def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
@@ -204,7 +254,12 @@ def _round_up(n: int, k: int) -> int:
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) training in `workdir`. Returns the last step's metrics."""
+  """Runs (or resumes) training in `workdir`. Returns the last step's metrics.
+
+  Steps [0, warmstart.steps) are the supervised warm start (when `config.warmstart.steps > 0`), the rest GRPO.
+  With `config.eval.num_questions > 0`, the held-out evaluation runs on the warm-start checkpoint and on the final
+  one (`final_eval.json`); with `config.log.report`, `report.html` / `report.png` are written at the end.
+  """
   from deepeyes_jax.data.pipeline import make_train_iterator
 
   maybe_init_distributed()
@@ -213,52 +268,85 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     (epath.Path(workdir) / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))  # epath: gs:// too
   m = config.mesh
   mesh = shd.make_mesh(m.data, m.fsdp, m.tensor)
-  if jax.process_index() == 0:
+  chief = jax.process_index() == 0
+  if chief:
     print(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}", flush=True)
-  model = load_model(config, mesh)
-  tokenizer = load_tokenizer(config.model.tokenizer or config.model.checkpoint)
-  learner = Learner(model, learner_config(config), mesh=mesh)
+  checkpoint = model_dir(config, workdir)
+  model = load_model(config, mesh, checkpoint)
+  tokenizer = load_tokenizer(config.model.tokenizer or checkpoint)
   sampler = Sampler(model, mesh=mesh)
-  del model  # the learner owns the parameters from here on
   agent_cfg = agent_config(config)
   judge = make_judge(config, workdir)
   for module in filter(None, config.reward.plugins.split(",")):
     importlib.import_module(module)  # registers extra reward functions by name (@register_reward)
+  ws = config.get("warmstart")
+  warm_steps = ws.steps if ws else 0
+  if warm_steps >= config.total_steps:
+    raise ValueError(f"warmstart.steps ({warm_steps}) must be < total_steps ({config.total_steps})")
 
   # Every process reads the same global batch and runs the same host loop (parsing, cropping, rewards), so all
   # host-side inputs of the jitted functions are identical across processes; device work is sharded over the
   # global mesh. (Per-process data shards with process-local rollouts are a planned optimisation.)
-  data_iter, data_stats = make_train_iterator(
-    [p for p in config.data.train.split(",") if p],
-    seed=config.seed,
-    batch_size=config.data.batch_size,
-    shuffle=config.data.shuffle,
-    num_epochs=config.data.num_epochs,
-    process_index=0,
-    process_count=1,
-  )
+  train_source = data_source(config.data.train, config)
+
+  def iterator(batch_size: int, seed: int):
+    return make_train_iterator(
+      train_source,
+      seed=seed,
+      batch_size=batch_size,
+      shuffle=config.data.shuffle,
+      num_epochs=config.data.num_epochs,
+      process_index=0,
+      process_count=1,
+    )
+
+  data_iter, data_stats = iterator(config.data.batch_size, config.seed)
+  ws_iter = iterator(ws.batch_size, config.seed + 1)[0] if warm_steps else None
   ckpt = Checkpointer(
     os.path.join(workdir, "checkpoints"),
     max_to_keep=config.checkpoint.max_to_keep,
     keep_period=config.checkpoint.keep_period,
     async_save=config.checkpoint.async_save,
+    save_interval_steps=config.checkpoint.every_steps,
   )
   start = ckpt.latest_step() or 0
+  in_warmup = start < warm_steps
+  learner = Learner(model, warmstart_learner_config(config) if in_warmup else learner_config(config), mesh=mesh)
+  del model  # the learner owns the parameters from here on
   if start:
-    learner.state, learner.opt_state, meta = ckpt.restore(start, learner.state, learner.opt_state, data_iter)
+    learner.state, learner.opt_state, meta = ckpt.restore(
+      start, learner.state, learner.opt_state, ws_iter if in_warmup else data_iter
+    )
     learner.step = meta["learner_step"]
+    if start == warm_steps:  # the warm-start checkpoint: GRPO starts with a fresh optimiser
+      learner = _switch_to_rl(learner, config, mesh)
     log.info("resuming from step %d", start)
   writer = make_writer(workdir)
-  if start == 0 and jax.process_index() == 0:
+  if start == 0 and chief:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
   progress = Progress(config.total_steps, start)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.state))
   peak = device_peak_flops() * jax.device_count()
   metrics: dict[str, float] = {}
   kill_at = int(os.environ.get("DEEPEYES_TEST_KILL_AT_STEP", "-1"))  # test hook: SIGKILL mid-step
+  evaluator = HeldOut(config, workdir, tokenizer, sampler, agent_cfg, writer)
 
   for step in range(start, config.total_steps):
     t0 = time.time()
+    if step == warm_steps and warm_steps:
+      sampler.state = learner.state
+      evaluator.run("warmstart", step)  # the warm-start checkpoint (skipped if already done)
+      if learner.cfg.policy_loss == "nll":
+        learner = _switch_to_rl(learner, config, mesh)
+    if step < warm_steps:
+      metrics = warmstart_step(ws_iter, config, tokenizer, agent_cfg, sampler.config, learner, step)
+      metrics["time/step_s"] = time.time() - t0
+      writer.write_scalars(step + 1, metrics)
+      if chief:
+        print(progress.line(step + 1, metrics), flush=True)
+      _save(ckpt, step + 1, learner, ws_iter if step + 1 < warm_steps else data_iter, config, warm_steps)
+      continue
+
     examples = next(data_iter)
     tasks = [example_to_task(e) for e in examples]
     sampler.state = learner.state
@@ -307,7 +395,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
     metrics["data/skipped_records"] = float(getattr(data_stats, "skipped", 0))
     writer.write_scalars(step + 1, metrics)
-    if jax.process_index() == 0:
+    if chief:
       print(progress.line(step + 1, metrics), flush=True)
       if config.log.save_trajectories_every and (step + 1) % config.log.save_trajectories_every == 0:
         save_trajectories(
@@ -315,26 +403,164 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           os.path.join(workdir, "rollouts"),
           filename=f"step_{step + 1:06d}.jsonl",
         )
-    # Orbax decides: every `checkpoint.every_steps`, the last step, and a preemption sync point (all processes
-    # agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs).
-    ckpt.save(
-      step + 1,
-      learner.state,
-      learner.opt_state,
-      learner_step=learner.step,
-      data_iterator=data_iter,
-      force=step + 1 == config.total_steps,
-    )
+    _save(ckpt, step + 1, learner, data_iter, config, warm_steps)
     if ckpt.reached_preemption(step + 1):
       ckpt.close()
       log.warning("preemption: checkpoint of step %d written; exiting (re-run the same command to resume)", step + 1)
-      if jax.process_index() == 0:
+      if chief:
         print(f"preempted: saved step {step + 1}, exiting", flush=True)
       writer.flush()
       return metrics
   ckpt.close()
+  sampler.state = learner.state
+  final = evaluator.run("final", config.total_steps)
+  if final is not None and chief:
+    evaluator.write_final(warm_steps)
   writer.flush()
   return metrics
+
+
+def _save(ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config, warm_steps: int) -> None:
+  """Orbax decides: every `checkpoint.every_steps`, the warm-start and last steps, and a preemption sync point
+  (all processes agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs)."""
+  ckpt.save(
+    step,
+    learner.state,
+    learner.opt_state,
+    learner_step=learner.step,
+    data_iterator=data_iterator,
+    force=step in (config.total_steps, warm_steps),
+  )
+
+
+def _switch_to_rl(learner: Learner, config, mesh) -> Learner:
+  """The warm start is over: the same parameters, the GRPO loss and a fresh optimiser."""
+  from flax import nnx
+
+  return Learner(nnx.merge(learner.graphdef, learner.state), learner_config(config), mesh=mesh)
+
+
+def warmstart_step(ws_iter, config, tokenizer, agent_cfg: AgentConfig, model_cfg, learner: Learner, step: int):
+  """One behaviour-cloning step on a batch of the demonstrator's trajectories (`rl/warmstart.py`)."""
+  from deepeyes_jax.rl import warmstart
+
+  ws = config.warmstart
+  examples = next(ws_iter)
+  modes = warmstart.draw_modes(
+    [e.uid for e in examples],
+    zlib.crc32(f"{config.seed}/warmstart/{step}".encode()),
+    zoom_fraction=ws.zoom_fraction,
+    no_tool_fraction=ws.no_tool_fraction,
+  )
+  trajs = warmstart.demonstrations(
+    examples, modes, demonstrator=ws.demonstrator, tokenizer=tokenizer, agent_config=agent_cfg, model_config=model_cfg
+  )
+  update: dict[str, float] = {}
+  for micro in minibatches(trajs, np.ones(len(trajs), np.float32), config, model_cfg.vision, learner):
+    update = learner.update(micro)
+  out = {f"train/{k}": v for k, v in update.items()}
+  out["loss"] = update.get("loss", 0.0)
+  for mode in warmstart.MODES:
+    out[f"warmstart/{mode}_fraction"] = modes.count(mode) / max(1, len(modes))
+  out["length/total"] = float(np.mean([len(t.token_ids) for t in trajs]))
+  return out
+
+
+class HeldOut:
+  """The held-out evaluation of `config.eval` (greedy, with and without the tool) at named checkpoints.
+
+  Each result is written to `workdir/eval/NAME.json` once; a resumed run skips what is already there.
+  """
+
+  def __init__(self, config, workdir, tokenizer, sampler, agent_cfg, writer):
+    self.config, self.workdir, self.tokenizer, self.sampler, self.writer = config, workdir, tokenizer, sampler, writer
+    self.agent_cfg = agent_cfg
+    ev = config.get("eval")
+    self.n = ev.num_questions if ev else 0
+    self.dir = os.path.join(workdir, "eval")
+    self.trajectories: list[Trajectory] = []
+
+  def _tasks(self) -> list[Task]:
+    from deepeyes_jax.data.deepeyes import decode_example
+
+    source = data_source(self.config.eval.data, self.config)
+    if isinstance(source, list):
+      from deepeyes_jax.data.deepeyes import DeepEyesSource
+
+      source = DeepEyesSource(source)
+    n = min(self.n, len(source))
+    return [example_to_task(decode_example(source[i], i, source_name=repr(source))) for i in range(n)]
+
+  def run(self, name: str, step: int) -> dict | None:
+    from deepeyes_jax.rl import held_out
+
+    if not self.n:
+      return None
+    path = os.path.join(self.dir, f"{name}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    chief = jax.process_index() == 0
+    if chief:
+      print(f"held-out evaluation of the {name} checkpoint (step {step}) on {self.n} questions", flush=True)
+    tasks = self._tasks()
+    result = {}
+    for mode, tool in (("tool", True), ("no_tool", False)):
+      summary, trajs = held_out.evaluate(
+        self.sampler,
+        self.tokenizer,
+        tasks,
+        agent_config=self.agent_cfg,
+        tool=tool,
+        batch_size=self.config.eval.batch_size,
+        log=print if chief else None,
+      )
+      result[mode] = {"step": step, **summary}
+      if tool and name == "final":
+        self.trajectories = trajs
+      if chief:
+        print(
+          f"  {name} / {mode}: accuracy {summary['accuracy']:.3f}, tool calls/question "
+          f"{summary['tool_calls_per_question']:.2f}, mean IoU {summary['mean_iou']:.3f}",
+          flush=True,
+        )
+    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in result["tool"].items() if k != "step"})
+    self.writer.write_scalars(step, {f"eval_no_tool/{k}": v for k, v in result["no_tool"].items() if k != "step"})
+    if chief:
+      os.makedirs(self.dir, exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+      os.replace(path + ".tmp", path)
+      if name == "final":
+        save_trajectories(self.trajectories, os.path.join(self.dir, "final_trajectories"))
+    return result
+
+  def write_final(self, warm_steps: int) -> None:
+    """`final_eval.json` (warm-start and final checkpoints, with and without the tool) and the report."""
+    checkpoints = {}
+    for name in ("warmstart", "final"):
+      path = os.path.join(self.dir, f"{name}.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          checkpoints[name] = json.load(f)
+    out = {"eval_data": self.config.eval.data, "num_questions": self.n, "seed": self.config.seed}
+    out["checkpoints"] = checkpoints
+    if "warmstart" in checkpoints and "final" in checkpoints:
+      gain = checkpoints["final"]["tool"]["accuracy"] - checkpoints["warmstart"]["tool"]["accuracy"]
+      out["rl_gain_points"] = round(100 * gain, 2)
+    with open(os.path.join(self.workdir, "final_eval.json"), "w") as f:
+      json.dump(out, f, indent=2, sort_keys=True)
+    print("final_eval.json: " + json.dumps(checkpoints_table(checkpoints)), flush=True)
+    if self.config.log.get("report"):
+      from deepeyes_jax.rl.report import write_report
+
+      trajs = self.trajectories[: self.config.log.get("report_trajectories", 6)]
+      path = write_report(self.workdir, out, trajs, warmstart_steps=warm_steps, title="deepeyes_jax: " + self.workdir)
+      print(f"report: {path}", flush=True)
+
+
+def checkpoints_table(checkpoints: dict) -> dict:
+  return {f"{c}/{m}": round(v["accuracy"], 3) for c, modes in checkpoints.items() for m, v in modes.items()}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

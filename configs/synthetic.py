@@ -1,0 +1,121 @@
+"""The embedded default: learn to zoom on a synthetic fine-grained task, end to end on a laptop CPU.
+
+    python -m deepeyes_jax.train --config configs/synthetic.py --workdir /tmp/deepeyes_synthetic
+    python -m deepeyes_jax.train --config configs/synthetic.py:variant=ci --workdir DIR     # ~2 min smoke run
+
+Nothing is downloaded: a tiny Qwen2.5-VL (~1.3M parameters) and its byte-level BPE tokenizer are made by code in
+WORKDIR/base_model and loaded through the real HF loader; scenes are drawn on the fly (`data/synthetic.py`: find the
+named coloured object among distractors, read its digit, which is only legible in a zoomed crop).
+
+Phases (one step counter, one checkpoint directory):
+1. warm start, steps [0, warmstart.steps): behaviour cloning of a scripted demonstrator that zooms on the right
+   cell and reads the crop in `zoom_fraction` of the questions and otherwise answers at once from the global view
+   (plus no-tool questions). It teaches the format, where to look and how to read a crop -- but, like a base model
+   that rarely chooses its tool, the imitation policy prefers answering directly, so greedy decoding never zooms.
+2. GRPO, the DeepEyes recipe at toy scale: the same rollout engine, the DeepEyes reward (0.8 acc + 0.2 fmt +
+   1.2 tool, the conditional tool bonus), std-normalised group advantages, PPO clip with dual clip, no KL.
+   Outcome reward alone has to teach the model that looking closer pays.
+Then a held-out evaluation (greedy, with and without the tool) of the warm-start and final checkpoints ->
+WORKDIR/final_eval.json, and WORKDIR/report.html + report.png.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+# The recipe's config, loaded by path (config files are not a package).
+_spec = importlib.util.spec_from_file_location("deepeyes_7b", os.path.join(os.path.dirname(__file__), "deepeyes_7b.py"))
+deepeyes_7b = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(deepeyes_7b)
+
+VARIANTS = ("variant=ci",)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
+  variant = args.get("variant", "default")
+  if variant not in ("default", "ci"):
+    raise ValueError(f"variant must be 'default' or 'ci', got {variant!r}")
+  c = deepeyes_7b.get_config("size=7b")  # the recipe's structure; every knob that differs is set below
+  c.seed = 0
+  c.total_steps = 120 + 40  # warm start + GRPO
+
+  c.model.checkpoint = ""  # empty: make the tiny model below in WORKDIR/base_model
+  c.model.dtype = "float32"
+  c.model.tiny = ml_collections.ConfigDict()
+  c.model.tiny.vocab_size = 768  # regular BPE tokens (+22 Qwen added tokens)
+  c.model.tiny.corpus = "synthetic"  # train the BPE merges on the task's texts too
+  c.model.tiny.hidden_size = 128
+  c.model.tiny.num_layers = 4
+  c.model.tiny.num_heads = 4
+  c.model.tiny.num_kv_heads = 2
+  c.model.tiny.vision_hidden_size = 64
+  c.model.tiny.vision_depth = 2
+  c.model.tiny.vision_heads = 2
+
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.num_records = 1_000_000  # scenes per split (drawn on demand; effectively never repeated)
+  c.synthetic.scene = ml_collections.ConfigDict()  # data.synthetic.SceneConfig fields
+  c.synthetic.scene.min_size = 768
+  c.synthetic.scene.max_size = 1536
+  c.synthetic.scene.grid = 6
+  c.synthetic.scene.min_objects = 3
+  c.synthetic.scene.max_objects = 5
+  c.synthetic.scene.digit_scale = 0.12
+  c.synthetic.scene.system_prompt = "short"  # "deepeyes": the byte-exact DeepEyes system prompt (~375 more tokens)
+
+  c.data.train = "synthetic:train"
+  c.data.batch_size = 8  # prompts per GRPO step
+
+  c.warmstart = ml_collections.ConfigDict()
+  c.warmstart.steps = 120
+  c.warmstart.batch_size = 32
+  c.warmstart.demonstrator = "synthetic"
+  c.warmstart.zoom_fraction = 0.42  # of the tool questions: < 0.5, so the imitation policy's mode is "answer now"
+  c.warmstart.no_tool_fraction = 0.15  # questions asked without the tool (the prompt of the no-tool evaluation)
+  c.warmstart.learning_rate = 2e-3
+  c.warmstart.warmup_steps = 10
+  c.warmstart.weight_decay = 0.0
+
+  c.rollout.group_size = 8
+  c.rollout.max_turns = 3
+  c.rollout.max_tokens_per_turn = 64
+  c.rollout.max_total_tokens = 512
+  c.rollout.max_images = 3
+  c.rollout.coordinate_frame = "resized"  # boxes in the 168 x 168 frame the model sees (data/synthetic.py)
+  c.rollout.min_pixels = 4 * 28 * 28
+  c.rollout.max_pixels = 170 * 170  # = data.synthetic.GLOBAL_MAX_PIXELS: 6 x 6 vision tokens
+
+  c.rl.min_row_len = 1024  # packing rows: ~4 trajectories each
+  c.rl.micro_batch_rows = 8
+  c.rl.logits_chunk = 512
+  c.optim.learning_rate = 1e-4  # tiny model from scratch: far above the 7B's 1e-6
+  c.optim.weight_decay = 0.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.data = "synthetic:test"
+  c.eval.num_questions = 200
+  c.eval.batch_size = 100
+
+  c.mesh.fsdp = 1  # one CPU device
+  c.checkpoint.every_steps = 50
+  c.checkpoint.max_to_keep = 2
+  c.log.save_trajectories_every = 10
+  c.log.num_saved_trajectories = 8
+  c.log.report = True
+  c.log.report_trajectories = 6
+
+  if variant == "ci":  # every stage, a few steps each (the CI test; it does not assert learning)
+    c.total_steps = 4 + 2
+    c.warmstart.steps = 4
+    c.warmstart.batch_size = 4
+    c.warmstart.warmup_steps = 1
+    c.data.batch_size = 2
+    c.rollout.group_size = 2
+    c.rollout.max_tokens_per_turn = 48
+    c.eval.num_questions = 4
+    c.eval.batch_size = 4
+    c.log.save_trajectories_every = 1
+    c.log.report_trajectories = 2
+  return c

@@ -1,0 +1,377 @@
+"""A synthetic fine-grained VQA task that needs zooming: the embedded default of `configs/synthetic.py`.
+
+Each scene is a seeded, procedurally drawn square image (768-1536 px) on a cluttered background: gray shapes,
+lines, speckle noise and gray "decoy" digits, over a faint colour gradient. A `grid x grid` layout (6 x 6 by
+default) holds 3-5 coloured objects (circle, square, triangle or diamond; every colour appears once per scene),
+each carrying a small white plate with a black seven-segment digit. The question names the target by colour and
+shape ("What digit is on the red circle?"); the answer is its digit.
+
+Why it needs zooming. With `GLOBAL_MAX_PIXELS` the model sees the whole image at 168 x 168 px (6 x 6 vision
+tokens, one per cell): the objects' colours are plain, but a digit is `digit_scale` (0.17) of a cell, about 5 px
+tall with sub-pixel strokes after the 5-9x downscale, i.e. unreadable. A crop of the target's cell is shown at up to
+168 x 168 px, where the digit is ~28 px tall with ~4 px strokes.
+
+Why the grid and the gradient. Qwen2.5-VL's vision tower has no absolute position embedding: a 7B model learns
+grounding from billions of tokens; a 1M-parameter model trained for minutes on a CPU cannot learn to turn "which
+token holds the red circle" into pixel coordinates from rotary phases alone. So objects sit inside the cells of a
+grid aligned with the vision tokens, and the background's red/blue levels grow with x/y: every token's colour says
+where it is. The model still has to find the named object among distractors and write its box as text.
+
+Records are in the DeepEyes-47k format (`deepeyes.decode_example` reads them; the pipeline and the rewards apply as
+for the real data). The data source is ``synthetic_zoom``, scored like V* (``0.8 acc + 0.2 fmt + 1.2 tool``).
+`extra_info` keeps the target's box (original pixels), its cell and the scene layout for analysis.
+
+Everything is a pure function of ``(seed, split, index)``: the same scene on every machine (PIL drawing with integer
+coordinates and no fonts). ``split="test"`` draws from a separate stream, so held-out scenes are not training scenes.
+
+`demonstration` is the scripted teacher of the warm start (`deepeyes_jax/rl/warmstart.py`): it writes the assistant
+turns for a scene (zoom into the target's cell, then answer), or a direct answer from the global view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from deepeyes_jax.agent import prompts
+from deepeyes_jax.data import deepeyes
+from deepeyes_jax.processing import image as improc
+from deepeyes_jax.rl import rewards as rewards_lib
+
+DATA_SOURCE = "synthetic_zoom"
+# Scored as the fine-grained V* source: 0.8 acc + 0.2 fmt + 1.2 tool (the conditional tool bonus).
+rewards_lib.register_reward(DATA_SOURCE, overwrite=True)(rewards_lib.visual_reward)
+
+# The global view (and crop) budget: smart_resize of any square image -> 168 x 168 px = 6 x 6 vision tokens.
+# (170^2, not 168^2: smart_resize floors sqrt(max_pixels)/28, and 168.0 can come out as 167.99...)
+GLOBAL_MAX_PIXELS = 170 * 170
+
+# A short system prompt for the tiny model (the DeepEyes one is ~300 tokens of JSON schema that a model trained
+# from scratch never needs to read; `SceneConfig.system_prompt="deepeyes"` uses the byte-exact one instead).
+SHORT_SYSTEM_PROMPT = (
+  "You are a helpful assistant.\n\n# Tools\nimage_zoom_in_tool: zoom in on a region of the image. "
+  'Call it as <tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}\n</tool_call>'
+)
+NO_TOOL_SYSTEM_PROMPT, NO_TOOL_SUFFIX = prompts.NO_TOOL_SYSTEM_PROMPT, prompts.NO_TOOL_SUFFIX
+no_tool_messages = prompts.no_tool_messages
+
+COLORS: dict[str, tuple[int, int, int]] = {
+  "red": (225, 25, 25),
+  "green": (20, 165, 40),
+  "blue": (35, 60, 235),
+  "yellow": (240, 215, 15),
+  "magenta": (215, 35, 205),
+  "cyan": (15, 205, 215),
+  "orange": (250, 125, 10),
+  "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+
+# Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
+# f (top left), g (middle).
+_SEGMENTS = {
+  "0": "abcdef",
+  "1": "bc",
+  "2": "abdeg",
+  "3": "abcdg",
+  "4": "bcfg",
+  "5": "acdfg",
+  "6": "acdefg",
+  "7": "abc",
+  "8": "abcdefg",
+  "9": "abcdfg",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneConfig:
+  """How scenes are drawn. The defaults are the embedded default task."""
+
+  min_size: int = 768  # image side in pixels (square images)
+  max_size: int = 1536
+  grid: int = 6  # cells per side; 6 = one cell per vision token of the 168 px global view
+  min_objects: int = 3  # coloured objects (target + distractors), each in its own cell
+  max_objects: int = 5
+  object_scale: tuple[float, float] = (0.62, 0.86)  # object size / cell
+  digit_scale: float = 0.12  # digit height / cell
+  clutter: int = 80  # gray background shapes and lines
+  decoys: int = 12  # small gray digits in the background
+  system_prompt: str = "short"  # "short" (SHORT_SYSTEM_PROMPT) | "deepeyes" (prompts.SYSTEM_PROMPT, byte-exact)
+
+  def __post_init__(self):
+    if not 64 <= self.min_size <= self.max_size:
+      raise ValueError(f"need 64 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+    if self.grid < 2 or not 1 <= self.min_objects <= self.max_objects <= min(len(COLORS), self.grid**2):
+      raise ValueError(f"need grid >= 2 and 1 <= min_objects <= max_objects <= {len(COLORS)}")
+    if self.system_prompt not in ("short", "deepeyes"):
+      raise ValueError(f"system_prompt must be 'short' or 'deepeyes', got {self.system_prompt!r}")
+
+  @property
+  def system_text(self) -> str:
+    return SHORT_SYSTEM_PROMPT if self.system_prompt == "short" else prompts.SYSTEM_PROMPT
+
+
+@dataclasses.dataclass
+class SceneObject:
+  color: str
+  shape: str
+  digit: str
+  cell: tuple[int, int]  # (column, row)
+  box: tuple[int, int, int, int]  # the object's box in original pixels
+
+
+@dataclasses.dataclass
+class Scene:
+  image: Image.Image
+  question: str
+  answer: str
+  target: int  # index into objects
+  objects: list[SceneObject]
+  split: str
+  index: int
+  seed: int
+  grid: int = 6
+
+  @property
+  def target_box(self) -> tuple[int, int, int, int]:
+    return self.objects[self.target].box
+
+  def cell_box(self, cell: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    """A cell's box in original pixels (the target's by default)."""
+    c, r = cell if cell is not None else self.objects[self.target].cell
+    size = self.image.size[0] / self.grid
+    return (c * size, r * size, (c + 1) * size, (r + 1) * size)
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def _seven_segment(draw: ImageDraw.ImageDraw, x: float, y: float, h: float, digit: str, fill) -> None:
+  """A digit `h` pixels tall with its top-left corner at (x, y); width 0.6 h, stroke 0.16 h."""
+  w, t = 0.6 * h, max(1.0, 0.16 * h)
+  half = h / 2
+  seg = {
+    "a": (x, y, x + w, y + t),
+    "d": (x, y + h - t, x + w, y + h),
+    "g": (x, y + half - t / 2, x + w, y + half + t / 2),
+    "f": (x, y, x + t, y + half),
+    "b": (x + w - t, y, x + w, y + half),
+    "e": (x, y + half, x + t, y + h),
+    "c": (x + w - t, y + half, x + w, y + h),
+  }
+  for s in _SEGMENTS[digit]:
+    x0, y0, x1, y1 = seg[s]
+    draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), fill=fill)
+
+
+def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+  x0, y0, x1, y1 = (round(v) for v in box)
+  cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+  if shape == "circle":
+    draw.ellipse((x0, y0, x1, y1), fill=fill)
+  elif shape == "square":
+    draw.rectangle((x0, y0, x1, y1), fill=fill)
+  elif shape == "triangle":
+    draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+  elif shape == "diamond":
+    draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+  else:
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+  """(size, size, 3) uint8: a faint position gradient (R grows with x, B with y) plus speckle noise."""
+  ramp = (95 + 90 * np.arange(size) / size).astype(np.int16)
+  img = np.empty((size, size, 3), np.int16)
+  img[..., 0] = ramp[None, :]
+  img[..., 1] = 130
+  img[..., 2] = ramp[:, None]
+  # Uniform integer speckle (std ~12): 5x cheaper than Gaussian noise, and scene drawing is on the training path.
+  img += (rng.integers(0, 41, (size, size), dtype=np.int16) - 20)[..., None]
+  return img.clip(0, 255).astype(np.uint8)
+
+
+def make_scene(index: int, *, seed: int = 0, split: str = "train", config: SceneConfig = SceneConfig()) -> Scene:
+  """The scene `index` of `split` (any string; "train" and "test" by convention). Deterministic."""
+  rng = _rng(seed, split, index)
+  size = int(rng.integers(config.min_size, config.max_size + 1))
+  cell = size / config.grid
+  img = Image.fromarray(_background(rng, size))
+  draw = ImageDraw.Draw(img)
+  for _ in range(config.clutter):  # gray clutter: shapes and lines of random size and shade
+    g = int(rng.integers(70, 200))
+    x, y = rng.uniform(0, size, 2)
+    s = rng.uniform(0.05, 0.4) * cell
+    if rng.random() < 0.3:
+      x2, y2 = x + rng.uniform(-2, 2) * cell, y + rng.uniform(-2, 2) * cell
+      draw.line((round(x), round(y), round(x2), round(y2)), fill=(g, g, g), width=max(1, round(0.02 * cell)))
+    else:
+      _shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], (x, y, x + s, y + s), (g, g, g))
+  for _ in range(config.decoys):  # gray digits in the background: reading "a digit" is not enough
+    g = int(rng.integers(40, 120))
+    x, y = rng.uniform(0, size - cell * 0.3, 2)
+    _seven_segment(draw, x, y, config.digit_scale * cell, str(int(rng.integers(10))), (g, g, g))
+
+  n = int(rng.integers(config.min_objects, config.max_objects + 1))
+  cells = rng.choice(config.grid**2, size=n, replace=False)
+  colors = rng.choice(len(COLORS), size=n, replace=False)
+  objects = []
+  for k in range(n):
+    c, r = divmod(int(cells[k]), config.grid)
+    s = rng.uniform(*config.object_scale) * cell
+    x0 = c * cell + rng.uniform(0.02 * cell, cell - s - 0.02 * cell)
+    y0 = r * cell + rng.uniform(0.02 * cell, cell - s - 0.02 * cell)
+    color, shape = list(COLORS)[int(colors[k])], SHAPES[int(rng.integers(len(SHAPES)))]
+    digit = str(int(rng.integers(10)))
+    _shape(draw, shape, (x0, y0, x0 + s, y0 + s), COLORS[color])
+    # A white plate with the digit, at the centre of mass of the shape (triangles: lower down).
+    h = config.digit_scale * cell
+    cx, cy = x0 + s / 2, y0 + (0.62 if shape == "triangle" else 0.5) * s
+    pw, ph = 0.6 * h + 0.5 * h, 1.5 * h
+    draw.rectangle((round(cx - pw / 2), round(cy - ph / 2), round(cx + pw / 2), round(cy + ph / 2)), fill=(245,) * 3)
+    _seven_segment(draw, cx - 0.3 * h, cy - h / 2, h, digit, (10, 10, 10))
+    box = (math.floor(x0), math.floor(y0), math.ceil(x0 + s), math.ceil(y0 + s))
+    objects.append(SceneObject(color=color, shape=shape, digit=digit, cell=(c, r), box=box))
+  target = int(rng.integers(n))
+  obj = objects[target]
+  template = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
+  scene = Scene(
+    image=img,
+    question=template.format(color=obj.color, shape=obj.shape),
+    answer=obj.digit,
+    target=target,
+    objects=objects,
+    split=split,
+    index=index,
+    seed=seed,
+    grid=config.grid,
+  )
+  return scene
+
+
+QUESTIONS = (
+  "What digit is on the {color} {shape}?",
+  "Which digit is written on the {color} {shape}?",
+  "Read the digit on the {color} {shape}.",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepEyes-format records
+# ----------------------------------------------------------------------------------------------------------------
+def scene_record(scene: Scene, config: SceneConfig = SceneConfig(), *, tool: bool = True) -> dict[str, Any]:
+  """The scene as a DeepEyes-47k record (the image as a PIL object; `write_deepeyes_parquet` encodes it).
+
+  `tool=False`: the no-tool variant (no tool offered; answer from the global view).
+  """
+  if tool:
+    system, user = config.system_text, "<image>\n" + scene.question + prompts.USER_SUFFIX
+  else:
+    system, user = NO_TOOL_SYSTEM_PROMPT, "<image>\n" + scene.question + NO_TOOL_SUFFIX
+  return {
+    "data_source": DATA_SOURCE,
+    "prompt": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+    "images": [scene.image],
+    "reward_model": {"ground_truth": scene.answer, "style": "rule"},
+    "extra_info": {
+      "question": scene.question,
+      "answer": scene.answer,
+      "index": f"{scene.split}-{scene.seed}-{scene.index}" + ("" if tool else "-notool"),
+      "split": scene.split,
+      "target_box": json.dumps(list(scene.target_box)),
+      "target_cell": json.dumps(list(scene.objects[scene.target].cell)),
+      "grid": scene.grid,
+      "objects": json.dumps([dataclasses.asdict(o) for o in scene.objects]),
+    },
+    "ability": "fine-grained perception",
+    "env_name": "visual_toolbox_v2" if tool else "",
+  }
+
+
+class SyntheticSource:
+  """A grain random-access source of DeepEyes-format records, drawn on the fly (no files).
+
+  `num_records` scenes of `split`; record i is `make_scene(i)`. Records hold PIL images, which
+  `deepeyes.decode_example` accepts as they are (no encode/decode round trip).
+  """
+
+  def __init__(self, num_records: int, *, seed: int = 0, split: str = "train", config: SceneConfig = SceneConfig()):
+    if num_records < 1:
+      raise ValueError(f"num_records must be >= 1, got {num_records}")
+    self.num_records, self.seed, self.split, self.config = num_records, seed, split, config
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < self.num_records:
+      raise IndexError(f"record {index} of {self.num_records}")
+    record = scene_record(make_scene(index, seed=self.seed, split=self.split, config=self.config), self.config)
+    record[deepeyes.INDEX_KEY], record[deepeyes.FILE_KEY] = index, repr(self)  # where, in error messages
+    return record
+
+  def __repr__(self) -> str:
+    return f"SyntheticSource({self.num_records} {self.split!r} scenes, seed {self.seed})"
+
+
+def seen_size(image_size: tuple[int, int], *, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+  """(width, height) of the image as the model sees it (smart_resize)."""
+  w, h = image_size
+  rh, rw = improc.smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
+  return rw, rh
+
+
+def cell_box_seen(extra_info: dict, image_size: tuple[int, int], seen: tuple[int, int]) -> list[int]:
+  """The target's cell as a box in the frame the model saw (what the demonstrator writes in bbox_2d)."""
+  c, r = json.loads(extra_info["target_cell"])
+  g = int(extra_info["grid"])
+  sw, sh = seen
+  return [round(c * sw / g), round(r * sh / g), round((c + 1) * sw / g), round((r + 1) * sh / g)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scripted teacher of the warm start
+# ----------------------------------------------------------------------------------------------------------------
+def demonstration(
+  extra_info: dict, image_size: tuple[int, int], seen: tuple[int, int], *, zoom: bool, tool_prompt: bool = True
+) -> list[str]:
+  """The assistant turns (each ending in <|im_end|>) the teacher writes for a scene.
+
+  zoom=True: think, call the zoom tool on the target's cell (in the seen frame, `coordinate_frame="resized"`),
+  then answer after the crop. zoom=False: think and answer from the global view (the digit is unreadable there:
+  these demonstrations teach the model to guess, as a base model that does not use the tool would).
+  """
+  question, answer = extra_info["question"], extra_info["answer"]
+  target = question.split(" on the ")[-1].rstrip("?.")
+  if zoom:
+    box = cell_box_seen(extra_info, image_size, seen)
+    call = json.dumps({"name": prompts.TOOL_NAME, "arguments": {"bbox_2d": box}})
+    return [
+      f"<think>Zoom in on the {target}.</think>\n<tool_call>\n{call}\n</tool_call><|im_end|>",
+      f"<think>Now I can read it.</think>\n<answer>{answer}</answer><|im_end|>",
+    ]
+  return [f"<think>Answer from the full image.</think>\n<answer>{answer}</answer><|im_end|>"]
+
+
+def corpus(n: int = 200, seed: int = 0, config: SceneConfig = SceneConfig()) -> list[str]:
+  """Texts of the task (prompts, demonstrations, observations) for training the tokenizer: the synthetic model's
+  tokenizer merges what this task writes (deterministic)."""
+  texts = [config.system_text, NO_TOOL_SYSTEM_PROMPT, NO_TOOL_SUFFIX, prompts.USER_SUFFIX, prompts.SUCCESS_OBSERVATION]
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    color = list(COLORS)[i % len(COLORS)]
+    shape = SHAPES[(i // len(COLORS)) % len(SHAPES)]
+    q = QUESTIONS[i % len(QUESTIONS)].format(color=color, shape=shape)
+    c, r = (int(v) for v in rng.integers(0, 6, 2))
+    info = {"question": q, "answer": str(i % 10), "target_cell": json.dumps([c, r]), "grid": 6}
+    texts.append(q + prompts.USER_SUFFIX)
+    texts.extend(demonstration(info, (1024, 1024), (168, 168), zoom=i % 2 == 0))
+  return texts

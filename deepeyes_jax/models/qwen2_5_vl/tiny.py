@@ -1,0 +1,94 @@
+"""A tiny Qwen2.5-VL and its tokenizer, made by code: the model of the embedded default (`configs/synthetic.py`).
+
+`build_tiny_checkpoint(out_dir, ...)` writes a transformers-loadable directory -- a byte-level BPE tokenizer with the
+22 Qwen added tokens and the Qwen2.5-VL chat template (`processing/tokenizer.py`), `config.json` and
+`model.safetensors` of a randomly initialised Qwen2.5-VL -- which the trainer then loads through the real loader
+(`from_pretrained`), exactly as it loads a hub checkpoint. Deterministic: the same arguments give the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
+from deepeyes_jax.models.qwen2_5_vl.model import init_random
+from deepeyes_jax.models.qwen2_5_vl.weights import save_pretrained
+from deepeyes_jax.processing import tokenizer as tokenizer_lib
+
+
+def tiny_config(
+  *,
+  vocab_size: int,
+  hidden_size: int = 128,
+  num_layers: int = 4,
+  num_heads: int = 4,
+  num_kv_heads: int = 2,
+  vision_hidden_size: int = 64,
+  vision_depth: int = 2,
+  vision_heads: int = 2,
+) -> Qwen25VLConfig:
+  """A Qwen2.5-VL config with the tiny tokenizer's id layout (`vocab_size` regular tokens + 22 added ones).
+
+  Everything else is the real architecture: GQA, M-RoPE, window + full attention in the vision tower (window 112 px,
+  the last block full), the 2x2 patch merger.
+  """
+  ids = tokenizer_lib.added_token_ids(vocab_size)
+  head_dim = hidden_size // num_heads
+  if head_dim % 8:
+    raise ValueError(f"hidden_size / num_heads = {head_dim} must be a multiple of 8 (M-RoPE sections)")
+  quarter = head_dim // 8  # M-RoPE sections (t, h, w) over head_dim / 2 frequencies, as 16:24:24 in the 7B
+  return Qwen25VLConfig(
+    text=TextConfig(
+      vocab_size=vocab_size + tokenizer_lib.NUM_ADDED_TOKENS,
+      hidden_size=hidden_size,
+      intermediate_size=3 * hidden_size,
+      num_hidden_layers=num_layers,
+      num_attention_heads=num_heads,
+      num_key_value_heads=num_kv_heads,
+      rope_theta=10000.0,
+      mrope_section=(quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2),
+      max_position_embeddings=4096,
+    ),
+    vision=VisionConfig(
+      depth=vision_depth,
+      hidden_size=vision_hidden_size,
+      intermediate_size=2 * vision_hidden_size,
+      num_heads=vision_heads,
+      out_hidden_size=hidden_size,
+      window_size=112,
+      fullatt_block_indexes=(vision_depth - 1,),
+    ),
+    tie_word_embeddings=False,
+    image_token_id=ids["<|image_pad|>"],
+    video_token_id=ids["<|video_pad|>"],
+    vision_start_token_id=ids["<|vision_start|>"],
+    vision_end_token_id=ids["<|vision_end|>"],
+    bos_token_id=ids["<|endoftext|>"],
+    eos_token_id=ids["<|im_end|>"],
+    pad_token_id=ids["<|endoftext|>"],
+  )
+
+
+def build_tiny_checkpoint(
+  out_dir: str | os.PathLike,
+  *,
+  vocab_size: int = 768,
+  corpus: Sequence[str] = (),
+  seed: int = 0,
+  **model_kwargs,
+) -> Qwen25VLConfig:
+  """Writes tokenizer + config + random weights (float32) to `out_dir`. `corpus`: extra tokenizer training texts.
+
+  Returns the config. `model_kwargs` go to `tiny_config`.
+  """
+  out_dir = os.fspath(out_dir)
+  tokenizer_lib.build_tiny_tokenizer(out_dir, vocab_size, corpus)
+  cfg = tiny_config(vocab_size=vocab_size, **model_kwargs)
+  save_pretrained(init_random(cfg, dtype=jnp.float32, seed=seed), out_dir)
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f)
+  return cfg

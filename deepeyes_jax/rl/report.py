@@ -1,0 +1,126 @@
+"""The run report: `report.png` (curves over training steps) and `report.html` (curves, held-out evaluation table,
+rendered trajectories), written to the workdir at the end of training (`config.log.report`).
+
+Curves come from `metrics.jsonl` (one line per step, what the TensorBoard logs hold too): the warm-start loss, then
+per RL step the rollout reward, accuracy, tool calls per trajectory, tool success rate and IoU of the zoom boxes
+with the target; held-out evaluations (`eval/*` keys) are drawn as markers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from deepeyes_jax.agent import render  # noqa: E402
+from deepeyes_jax.agent.trajectory import Trajectory  # noqa: E402
+
+PANELS = (
+  ("warm-start loss (nll)", "train/nll", None),
+  ("reward", "reward/mean", None),
+  ("accuracy", "accuracy", "eval/accuracy"),
+  ("tool calls / trajectory", "tool/calls_per_traj", "eval/tool_calls_per_question"),
+  ("tool success rate", "tool/success_rate", "eval/tool_success_rate"),
+  ("IoU of zoom boxes with the target", "tool/iou", "eval/mean_iou"),
+)
+
+
+def read_metrics(path: str) -> list[dict]:
+  rows = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        rows.append(json.loads(line))
+  return rows
+
+
+def plot(rows: Sequence[dict], out_png: str, *, warmstart_steps: int = 0) -> None:
+  fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+  for ax, (title, key, eval_key) in zip(axes.flat, PANELS):
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    if pts:
+      ax.plot(*zip(*pts), lw=1.2, label="training rollouts" if key != "train/nll" else "train")
+    if eval_key:
+      ev = [(r["step"], r[eval_key]) for r in rows if eval_key in r]
+      if ev:
+        ax.plot(*zip(*ev), "o--", color="black", label="held-out (greedy)")
+    if warmstart_steps:
+      ax.axvline(warmstart_steps, color="gray", ls=":", lw=1)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.suptitle("warm start (left of the dotted line), then GRPO")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=90)
+  plt.close(fig)
+
+
+def _table(final_eval: dict) -> str:
+  keys = ("accuracy", "tool_calls_per_question", "tool_success_rate", "mean_iou", "answered")
+  head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+  body = []
+  for ckpt, modes in final_eval.get("checkpoints", {}).items():
+    for mode, m in modes.items():
+      cells = "".join(f"<td>{m.get(k, float('nan')):.3f}</td>" for k in keys)
+      body.append(
+        f"<tr><td>{html.escape(ckpt)} (step {m.get('step', '?')})</td><td>{html.escape(mode)}</td>{cells}</tr>"
+      )
+  return f"<table border=1 cellpadding=4><tr><th>checkpoint</th><th>mode</th>{head}</tr>{''.join(body)}</table>"
+
+
+def write_report(
+  workdir: str,
+  final_eval: dict,
+  trajectories: Sequence[Trajectory] = (),
+  *,
+  warmstart_steps: int = 0,
+  title: str = "deepeyes_jax run",
+) -> str:
+  """Writes report.png, report.html and trajectories/*.png in `workdir`; returns the HTML path."""
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  png = os.path.join(workdir, "report.png")
+  plot(rows, png, warmstart_steps=warmstart_steps)
+  tdir = os.path.join(workdir, "report_trajectories")
+  os.makedirs(tdir, exist_ok=True)
+  parts = [
+    "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>",
+    "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{font-size:13px}"
+    "pre{white-space:pre-wrap;background:#f6f6f6;padding:6px}</style></head><body>",
+    f"<h1>{html.escape(title)}</h1>",
+    "<h2>Training curves</h2><img src='report.png' style='max-width:100%'>",
+    "<h2>Held-out evaluation (greedy)</h2>",
+    _table(final_eval),
+    "<h2>Trajectories (final checkpoint, held-out, with the tool)</h2>",
+  ]
+  for k, t in enumerate(trajectories):
+    box = t.metadata.get("target_box")
+    box = json.loads(box) if isinstance(box, str) else box
+    fig = render.zoom_figure(t, height=360, target_box=box)
+    name = f"trajectory_{k:02d}.png"
+    fig.save(os.path.join(tdir, name))
+    with open(os.path.join(tdir, f"trajectory_{k:02d}.html"), "w") as f:
+      f.write(render.trajectory_html(t, fig))
+    verdict = "correct" if t.metadata.get("correct") else "wrong"
+    q = t.metadata.get("question", "")
+    img64 = base64.b64encode(render.png_bytes(fig)).decode()
+    parts.append(
+      f"<h3>{html.escape(q)} &mdash; answer {html.escape(str(t.answer))} "
+      f"(truth {html.escape(str(t.metadata.get('ground_truth')))}, {verdict})</h3>"
+      f"<img src='data:image/png;base64,{img64}' style='max-width:100%'>"
+      + "".join(f"<pre>{html.escape(turn.text)}</pre>" for turn in t.turns)
+    )
+  parts.append("</body></html>")
+  out = os.path.join(workdir, "report.html")
+  with open(out, "w") as f:
+    f.write("\n".join(parts))
+  return out
