@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic.scene.system_prompt = "short"  # "deepeyes": the byte-exact DeepEyes system prompt (~375 more tokens)
 
   c.data.train = "synthetic:train"
-  c.data.batch_size = 8  # prompts per GRPO step
+  c.data.batch_size = 4  # prompts per GRPO step (x group_size rollouts)
 
   c.warmstart = ml_collections.ConfigDict()
   c.warmstart.steps = 120

@@ -45,12 +45,16 @@ class ExportError(ValueError):
 
 
 def base_checkpoint(workdir: str) -> str:
-  """The HF checkpoint a run started from, from `workdir/train_config.json` (`model.checkpoint`)."""
+  """The HF checkpoint a run started from: `model.checkpoint` of `workdir/train_config.json`, else the tiny model the
+  run made in `workdir/base_model` (`config.model.tiny`)."""
   path = epath.Path(workdir) / TRAIN_CONFIG_FILE
   try:
     ckpt = json.loads(path.read_text()).get("model", {}).get("checkpoint")
   except FileNotFoundError:
     raise ExportError(f"{path} not found: pass --base HF_DIR (the checkpoint the run started from)") from None
+  made = epath.Path(workdir) / "base_model"  # a tiny model made by code in the workdir (configs/synthetic.py)
+  if not ckpt and (made / "config.json").exists():
+    return str(made)
   if not ckpt:
     raise ExportError(f"{path} has no model.checkpoint: pass --base HF_DIR (the checkpoint the run started from)")
   return ckpt

@@ -131,24 +131,47 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
 
 
 class Progress:
-  """'step 12/80 | reward 1.02 | acc 0.55 | tools 1.3 | 41.2 s/step | ETA 46m40s' lines."""
+  """'step 12/80 | reward 1.02 | acc 0.55 | tools 1.3 | 41.2 s/step | ETA 46m40s' lines.
 
-  def __init__(self, total_steps: int, start_step: int = 0):
-    self.total, self.start, self.t0 = total_steps, start_step, time.time()
+  With a warm start (`warm_steps`), the two phases are timed separately: the ETA adds the remaining steps of each
+  phase at that phase's own pace (GRPO steps, with their rollouts, are several times slower than behaviour-cloning
+  steps); before the first GRPO step is timed its pace is unknown and the ETA covers the warm start only ("+ GRPO").
+  """
+
+  def __init__(self, total_steps: int, start_step: int = 0, warm_steps: int = 0):
+    self.total, self.start, self.warm = total_steps, start_step, warm_steps
+    self.t0 = self.t_last = time.time()
+    self.times: dict[str, list[float]] = {"warm": [], "rl": []}
+
+  def pause_ended(self) -> None:
+    """Work between steps (a held-out evaluation) is not a step: restart the step clock."""
+    self.t_last = time.time()
 
   def line(self, step: int, m: Mapping[str, float]) -> str:
-    done = step - self.start
-    per = (time.time() - self.t0) / max(1, done)
-    eta = per * (self.total - step)
-    if "train/nll" in m:  # a warm-start (behaviour cloning) step
+    now = time.time()
+    warm = "train/nll" in m  # a warm-start (behaviour cloning) step
+    self.times["warm" if warm else "rl"].append(now - self.t_last)
+    self.t_last = now
+    per = self.times["warm" if warm else "rl"]
+    pace = sum(per[-20:]) / len(per[-20:])
+    left_warm = max(0, self.warm - step)
+    left_rl = self.total - max(step, self.warm)
+    rl_pace = sum(self.times["rl"][-20:]) / len(self.times["rl"][-20:]) if self.times["rl"] else None
+    eta = left_warm * (pace if warm else 0.0)
+    if rl_pace is not None:
+      eta += left_rl * rl_pace
+      eta_text = _fmt(eta)
+    else:
+      eta_text = _fmt(eta) + (" + GRPO" if left_rl else "")
+    if warm:
       return (
         f"step {step}/{self.total} | warm start | nll {m['train/nll']:.4f} | tokens/traj "
-        f"{m.get('length/total', 0):.0f} | {per:.1f} s/step | ETA {_fmt(eta)}"
+        f"{m.get('length/total', 0):.0f} | {pace:.1f} s/step | ETA {eta_text}"
       )
     return (
       f"step {step}/{self.total} | reward {m.get('reward/mean', 0):.3f} | acc {m.get('accuracy', 0):.3f} | "
       f"tools/traj {m.get('tool/calls_per_traj', 0):.2f} (ok {m.get('tool/success_rate', 0):.2f}) | "
-      f"loss {m.get('loss', 0):+.4f} | {per:.1f} s/step | ETA {_fmt(eta)}"
+      f"loss {m.get('loss', 0):+.4f} | {pace:.1f} s/step | ETA {eta_text}"
     )
 
 

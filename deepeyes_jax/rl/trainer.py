@@ -324,7 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   writer = make_writer(workdir)
   if start == 0 and chief:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
-  progress = Progress(config.total_steps, start)
+  progress = Progress(config.total_steps, start, warm_steps)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(learner.state))
   peak = device_peak_flops() * jax.device_count()
   metrics: dict[str, float] = {}
@@ -336,6 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if step == warm_steps and warm_steps:
       sampler.state = learner.state
       evaluator.run("warmstart", step)  # the warm-start checkpoint (skipped if already done)
+      progress.pause_ended()
       if learner.cfg.policy_loss == "nll":
         learner = _switch_to_rl(learner, config, mesh)
     if step < warm_steps:
