@@ -176,9 +176,13 @@ def render(configs_dir: Path = ROOT / "configs", root: Path = ROOT) -> str:
   return "\n".join(head + [render_config(p, root) for p in paths]).rstrip() + "\n"
 
 
-_CONFIGS = flags.DEFINE_string("configs", str(ROOT / "configs"), "directory of config files")
-_OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "config_reference.md"), "markdown file to write")
-_CHECK = flags.DEFINE_bool("check", False, "only compare: exit 1 if --out differs from what would be written")
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  global _CONFIGS, _OUT, _CHECK
+  _CONFIGS = flags.DEFINE_string("configs", str(ROOT / "configs"), "directory of config files")
+  _OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "config_reference.md"), "markdown file to write")
+  _CHECK = flags.DEFINE_bool("check", False, "only compare: exit 1 if --out differs from what would be written")
 
 
 def main(argv):
@@ -196,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

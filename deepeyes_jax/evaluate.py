@@ -30,7 +30,12 @@ from deepeyes_jax.rl.trainer import agent_config, make_judge, maybe_init_distrib
 from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/eval_*.py file (optionally :variant)")
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/eval_*.py file (optionally :variant)")
 
 
 def out_dir(config: ml_collections.ConfigDict) -> str:
@@ -105,5 +110,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -134,13 +134,17 @@ def export(
   return step
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the train --workdir (holds checkpoints/)", required=True)
-_OUT = flags.DEFINE_string("out", None, "output HF checkpoint directory", required=True)
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest finished one)")
-_BASE = flags.DEFINE_string("base", None, "the HF checkpoint the run started from (default: from train_config.json)")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "output dtype (default: the trained dtype)")
-_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh to restore onto (default: one device)")
-_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "safetensors shard size in GiB")
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  global _WORKDIR, _OUT, _STEP, _BASE, _DTYPE, _MESH, _SHARD_GB
+  _WORKDIR = flags.DEFINE_string("workdir", None, "the train --workdir (holds checkpoints/)", required=True)
+  _OUT = flags.DEFINE_string("out", None, "output HF checkpoint directory", required=True)
+  _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest finished one)")
+  _BASE = flags.DEFINE_string("base", None, "the HF checkpoint the run started from (default: from train_config.json)")
+  _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "output dtype (default: the trained dtype)")
+  _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh to restore onto (default: one device)")
+  _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "safetensors shard size in GiB")
 
 
 def main(argv):
@@ -162,4 +166,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

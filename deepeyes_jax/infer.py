@@ -27,22 +27,43 @@ from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
-_IMAGE = flags.DEFINE_string("image", None, "image file", required=True)
-_QUESTION = flags.DEFINE_string("question", None, "the question", required=True)
-_OPTIONS = flags.DEFINE_list("options", None, "multiple-choice options (comma separated): uses the eval prompt")
-_GREEDY = flags.DEFINE_bool("greedy", False, "greedy decoding (default: sample at --temperature)")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
-_OUT = flags.DEFINE_string("out", "infer_out", "output directory")
-_MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most")
-_MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
-_MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most (the cache size)")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for the image and the crops")
-_FRAME = flags.DEFINE_enum("coordinate_frame", "original", ["original", "resized"], "frame of the zoom boxes")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
-_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh shape (default: one device)")
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  global \
+    _CKPT, \
+    _IMAGE, \
+    _QUESTION, \
+    _OPTIONS, \
+    _GREEDY, \
+    _TEMPERATURE, \
+    _TOP_P, \
+    _SEED, \
+    _OUT, \
+    _MAX_TURNS, \
+    _MAX_TURN_TOKENS, \
+    _MAX_TOTAL, \
+    _MAX_PIXELS, \
+    _FRAME, \
+    _DTYPE, \
+    _MESH
+  _CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
+  _IMAGE = flags.DEFINE_string("image", None, "image file", required=True)
+  _QUESTION = flags.DEFINE_string("question", None, "the question", required=True)
+  _OPTIONS = flags.DEFINE_list("options", None, "multiple-choice options (comma separated): uses the eval prompt")
+  _GREEDY = flags.DEFINE_bool("greedy", False, "greedy decoding (default: sample at --temperature)")
+  _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
+  _TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+  _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
+  _OUT = flags.DEFINE_string("out", "infer_out", "output directory")
+  _MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most")
+  _MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
+  _MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most (the cache size)")
+  _MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for the image and the crops")
+  _FRAME = flags.DEFINE_enum("coordinate_frame", "original", ["original", "resized"], "frame of the zoom boxes")
+  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
+  _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh shape (default: one device)")
 
 
 def main(argv):
@@ -89,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -24,25 +24,49 @@ from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
-_DATA = flags.DEFINE_list("data", None, "DeepEyes parquet / JSONL paths or globs", required=True)
-_OUT = flags.DEFINE_string("out", None, "output parquet", required=True)
-_K = flags.DEFINE_integer("k", 8, "samples per question and condition")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "questions per rollout batch")
-_TOOL_FILTER = flags.DEFINE_bool("tool_filter", True, "also require: fails without the tool, solved with the crop")
-_NO_TOOL_MAX = flags.DEFINE_float("no_tool_max", 0.5, "max solved rate without the tool")
-_CROP_MIN = flags.DEFINE_float("crop_min", 0.5, "min solved rate with the ground-truth crop")
-_MISSING_BOX = flags.DEFINE_enum("missing_box", "keep", ["keep", "drop"], "items without extra_info.bbox")
-_LIMIT = flags.DEFINE_integer("limit", 0, "only the first N records (0 = all)")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
-_MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most (tool mode)")
-_MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
-_MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for images and crops")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
-_MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor mesh shape")
-_JUDGE = flags.DEFINE_string("judge_url", None, "OpenAI-compatible judge endpoint (default: rules only)")
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  global \
+    _CKPT, \
+    _DATA, \
+    _OUT, \
+    _K, \
+    _SEED, \
+    _BATCH, \
+    _TOOL_FILTER, \
+    _NO_TOOL_MAX, \
+    _CROP_MIN, \
+    _MISSING_BOX, \
+    _LIMIT, \
+    _TEMPERATURE, \
+    _MAX_TURNS, \
+    _MAX_TURN_TOKENS, \
+    _MAX_TOTAL, \
+    _MAX_PIXELS, \
+    _DTYPE, \
+    _MESH, \
+    _JUDGE
+  _CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
+  _DATA = flags.DEFINE_list("data", None, "DeepEyes parquet / JSONL paths or globs", required=True)
+  _OUT = flags.DEFINE_string("out", None, "output parquet", required=True)
+  _K = flags.DEFINE_integer("k", 8, "samples per question and condition")
+  _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
+  _BATCH = flags.DEFINE_integer("batch_size", 16, "questions per rollout batch")
+  _TOOL_FILTER = flags.DEFINE_bool("tool_filter", True, "also require: fails without the tool, solved with the crop")
+  _NO_TOOL_MAX = flags.DEFINE_float("no_tool_max", 0.5, "max solved rate without the tool")
+  _CROP_MIN = flags.DEFINE_float("crop_min", 0.5, "min solved rate with the ground-truth crop")
+  _MISSING_BOX = flags.DEFINE_enum("missing_box", "keep", ["keep", "drop"], "items without extra_info.bbox")
+  _LIMIT = flags.DEFINE_integer("limit", 0, "only the first N records (0 = all)")
+  _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
+  _MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most (tool mode)")
+  _MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
+  _MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most")
+  _MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for images and crops")
+  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
+  _MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor mesh shape")
+  _JUDGE = flags.DEFINE_string("judge_url", None, "OpenAI-compatible judge endpoint (default: rules only)")
 
 
 def load_records(paths, limit: int = 0):
@@ -95,4 +119,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -14,9 +14,16 @@ from ml_collections import config_flags
 
 from deepeyes_jax.rl.trainer import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :variant)", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, TensorBoard)", required=True)
-flags.mark_flags_as_required(["config"])
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "a configs/*.py file (optionally :variant)", lock_config=True
+  )
+  _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, TensorBoard)", required=True)
+  flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(logging.Filter):
@@ -34,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
