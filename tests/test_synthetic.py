@@ -77,7 +77,9 @@ def test_global_view_is_six_by_six_tokens_and_a_cell_crop_magnifies():
     crop = s.image.crop((round(x1), round(y1), round(x2), round(y2)))
     rh, rw = improc.smart_resize(crop.size[1], crop.size[0], max_pixels=syn.GLOBAL_MAX_PIXELS)
     # The digit is ~0.12 cell: ~3.4 px in the global view, >= 15 px in the crop.
-    assert rh * syn.SceneConfig().digit_scale >= 15 and 168 / 6 * syn.SceneConfig().digit_scale < 4
+    cfg = syn.SceneConfig()
+    global_cell_px = grid[1] * 14 / cfg.grid  # one cell of the global view the model sees
+    assert rh * cfg.digit_scale >= 15 and global_cell_px * cfg.digit_scale < 4
 
 
 def test_records_decode_and_score_with_the_visual_reward():
@@ -189,7 +191,6 @@ def test_tiny_checkpoint_loads_through_transformers_and_our_loader(tmp_path):
   # The task's texts are what the BPE merges were trained on: a demonstration is short.
   demo = syn.demonstration(
     {"question": "What digit is on the red circle?", "answer": "7", "target_cell": "[2, 3]", "grid": 6},
-    (1000, 1000),
     (168, 168),
     zoom=True,
   )

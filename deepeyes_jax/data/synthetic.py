@@ -329,7 +329,7 @@ def seen_size(image_size: tuple[int, int], *, min_pixels: int, max_pixels: int) 
   return rw, rh
 
 
-def cell_box_seen(extra_info: dict, image_size: tuple[int, int], seen: tuple[int, int]) -> list[int]:
+def cell_box_seen(extra_info: dict, seen: tuple[int, int]) -> list[int]:
   """The target's cell as a box in the frame the model saw (what the demonstrator writes in bbox_2d)."""
   c, r = json.loads(extra_info["target_cell"])
   g = int(extra_info["grid"])
@@ -340,9 +340,7 @@ def cell_box_seen(extra_info: dict, image_size: tuple[int, int], seen: tuple[int
 # ----------------------------------------------------------------------------------------------------------------
 # The scripted teacher of the warm start
 # ----------------------------------------------------------------------------------------------------------------
-def demonstration(
-  extra_info: dict, image_size: tuple[int, int], seen: tuple[int, int], *, zoom: bool, tool_prompt: bool = True
-) -> list[str]:
+def demonstration(extra_info: dict, seen: tuple[int, int], *, zoom: bool) -> list[str]:
   """The assistant turns (each ending in <|im_end|>) the teacher writes for a scene.
 
   zoom=True: think, call the zoom tool on the target's cell (in the seen frame, `coordinate_frame="resized"`),
@@ -352,7 +350,7 @@ def demonstration(
   question, answer = extra_info["question"], extra_info["answer"]
   target = question.split(" on the ")[-1].rstrip("?.")
   if zoom:
-    box = cell_box_seen(extra_info, image_size, seen)
+    box = cell_box_seen(extra_info, seen)
     call = json.dumps({"name": prompts.TOOL_NAME, "arguments": {"bbox_2d": box}})
     return [
       f"<think>Zoom in on the {target}.</think>\n<tool_call>\n{call}\n</tool_call><|im_end|>",
@@ -373,5 +371,5 @@ def corpus(n: int = 200, seed: int = 0, config: SceneConfig = SceneConfig()) -> 
     c, r = (int(v) for v in rng.integers(0, 6, 2))
     info = {"question": q, "answer": str(i % 10), "target_cell": json.dumps([c, r]), "grid": 6}
     texts.append(q + prompts.USER_SUFFIX)
-    texts.extend(demonstration(info, (1024, 1024), (168, 168), zoom=i % 2 == 0))
+    texts.extend(demonstration(info, (168, 168), zoom=i % 2 == 0))
   return texts

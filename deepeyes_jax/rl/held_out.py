@@ -57,8 +57,9 @@ def zoom_ious(traj: Trajectory) -> list[float]:
 def summarize(trajs: Sequence[Trajectory], results: Sequence[rewards_lib.RewardResult]) -> dict[str, float]:
   n = max(1, len(trajs))
   calls = sum(t.num_tool_calls for t in trajs)
-  ious = [x for t in trajs for x in zoom_ious(t)]
-  first = [zoom_ious(t)[0] for t in trajs if zoom_ious(t)]
+  per_traj = [zoom_ious(t) for t in trajs]
+  ious = [x for row in per_traj for x in row]
+  first = [row[0] for row in per_traj if row]
   return {
     "num_questions": len(trajs),
     "accuracy": float(sum(r.acc for r in results) / n),

@@ -18,6 +18,7 @@ import numpy as np
 from clu import metric_writers
 
 from deepeyes_jax.agent.trajectory import Trajectory
+from deepeyes_jax.rl.held_out import zoom_ious
 
 # Peak dense bf16 FLOP/s per device (SPEC.md section 3). CPU: measured fp32 matmul rate of the CI machine kind.
 PEAK_FLOPS = {
@@ -118,8 +119,6 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
   stops = collections.Counter(t.stop_reason for t in trajectories)
   for s, c in stops.items():
     m[f"stop/{s}"] = c / n
-  from deepeyes_jax.rl.held_out import zoom_ious
-
   ious = [x for t in trajectories for x in zoom_ious(t)]
   if ious:  # tasks that record a target box (the synthetic task)
     m["tool/iou"] = float(np.mean(ious))
@@ -140,7 +139,7 @@ class Progress:
 
   def __init__(self, total_steps: int, start_step: int = 0, warm_steps: int = 0):
     self.total, self.start, self.warm = total_steps, start_step, warm_steps
-    self.t0 = self.t_last = time.time()
+    self.t_last = time.time()
     self.times: dict[str, list[float]] = {"warm": [], "rl": []}
 
   def pause_ended(self) -> None:

@@ -96,7 +96,5 @@ def synthetic_demonstrator(example, mode: str, *, agent_config: AgentConfig) -> 
     raise ValueError("the synthetic demonstrator writes boxes in the frame the model sees: coordinate_frame='resized'")
   seen = synthetic.seen_size(image.size, min_pixels=agent_config.min_pixels, max_pixels=agent_config.max_pixels)
   if mode == "no_tool":
-    return synthetic.no_tool_messages(image, info["question"]), synthetic.demonstration(
-      info, image.size, seen, zoom=False
-    )
-  return example.messages, synthetic.demonstration(info, image.size, seen, zoom=mode == "zoom")
+    return synthetic.no_tool_messages(image, info["question"]), synthetic.demonstration(info, seen, zoom=False)
+  return example.messages, synthetic.demonstration(info, seen, zoom=mode == "zoom")
