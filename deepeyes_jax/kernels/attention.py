@@ -124,15 +124,20 @@ def xla_attention(
     raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads")
   g = h // kh
   scale = d**-0.5 if scale is None else scale
-  qg = q.reshape(b, t, kh, g, d)
+  # Heads-major operands, the G query heads of a KV head stacked along the query axis: both products are plain
+  # (B * KH) batched matmuls, which XLA's CPU backend runs ~3x faster (forward, packed 1k-token training rows) than
+  # the equivalent 5-D einsum; no K/V copies per query head.
+  qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KH, S, D)
   # Logits and softmax in fp32 whatever the activation dtype (the reference computes softmax in fp32).
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
   mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, (b, t, s))
   if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, jnp.float32(-1e30))
+    logits = logits.reshape(b, kh, g, t, s)
+    logits = jnp.where(mask[:, None, None], logits, jnp.float32(-1e30)).reshape(b, kh, g * t, s)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, vt)  # (B, KH, G * T, D)
+  return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def segment_local_attention(q, k, v, segment_ids, span: int, block: int = 128):
