@@ -5,13 +5,15 @@
 
 Nothing is downloaded: a tiny Qwen2.5-VL (~1.3M parameters) and its byte-level BPE tokenizer are made by code in
 WORKDIR/base_model and loaded through the real HF loader; scenes are drawn on the fly (`data/synthetic.py`: find the
-named coloured object among distractors, read its digit, which is only legible in a zoomed crop).
+named coloured object among distractors, read the colour of the dot on it, which is only legible in a zoomed crop).
 
 Phases (one step counter, one checkpoint directory):
 1. warm start, steps [0, warmstart.steps): behaviour cloning of a scripted demonstrator that zooms on the right
    cell and reads the crop in `zoom_fraction` of the questions and otherwise answers at once from the global view
-   (plus no-tool questions). It teaches the format, where to look and how to read a crop -- but, like a base model
-   that rarely chooses its tool, the imitation policy prefers answering directly, so greedy decoding never zooms.
+   (plus no-tool questions and two perception exercises: point at the named object, read a crop). It is meant to
+   teach the format, where to look and how to read a crop -- but, like a base model that rarely chooses its tool,
+   the imitation policy prefers answering directly, so greedy decoding does not zoom. `skills/*` metrics probe
+   what it has learned (see docs/synthetic.md: as of now the format, not yet the grounding or the reading).
 2. GRPO, the DeepEyes recipe at toy scale: the same rollout engine, the DeepEyes reward (0.8 acc + 0.2 fmt +
    1.2 tool, the conditional tool bonus), std-normalised group advantages, PPO clip with dual clip, no KL.
    Outcome reward alone has to teach the model that looking closer pays.
@@ -53,16 +55,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.tiny.vision_hidden_size = 64
   c.model.tiny.vision_depth = 2
   c.model.tiny.vision_heads = 2
+  c.model.tiny.init = "fan_in"  # kernels normal(1/sqrt(fan_in)): attention starts sharp enough to learn in minutes
 
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.num_records = 1_000_000  # scenes per split (drawn on demand; effectively never repeated)
   c.synthetic.scene = ml_collections.ConfigDict()  # data.synthetic.SceneConfig fields
   c.synthetic.scene.min_size = 768
   c.synthetic.scene.max_size = 1536
-  c.synthetic.scene.grid = 6
+  c.synthetic.scene.grid = 3  # 3 x 3 cells, each 2 x 2 vision tokens of the 168 px global view
   c.synthetic.scene.min_objects = 3
   c.synthetic.scene.max_objects = 5
-  c.synthetic.scene.digit_scale = 0.12
+  c.synthetic.scene.detail = "dot"  # the answer: the colour of a small dot on a white plate
+  c.synthetic.scene.detail_scale = 0.07  # detail / cell: ~3.9 px in the global view, ~11.8 px in a crop of its cell
+  c.synthetic.scene.background = "cells"  # position code: one muted R level per column, B level per row
   c.synthetic.scene.system_prompt = "short"  # "deepeyes": the byte-exact DeepEyes system prompt (~375 more tokens)
 
   c.data.train = "synthetic:train"
@@ -73,7 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmstart.batch_size = 32
   c.warmstart.demonstrator = "synthetic"
   c.warmstart.zoom_fraction = 0.42  # of the tool questions: < 0.5, so the imitation policy's mode is "answer now"
-  c.warmstart.no_tool_fraction = 0.15  # questions asked without the tool (the prompt of the no-tool evaluation)
+  c.warmstart.no_tool_fraction = 0.1  # questions asked without the tool (the prompt of the no-tool evaluation)
+  c.warmstart.ground_fraction = 0.2  # perception exercise: "Where is the red circle?" -> its cell as bbox_2d
+  c.warmstart.read_fraction = 0.15  # perception exercise: a crop of the target's cell -> its answer (the dot's colour)
+  c.warmstart.probe_every = 20  # skills/{ground,read,zoom}: teacher-forced content accuracy on held-out scenes
+  c.warmstart.probe_questions = 32
   c.warmstart.learning_rate = 2e-3
   c.warmstart.warmup_steps = 10
   c.warmstart.weight_decay = 0.0
@@ -87,8 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.min_pixels = 4 * 28 * 28
   c.rollout.max_pixels = 170 * 170  # = data.synthetic.GLOBAL_MAX_PIXELS: 6 x 6 vision tokens
 
-  c.rl.min_row_len = 1024  # packing rows: ~4 trajectories each
-  c.rl.micro_batch_rows = 8
+  c.rl.min_row_len = 512  # packing rows (trajectories are <= rollout.max_total_tokens = 512)
+  c.rl.micro_batch_rows = 16
   c.rl.logits_chunk = 512
   c.optim.learning_rate = 1e-4  # tiny model from scratch: far above the 7B's 1e-6
   c.optim.weight_decay = 0.0
@@ -111,6 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.warmstart.steps = 4
     c.warmstart.batch_size = 4
     c.warmstart.warmup_steps = 1
+    c.warmstart.probe_every = 2
+    c.warmstart.probe_questions = 2
     c.data.batch_size = 2
     c.rollout.group_size = 2
     c.rollout.max_tokens_per_turn = 48

@@ -59,27 +59,67 @@ def test_scene_layout_and_question():
     assert len({o.color for o in s.objects}) == len(s.objects)  # the colour names the target unambiguously
     assert len({o.cell for o in s.objects}) == len(s.objects)
     t = s.objects[s.target]
-    assert f"{t.color} {t.shape}" in s.question and s.answer == t.digit
+    assert f"{t.color} {t.shape}" in s.question and s.answer == t.label and s.answer in syn.BADGE_COLORS
     x1, y1, x2, y2 = s.cell_box()
     assert x1 <= t.box[0] and y1 <= t.box[1] and t.box[2] <= x2 + 1 and t.box[3] <= y2 + 1  # object in its cell
-    # The digit plate: black strokes on white at the object's centre (the answer-bearing detail is drawn).
+    # The plate: white, with a dot of the answer's colour at the object's centre (the detail is drawn).
     cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
-    patch = np.asarray(s.image.crop((cx - 40, cy - 40, cx + 40, cy + 40))).min(-1)
-    assert (patch < 30).any() and (patch > 235).any()
+    patch = np.asarray(s.image.crop((cx - 40, cy - 40, cx + 40, cy + 40))).astype(int)
+    assert (patch.min(-1) > 235).any()
+    assert np.abs(patch[40, 40] - np.array(syn.BADGE_COLORS[s.answer])).max() <= 20  # speckle-free: drawn over it
+
+
+def test_digit_and_badge_details():
+  digit = syn.make_scene(1, config=syn.SceneConfig(detail="digit"))
+  t = digit.objects[digit.target]
+  assert digit.answer == t.label and digit.answer.isdigit() and digit.question.startswith(("What digit", "Which", "Read"))
+  cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
+  patch = np.asarray(digit.image.crop((cx - 40, cy - 40, cx + 40, cy + 40))).min(-1)
+  assert (patch < 30).any() and (patch > 235).any()  # black strokes on a white plate
+  # A badge: the dot in a ring of its complement. Shrunk to the global view it is a gray blob, unlike a plain dot.
+  cfg = syn.SceneConfig(detail="badge", clutter=0, decoys=0, detail_scale=0.2)
+  s = syn.make_scene(2, config=cfg)
+  t = s.objects[s.target]
+  cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
+  h = cfg.detail_scale * s.image.size[0] / cfg.grid
+  ring = np.asarray(s.image)[cy, round(cx + 0.45 * h)].astype(int)  # between the dot's and the ring's radii
+  assert np.abs(ring - (255 - np.array(syn.BADGE_COLORS[s.answer]))).max() <= 20
+  mean = np.asarray(s.image.crop((round(cx - h / 2), round(cy - h / 2), round(cx + h / 2), round(cy + h / 2))))
+  inside = mean.reshape(-1, 3)[np.linalg.norm(mean.reshape(-1, 3) - 245, axis=1) > 60].mean(0)  # not the plate
+  assert np.ptp(inside) < 40  # dot + ring average to a gray
 
 
 def test_global_view_is_six_by_six_tokens_and_a_cell_crop_magnifies():
+  cfg = syn.SceneConfig()
   for i in range(5):
     s = syn.make_scene(i)
     _, grid = improc.preprocess(s.image, max_pixels=syn.GLOBAL_MAX_PIXELS)
-    assert grid.tolist() == [1, 12, 12]  # 168 x 168 px: one merged token per cell
+    assert grid.tolist() == [1, 12, 12]  # 168 x 168 px: 6 x 6 merged tokens, 2 x 2 per cell of the 3 x 3 grid
     x1, y1, x2, y2 = s.cell_box()
     crop = s.image.crop((round(x1), round(y1), round(x2), round(y2)))
     rh, rw = improc.smart_resize(crop.size[1], crop.size[0], max_pixels=syn.GLOBAL_MAX_PIXELS)
-    # The digit is ~0.12 cell: ~3.4 px in the global view, >= 15 px in the crop.
-    cfg = syn.SceneConfig()
     global_cell_px = grid[1] * 14 / cfg.grid  # one cell of the global view the model sees
-    assert rh * cfg.digit_scale >= 15 and global_cell_px * cfg.digit_scale < 4
+    # The digit: < 4 px tall in the global view (strokes under a pixel), >= 11 px in the crop of its cell.
+    assert rh * cfg.detail_scale >= 11 and global_cell_px * cfg.detail_scale < 4
+
+
+def test_background_says_which_cell_a_pixel_is_in():
+  """"cells": the red level grows with the column and the blue level with the row, one level per cell."""
+  cfg = syn.SceneConfig(clutter=0, decoys=0, min_objects=1, max_objects=1)
+  s = syn.make_scene(0, config=cfg)
+  img = np.asarray(s.image).astype(int)
+  size, g = s.image.size[0], cfg.grid
+  med = np.zeros((g, g, 3))
+  for r in range(g):
+    for c in range(g):
+      y0, x0 = r * size // g, c * size // g
+      med[r, c] = np.median(img[y0 + 2 : y0 + 12, x0 + 2 : x0 + 12].reshape(-1, 3), 0)  # a corner: background
+  assert (np.diff(med[..., 0], axis=1) > 25).all() and (np.abs(np.diff(med[..., 0], axis=0)) < 8).all()
+  assert (np.diff(med[..., 2], axis=0) > 25).all() and (np.abs(np.diff(med[..., 2], axis=1)) < 8).all()
+  with pytest.raises(ValueError, match="background"):
+    syn.SceneConfig(background="stripes")
+  with pytest.raises(ValueError, match="object_jitter"):
+    syn.SceneConfig(object_jitter=2.0)
 
 
 def test_records_decode_and_score_with_the_visual_reward():
@@ -92,7 +132,8 @@ def test_records_decode_and_score_with_the_visual_reward():
   user = ex.messages[1]["content"]
   assert user[0]["type"] == "image" and user[1]["text"].endswith(syn.prompts.USER_SUFFIX)
   good = f"<think>x</think>\n<answer>{scene.answer}</answer><|im_end|>"
-  bad = f"<think>x</think>\n<answer>{(int(scene.answer) + 1) % 10}</answer><|im_end|>"
+  other = next(c for c in syn.BADGE_COLORS if c != scene.answer)
+  bad = f"<think>x</think>\n<answer>{other}</answer><|im_end|>"
   r_good = rewards.compute_reward(syn.DATA_SOURCE, good, scene.answer, num_successful_tool_calls=1)
   r_bad = rewards.compute_reward(syn.DATA_SOURCE, bad, scene.answer, num_successful_tool_calls=1)
   assert (r_good.total, r_bad.total) == (pytest.approx(2.0), 0.0)  # 0.8 acc + 1.2 conditional tool bonus
@@ -137,6 +178,36 @@ def test_draw_modes_fractions_and_reproducibility():
     warmstart.draw_modes(uids, 0, zoom_fraction=1.5, no_tool_fraction=0)
 
 
+def test_draw_modes_with_perception_exercises():
+  uids = [f"u{i}" for i in range(4000)]
+  kw = dict(zoom_fraction=0.4, no_tool_fraction=0.1, ground_fraction=0.25, read_fraction=0.15)
+  modes = warmstart.draw_modes(uids, 3, **kw)
+  f = {m: modes.count(m) / len(modes) for m in warmstart.MODES}
+  for mode, want in (("no_tool", 0.1), ("ground", 0.25), ("read", 0.15), ("zoom", 0.5 * 0.4), ("direct", 0.5 * 0.6)):
+    assert f[mode] == pytest.approx(want, abs=0.03), mode
+  with pytest.raises(ValueError, match="no_tool \\+ ground \\+ read <= 1"):
+    warmstart.draw_modes(uids, 0, zoom_fraction=0.5, no_tool_fraction=0.5, ground_fraction=0.4, read_fraction=0.2)
+
+
+def test_perception_exercises_match_what_the_zoom_tool_does():
+  """"ground" answers with the box the demonstrator zooms on; "read" shows exactly the crop the zoom tool cuts for
+  that box (through the real protocol), with the target's digit as the answer."""
+  src = syn.SyntheticSource(8)
+  agent = _agent()
+  for i in range(8):
+    ex = decode_example(src[i], i, source_name="s")
+    info = ex.extra["extra_info"]
+    seen = syn.seen_size(ex.images[0].size, min_pixels=agent.min_pixels, max_pixels=agent.max_pixels)
+    msgs, turns = warmstart.synthetic_demonstrator(ex, "ground", agent_config=agent)
+    assert msgs[1]["content"][1]["text"] == "\n" + syn.GROUND_QUESTION.format(target=syn.target_name(info))
+    assert json.loads(turns[0].removesuffix("<|im_end|>"))["bbox_2d"] == syn.cell_box_seen(info, seen)
+    _, zoom_turns = warmstart.synthetic_demonstrator(ex, "zoom", agent_config=agent)
+    out = protocol.execute_turn(zoom_turns[0].replace("<|im_end|>", ""), ex.images[0], frame="resized", seen_size=seen)
+    msgs, turns, crop = warmstart.synthetic_demonstrator(ex, "read", agent_config=agent)
+    assert msgs[1]["content"][0]["image"] is crop and turns == [f"{ex.ground_truth}<|im_end|>"]
+    assert np.array_equal(np.asarray(crop), np.asarray(out.crop))
+
+
 def test_host_demonstrations_equal_scripted_rollouts_of_the_real_agent(tiny_vlm):
   """`demonstrate` (host only, no model) builds exactly what the rollout engine builds for the same script."""
   from deepeyes_jax.models import qwen2_5_vl as qvl
@@ -168,6 +239,54 @@ def test_host_demonstrations_equal_scripted_rollouts_of_the_real_agent(tiny_vlm)
     assert not d.logprobs.any()  # no model ran
 
 
+def test_skill_accuracy_counts_content_tokens_only(tiny_vlm):
+  """The warm-start probe: a demonstration counts as right when every content token (box digits, the answer) is
+  predicted; a wrong format token does not matter, one wrong digit does."""
+  from deepeyes_jax.rl.trainer import minibatches
+  from deepeyes_jax.sampling.generate import load_tokenizer
+
+  path, _, cfg = tiny_vlm
+  tok = load_tokenizer(str(path))
+  src = syn.SyntheticSource(4, config=SMALL)
+  examples = [decode_example(src[i], i, source_name="s") for i in range(4)]
+  agent = _agent()
+  trajs = warmstart.demonstrations(
+    examples, ["ground"] * 4, demonstrator="synthetic", tokenizer=tok, agent_config=agent, model_config=cfg
+  )
+  import ml_collections
+
+  config = ml_collections.ConfigDict({"rl": {"min_row_len": 256, "micro_batch_rows": 8, "num_minibatches": 1}})
+  config.rl.old_logprobs = "sampler"
+
+  class _NoMesh:
+    mesh = None
+
+  packed = minibatches(trajs, np.zeros(4, np.float32), config, cfg.vision, _NoMesh())[0]
+  content = warmstart.content_token_ids(tok, [e.ground_truth for e in examples])
+
+  class Oracle:  # predicts the next token exactly, except where told
+    def __init__(self, corrupt):
+      self.corrupt = corrupt
+
+    def predict(self, mb):
+      pred = np.concatenate([mb.tokens[:, 1:], mb.tokens[:, :1]], 1).copy()
+      for r, t in self.corrupt(mb):
+        pred[r, t - 1] = (pred[r, t - 1] + 1) % 600
+      return pred
+
+  def positions(mb, want_content):
+    target, action = mb.tokens[:, 1:], mb.loss_mask[:, 1:] > 0
+    sel = action & (np.isin(target, content) == want_content)
+    r, t = np.nonzero(sel)
+    return r, t + 1
+
+  assert warmstart.skill_accuracy(Oracle(lambda mb: []), {"ground": packed}, content) == {"ground": 1.0}
+  fmt = lambda mb: list(zip(*positions(mb, False)))  # every format token wrong: still all right
+  assert warmstart.skill_accuracy(Oracle(fmt), {"ground": packed}, content) == {"ground": 1.0}
+  one = lambda mb: [next(zip(*positions(mb, True)))] if mb is packed[0] else []  # one digit of one example
+  assert warmstart.skill_accuracy(Oracle(one), {"ground": packed}, content) == {"ground": 0.75}
+
+
 def syn_task_no_tool(example):
   import dataclasses
 
@@ -195,6 +314,35 @@ def test_tiny_checkpoint_loads_through_transformers_and_our_loader(tmp_path):
     zoom=True,
   )
   assert len(tok(demo[0], add_special_tokens=False)["input_ids"]) < 60
+
+
+def test_fan_in_init_scales_kernels_by_fan_in():
+  from flax import nnx
+
+  from deepeyes_jax.models.qwen2_5_vl.model import init_random
+  from deepeyes_jax.models.qwen2_5_vl.tiny import fan_in_init, tiny_config
+
+  model = fan_in_init(init_random(tiny_config(vocab_size=300)), seed=1)
+  seen = set()
+  for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+    key = jax.tree_util.keystr(path)
+    x = np.asarray(x)
+    if "kernel" in key and x.size >= 4096:
+      assert x.std() == pytest.approx(x.shape[0] ** -0.5, rel=0.1), key
+      seen.add("kernel")
+    elif "bias" in key:
+      assert not x.any(), key
+      seen.add("bias")
+    elif "embedding" in key:
+      assert x.std() == pytest.approx(1.0, rel=0.05)
+      seen.add("embedding")
+    elif "scale" in key:
+      assert (x == 1).all(), key  # norm scales untouched
+      seen.add("scale")
+  assert seen == {"kernel", "bias", "embedding", "scale"}
+  again = fan_in_init(init_random(tiny_config(vocab_size=300)), seed=1)
+  a, b = nnx.state(model, nnx.Param), nnx.state(again, nnx.Param)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # deterministic
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,6 +373,9 @@ def test_ci_run_writes_every_artefact(ci_run):
   rl = [r for r in rows if "reward/mean" in r]
   assert [r["step"] for r in warm] == [1, 2, 3, 4] and [r["step"] for r in rl] == [5, 6]
   assert all(np.isfinite(r["train/nll"]) for r in warm)
+  probed = [r for r in warm if "skills/ground" in r]
+  assert [r["step"] for r in probed] == [2, 4]
+  assert all(0.0 <= r[f"skills/{m}"] <= 1.0 for r in probed for m in ("ground", "read", "zoom"))
   for key in ("accuracy", "tool/calls_per_traj", "tool/success_rate", "train/loss"):
     assert all(key in r for r in rl), key
   assert any("eval/accuracy" in r for r in rows)

@@ -1,21 +1,22 @@
 """A synthetic fine-grained VQA task that needs zooming: the embedded default of `configs/synthetic.py`.
 
 Each scene is a seeded, procedurally drawn square image (768-1536 px) on a cluttered background: gray shapes,
-lines, speckle noise and gray "decoy" digits, over a faint colour gradient. A `grid x grid` layout (6 x 6 by
-default) holds 3-5 coloured objects (circle, square, triangle or diamond; every colour appears once per scene),
-each carrying a small white plate with a black seven-segment digit. The question names the target by colour and
-shape ("What digit is on the red circle?"); the answer is its digit.
+lines, speckle noise and decoy details, over a position-coded background. A `grid x grid` layout (3 x 3 by default)
+holds 3-5 coloured objects (circle, square, triangle or diamond; every colour appears once per scene), each carrying
+a small white plate with the answer-bearing detail (`SceneConfig.detail`): a coloured dot (default; "What colour is
+the dot on the red circle?" -> "blue"), the same dot ringed by its complementary colour ("badge": the ring cancels
+the dot's colour when shrunk), or a seven-segment digit ("digit"; "What digit is on the red circle?" -> "7").
 
-Why it needs zooming. With `GLOBAL_MAX_PIXELS` the model sees the whole image at 168 x 168 px (6 x 6 vision
-tokens, one per cell): the objects' colours are plain, but a digit is `digit_scale` (0.17) of a cell, about 5 px
-tall with sub-pixel strokes after the 5-9x downscale, i.e. unreadable. A crop of the target's cell is shown at up to
-168 x 168 px, where the digit is ~28 px tall with ~4 px strokes.
+Why it needs zooming. With `GLOBAL_MAX_PIXELS` the model sees the whole image at 168 x 168 px (6 x 6 vision tokens,
+2 x 2 per cell): the objects are plain, but the detail is `detail_scale` (0.07) of a cell, ~3.9 px after the 5-9x
+downscale. A crop of the target's cell is shown at 168 x 168 px, three times larger (~11.8 px).
 
-Why the grid and the gradient. Qwen2.5-VL's vision tower has no absolute position embedding: a 7B model learns
+Why the grid and the position code. Qwen2.5-VL's vision tower has no absolute position embedding: a 7B model learns
 grounding from billions of tokens; a 1M-parameter model trained for minutes on a CPU cannot learn to turn "which
 token holds the red circle" into pixel coordinates from rotary phases alone. So objects sit inside the cells of a
-grid aligned with the vision tokens, and the background's red/blue levels grow with x/y: every token's colour says
-where it is. The model still has to find the named object among distractors and write its box as text.
+grid aligned with the vision tokens, and the background says where a token is (`background="cells"`: one muted red
+level per column and blue level per row; "gradient": faint ramps). The model still has to find the named object
+among distractors and write its box as text.
 
 Records are in the DeepEyes-47k format (`deepeyes.decode_example` reads them; the pipeline and the rewards apply as
 for the real data). The data source is ``synthetic_zoom``, scored like V* (``0.8 acc + 0.2 fmt + 1.2 tool``).
@@ -89,19 +90,46 @@ _SEGMENTS = {
 }
 
 
+# Badge colours, in complementary pairs (each pair sums to white): a badge is a dot of one colour in a ring of its
+# complement, of equal area, so that the average over the badge is the same gray for every answer. Shrunk to a few
+# pixels (the global view) the badge is a gray blob; in a crop its dot is a plain patch of colour. A colour is what a
+# small vision tower learns to read in a few hundred steps; a digit's shape is not (docs/synthetic.md).
+BADGE_COLORS: dict[str, tuple[int, int, int]] = {
+  "red": (225, 30, 30),
+  "cyan": (30, 225, 225),
+  "green": (40, 190, 40),
+  "magenta": (215, 65, 215),
+  "blue": (40, 60, 225),
+  "yellow": (215, 195, 30),
+}
+
+
+def _complement(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+  return tuple(255 - v for v in rgb)
+
+
 @dataclasses.dataclass(frozen=True)
 class SceneConfig:
   """How scenes are drawn. The defaults are the embedded default task."""
 
   min_size: int = 768  # image side in pixels (square images)
   max_size: int = 1536
-  grid: int = 6  # cells per side; 6 = one cell per vision token of the 168 px global view
+  grid: int = 3  # cells per side; 3 = one cell per 2 x 2 vision tokens of the 168 px global view
   min_objects: int = 3  # coloured objects (target + distractors), each in its own cell
   max_objects: int = 5
-  object_scale: tuple[float, float] = (0.62, 0.86)  # object size / cell
-  digit_scale: float = 0.12  # digit height / cell
-  clutter: int = 80  # gray background shapes and lines
-  decoys: int = 12  # small gray digits in the background
+  object_scale: tuple[float, float] = (0.45, 0.6)  # object size / cell
+  object_margin: float = 0.02  # least gap between an object and its cell's border / cell
+  object_jitter: float = 0.3  # random offset of an object in its cell, as a fraction of the free room (0: centred)
+  # The answer-bearing detail: "dot" (a coloured dot's colour), "badge" (the same dot in a ring of the complementary
+  # colour: gray when shrunk) or "digit" (a seven-segment digit).
+  detail: str = "dot"
+  detail_scale: float = 0.07  # detail height / cell: ~3.9 px in the global view, ~11.8 px in a crop of the cell
+  digit_stroke: float = 0.2  # stroke width / digit height (detail="digit")
+  clutter: int = 40  # gray background shapes and lines
+  clutter_scale: float = 0.25  # largest clutter shape / cell
+  zoom_inset: float = 0.0  # the demonstrator's box: the target's cell shrunk by this fraction of a cell per side
+  decoys: int = 12  # small decoy details (gray digits / coloured badges) in the background
+  background: str = "cells"  # position code: "cells" (one R level per column, B per row) | "gradient" (R ~ x, B ~ y)
   system_prompt: str = "short"  # "short" (SHORT_SYSTEM_PROMPT) | "deepeyes" (prompts.SYSTEM_PROMPT, byte-exact)
 
   def __post_init__(self):
@@ -109,8 +137,20 @@ class SceneConfig:
       raise ValueError(f"need 64 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
     if self.grid < 2 or not 1 <= self.min_objects <= self.max_objects <= min(len(COLORS), self.grid**2):
       raise ValueError(f"need grid >= 2 and 1 <= min_objects <= max_objects <= {len(COLORS)}")
+    if self.detail not in ("dot", "badge", "digit"):
+      raise ValueError(f"detail must be 'dot', 'badge' or 'digit', got {self.detail!r}")
+    if self.background not in ("cells", "gradient"):
+      raise ValueError(f"background must be 'cells' or 'gradient', got {self.background!r}")
+    if not 0 <= self.object_jitter <= 1 or not 0 < self.object_scale[0] <= self.object_scale[1] < 1:
+      raise ValueError(f"need 0 <= object_jitter <= 1 and 0 < object_scale <= 1, got {self.object_jitter}, {self.object_scale}")
+    if not 0 <= self.zoom_inset < 0.5:
+      raise ValueError(f"zoom_inset must be in [0, 0.5), got {self.zoom_inset}")
     if self.system_prompt not in ("short", "deepeyes"):
       raise ValueError(f"system_prompt must be 'short' or 'deepeyes', got {self.system_prompt!r}")
+
+  @property
+  def questions(self) -> tuple[str, ...]:
+    return QUESTIONS if self.detail == "digit" else BADGE_QUESTIONS
 
   @property
   def system_text(self) -> str:
@@ -121,7 +161,7 @@ class SceneConfig:
 class SceneObject:
   color: str
   shape: str
-  digit: str
+  label: str  # the answer: the digit, or the badge's colour
   cell: tuple[int, int]  # (column, row)
   box: tuple[int, int, int, int]  # the object's box in original pixels
 
@@ -136,7 +176,7 @@ class Scene:
   split: str
   index: int
   seed: int
-  grid: int = 6
+  grid: int = 3
 
   @property
   def target_box(self) -> tuple[int, int, int, int]:
@@ -153,9 +193,9 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
-def _seven_segment(draw: ImageDraw.ImageDraw, x: float, y: float, h: float, digit: str, fill) -> None:
-  """A digit `h` pixels tall with its top-left corner at (x, y); width 0.6 h, stroke 0.16 h."""
-  w, t = 0.6 * h, max(1.0, 0.16 * h)
+def _seven_segment(draw: ImageDraw.ImageDraw, x: float, y: float, h: float, digit: str, fill, stroke=0.16) -> None:
+  """A digit `h` pixels tall with its top-left corner at (x, y); width 0.6 h, stroke `stroke` h."""
+  w, t = 0.6 * h, max(1.0, stroke * h)
   half = h / 2
   seg = {
     "a": (x, y, x + w, y + t),
@@ -169,6 +209,17 @@ def _seven_segment(draw: ImageDraw.ImageDraw, x: float, y: float, h: float, digi
   for s in _SEGMENTS[digit]:
     x0, y0, x1, y1 = seg[s]
     draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), fill=fill)
+
+
+def _badge(draw: ImageDraw.ImageDraw, cx: float, cy: float, h: float, color: str, ring: bool = True) -> None:
+  """A badge `h` pixels across centred at (cx, cy): a dot of `color`, inside a ring of its complement of equal area
+  (`ring`) or alone."""
+  ro, ri = h / 2, h / 2 / math.sqrt(2)
+  if ring:
+    draw.ellipse((cx - ro, cy - ro, cx + ro, cy + ro), fill=_complement(BADGE_COLORS[color]))
+  else:
+    ri = ro
+  draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=BADGE_COLORS[color])
 
 
 def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
@@ -186,12 +237,18 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-  """(size, size, 3) uint8: a faint position gradient (R grows with x, B with y) plus speckle noise."""
-  ramp = (95 + 90 * np.arange(size) / size).astype(np.int16)
+def _background(rng: np.random.Generator, size: int, kind: str = "cells", grid: int = 3) -> np.ndarray:
+  """(size, size, 3) uint8: a position code (R level says the column, B level the row) plus speckle noise.
+
+  kind="cells": one level per grid column (R) and row (B), 100..180; kind="gradient": faint linear ramps 95..185.
+  Muted (G = 140) so that no cell looks like one of the saturated object colours."""
+  if kind == "cells":
+    ramp = (100 + (80 // max(1, grid - 1)) * (np.arange(size) * grid // size)).astype(np.int16)
+  else:
+    ramp = (95 + 90 * np.arange(size) / size).astype(np.int16)
   img = np.empty((size, size, 3), np.int16)
   img[..., 0] = ramp[None, :]
-  img[..., 1] = 130
+  img[..., 1] = 140 if kind == "cells" else 130
   img[..., 2] = ramp[:, None]
   # Uniform integer speckle (std ~12): 5x cheaper than Gaussian noise, and scene drawing is on the training path.
   img += (rng.integers(0, 41, (size, size), dtype=np.int16) - 20)[..., None]
@@ -203,21 +260,26 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
   rng = _rng(seed, split, index)
   size = int(rng.integers(config.min_size, config.max_size + 1))
   cell = size / config.grid
-  img = Image.fromarray(_background(rng, size))
+  img = Image.fromarray(_background(rng, size, config.background, config.grid))
   draw = ImageDraw.Draw(img)
   for _ in range(config.clutter):  # gray clutter: shapes and lines of random size and shade
     g = int(rng.integers(70, 200))
     x, y = rng.uniform(0, size, 2)
-    s = rng.uniform(0.05, 0.4) * cell
+    s = rng.uniform(0.05, config.clutter_scale) * cell
     if rng.random() < 0.3:
       x2, y2 = x + rng.uniform(-2, 2) * cell, y + rng.uniform(-2, 2) * cell
       draw.line((round(x), round(y), round(x2), round(y2)), fill=(g, g, g), width=max(1, round(0.02 * cell)))
     else:
       _shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], (x, y, x + s, y + s), (g, g, g))
-  for _ in range(config.decoys):  # gray digits in the background: reading "a digit" is not enough
-    g = int(rng.integers(40, 120))
+  h = config.detail_scale * cell
+  for _ in range(config.decoys):  # decoy details in the background: reading "a digit / badge" is not enough
     x, y = rng.uniform(0, size - cell * 0.3, 2)
-    _seven_segment(draw, x, y, config.digit_scale * cell, str(int(rng.integers(10))), (g, g, g))
+    if config.detail != "digit":
+      color = list(BADGE_COLORS)[int(rng.integers(len(BADGE_COLORS)))]
+      _badge(draw, x + h / 2, y + h / 2, h, color, ring=config.detail == "badge")
+    else:
+      g = int(rng.integers(40, 120))
+      _seven_segment(draw, x, y, h, str(int(rng.integers(10))), (g, g, g))
 
   n = int(rng.integers(config.min_objects, config.max_objects + 1))
   cells = rng.choice(config.grid**2, size=n, replace=False)
@@ -226,26 +288,35 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
   for k in range(n):
     c, r = divmod(int(cells[k]), config.grid)
     s = rng.uniform(*config.object_scale) * cell
-    x0 = c * cell + rng.uniform(0.02 * cell, cell - s - 0.02 * cell)
-    y0 = r * cell + rng.uniform(0.02 * cell, cell - s - 0.02 * cell)
+    m = config.object_margin * cell
+    room = max(0.0, cell - s - 2 * m)
+    x0 = c * cell + m + room / 2 + config.object_jitter * rng.uniform(-room / 2, room / 2)
+    y0 = r * cell + m + room / 2 + config.object_jitter * rng.uniform(-room / 2, room / 2)
     color, shape = list(COLORS)[int(colors[k])], SHAPES[int(rng.integers(len(SHAPES)))]
-    digit = str(int(rng.integers(10)))
     _shape(draw, shape, (x0, y0, x0 + s, y0 + s), COLORS[color])
-    # A white plate with the digit, at the centre of mass of the shape (triangles: lower down).
-    h = config.digit_scale * cell
-    cx, cy = x0 + s / 2, y0 + (0.62 if shape == "triangle" else 0.5) * s
-    pw, ph = 0.6 * h + 0.5 * h, 1.5 * h
+    # A white plate with the detail at the centre of the object's box (inside every shape, triangles included).
+    cx, cy = x0 + s / 2, y0 + s / 2
+    if config.detail != "digit":
+      label = list(BADGE_COLORS)[int(rng.integers(len(BADGE_COLORS)))]
+      pw = ph = 1.4 * h
+    else:
+      label = str(int(rng.integers(10)))
+      pw, ph = 0.6 * h + 0.5 * h, 1.5 * h
     draw.rectangle((round(cx - pw / 2), round(cy - ph / 2), round(cx + pw / 2), round(cy + ph / 2)), fill=(245,) * 3)
-    _seven_segment(draw, cx - 0.3 * h, cy - h / 2, h, digit, (10, 10, 10))
+    if config.detail != "digit":
+      _badge(draw, cx, cy, h, label, ring=config.detail == "badge")
+    else:
+      _seven_segment(draw, cx - 0.3 * h, cy - h / 2, h, label, (10, 10, 10), config.digit_stroke)
     box = (math.floor(x0), math.floor(y0), math.ceil(x0 + s), math.ceil(y0 + s))
-    objects.append(SceneObject(color=color, shape=shape, digit=digit, cell=(c, r), box=box))
+    objects.append(SceneObject(color=color, shape=shape, label=label, cell=(c, r), box=box))
   target = int(rng.integers(n))
   obj = objects[target]
-  template = QUESTIONS[int(rng.integers(len(QUESTIONS)))]
+  questions = config.questions
+  template = questions[int(rng.integers(len(questions)))]
   scene = Scene(
     image=img,
     question=template.format(color=obj.color, shape=obj.shape),
-    answer=obj.digit,
+    answer=obj.label,
     target=target,
     objects=objects,
     split=split,
@@ -256,10 +327,15 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
   return scene
 
 
-QUESTIONS = (
+QUESTIONS = (  # detail="digit"
   "What digit is on the {color} {shape}?",
   "Which digit is written on the {color} {shape}?",
   "Read the digit on the {color} {shape}.",
+)
+BADGE_QUESTIONS = (  # detail="badge"; every template ends with the target (`target_name`)
+  "What colour is the dot on the {color} {shape}?",
+  "Which colour is the dot on the {color} {shape}?",
+  "Name the colour of the dot on the {color} {shape}.",
 )
 
 
@@ -288,6 +364,8 @@ def scene_record(scene: Scene, config: SceneConfig = SceneConfig(), *, tool: boo
       "target_box": json.dumps(list(scene.target_box)),
       "target_cell": json.dumps(list(scene.objects[scene.target].cell)),
       "grid": scene.grid,
+      "detail": config.detail,
+      "zoom_inset": config.zoom_inset,
       "objects": json.dumps([dataclasses.asdict(o) for o in scene.objects]),
     },
     "ability": "fine-grained perception",
@@ -330,11 +408,17 @@ def seen_size(image_size: tuple[int, int], *, min_pixels: int, max_pixels: int) 
 
 
 def cell_box_seen(extra_info: dict, seen: tuple[int, int]) -> list[int]:
-  """The target's cell as a box in the frame the model saw (what the demonstrator writes in bbox_2d)."""
+  """The target's cell as a box in the frame the model saw (what the demonstrator writes in bbox_2d), shrunk by
+  `zoom_inset` of a cell on every side (0: the whole cell; 0.25: its central half, twice the magnification)."""
   c, r = json.loads(extra_info["target_cell"])
-  g = int(extra_info["grid"])
+  g, inset = int(extra_info["grid"]), float(extra_info.get("zoom_inset", 0.0))
   sw, sh = seen
-  return [round(c * sw / g), round(r * sh / g), round((c + 1) * sw / g), round((r + 1) * sh / g)]
+  return [
+    round((c + inset) * sw / g),
+    round((r + inset) * sh / g),
+    round((c + 1 - inset) * sw / g),
+    round((r + 1 - inset) * sh / g),
+  ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +432,7 @@ def demonstration(extra_info: dict, seen: tuple[int, int], *, zoom: bool) -> lis
   these demonstrations teach the model to guess, as a base model that does not use the tool would).
   """
   question, answer = extra_info["question"], extra_info["answer"]
-  target = question.split(" on the ")[-1].rstrip("?.")
+  target = target_name(extra_info)
   if zoom:
     box = cell_box_seen(extra_info, seen)
     call = json.dumps({"name": prompts.TOOL_NAME, "arguments": {"bbox_2d": box}})
@@ -359,17 +443,64 @@ def demonstration(extra_info: dict, seen: tuple[int, int], *, zoom: bool) -> lis
   return [f"<think>Answer from the full image.</think>\n<answer>{answer}</answer><|im_end|>"]
 
 
+# Perception exercises (warm-start modes "ground" and "read"): what a pretrained VLM such as Qwen2.5-VL already
+# knows -- point at a named object, read a close-up -- and a 1M-parameter model made by code does not. Short
+# single-turn examples with no tool and no think/answer format (the format is what the zoom demonstrations teach).
+GROUND_QUESTION = "Where is the {target}?"
+READ_QUESTIONS = {
+  "digit": "What digit is on the plate?",
+  "dot": "What colour is the dot on the plate?",
+  "badge": "What colour is the dot on the plate?",
+}
+
+
+def target_name(extra_info: dict) -> str:
+  """"red circle" from "What digit is on the red circle?" (every question template ends with the target)."""
+  return extra_info["question"].split(" on the ")[-1].rstrip("?.")
+
+
+def grounding(extra_info: dict, seen: tuple[int, int]) -> tuple[str, list[str]]:
+  """(question, [answer turn]): the target's cell as a box in the seen frame, written as the tool's argument."""
+  box = cell_box_seen(extra_info, seen)
+  return GROUND_QUESTION.format(target=target_name(extra_info)), [json.dumps({"bbox_2d": box}) + "<|im_end|>"]
+
+
+def reading(image: Image.Image, extra_info: dict, seen: tuple[int, int]) -> tuple[Image.Image, str, list[str]]:
+  """(crop, question, [answer turn]): the crop the zoom tool returns for the demonstrator's box (through the real
+  protocol, so it is the same pixels), and the answer."""
+  from deepeyes_jax.agent import protocol
+
+  call = json.dumps({"name": prompts.TOOL_NAME, "arguments": {"bbox_2d": cell_box_seen(extra_info, seen)}})
+  out = protocol.execute_turn(f"<tool_call>\n{call}\n</tool_call>", image, frame="resized", seen_size=seen)
+  if out.crop is None:
+    raise ValueError(f"the demonstrator's box was rejected by the zoom tool: {out.observation!r}")
+  crop = out.crop
+  question = READ_QUESTIONS[extra_info.get("detail", "digit")]
+  return crop, question, [f"{extra_info['answer']}<|im_end|>"]
+
+
+def plain_messages(image: Image.Image, question: str) -> list[dict]:
+  """A plain VQA prompt (no tool, no answer format) for the perception exercises."""
+  return [
+    {"role": "system", "content": NO_TOOL_SYSTEM_PROMPT},
+    {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\n" + question}]},
+  ]
+
+
 def corpus(n: int = 200, seed: int = 0, config: SceneConfig = SceneConfig()) -> list[str]:
   """Texts of the task (prompts, demonstrations, observations) for training the tokenizer: the synthetic model's
   tokenizer merges what this task writes (deterministic)."""
   texts = [config.system_text, NO_TOOL_SYSTEM_PROMPT, NO_TOOL_SUFFIX, prompts.USER_SUFFIX, prompts.SUCCESS_OBSERVATION]
   rng = np.random.default_rng(seed)
+  labels = [str(d) for d in range(10)] if config.detail == "digit" else list(BADGE_COLORS)
   for i in range(n):
     color = list(COLORS)[i % len(COLORS)]
     shape = SHAPES[(i // len(COLORS)) % len(SHAPES)]
-    q = QUESTIONS[i % len(QUESTIONS)].format(color=color, shape=shape)
-    c, r = (int(v) for v in rng.integers(0, 6, 2))
-    info = {"question": q, "answer": str(i % 10), "target_cell": json.dumps([c, r]), "grid": 6}
+    q = config.questions[i % len(config.questions)].format(color=color, shape=shape)
+    c, r = (int(v) for v in rng.integers(0, config.grid, 2))
+    info = {"question": q, "answer": labels[i % len(labels)], "target_cell": json.dumps([c, r]), "grid": config.grid}
     texts.append(q + prompts.USER_SUFFIX)
     texts.extend(demonstration(info, (168, 168), zoom=i % 2 == 0))
+    texts.extend([GROUND_QUESTION.format(target=f"{color} {shape}"), *grounding(info, (168, 168))[1]])
+  texts.append(READ_QUESTIONS[config.detail])
   return texts

@@ -205,6 +205,12 @@ class Learner:
     rep = None if self.mesh is None else NamedSharding(self.mesh, P())  # every host reads it
     return np.asarray(_logprobs_jit(self.graphdef, self.cfg.logits_chunk, rep, self.state, self.place(batch)))
 
+  def predict(self, batch: PackedBatch) -> np.ndarray:
+    """Teacher-forced greedy predictions (R, L) int32: the argmax next token after each position (a probe of what
+    the current policy has learned; see `warmstart.skill_accuracy`)."""
+    rep = None if self.mesh is None else NamedSharding(self.mesh, P())
+    return np.asarray(_predict_jit(self.graphdef, rep, self.state, self.place(batch)))
+
   def update(self, micro_batches: Sequence[PackedBatch]) -> dict[str, float]:
     """One optimizer step over all micro-batches (gradient accumulation). Returns host metrics."""
     denominator = self._denominator(micro_batches)
@@ -239,3 +245,14 @@ class Learner:
 def _logprobs_jit(graphdef, chunk, replicated, state, batch):
   lp = token_logprobs(nnx.merge(graphdef, state), batch, chunk=chunk)[0]
   return lp if replicated is None else jax.lax.with_sharding_constraint(lp, replicated)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _predict_jit(graphdef, replicated, state, batch):
+  model = nnx.merge(graphdef, state)
+  feats = None if batch.pixel_values is None else model.image_features(batch.pixel_values, batch.plan)
+  x = model.embed(batch.tokens, feats)
+  cos, sin = model.rope(batch.position_ids)
+  h = model.language_model(x, cos, sin, batch.segment_ids, batch.positions)
+  pred = jnp.argmax(model.logits(h), -1).astype(jnp.int32)  # (R, L, V) logits: a probe on small batches only
+  return pred if replicated is None else jax.lax.with_sharding_constraint(pred, replicated)

@@ -222,7 +222,13 @@ def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
   lengths = [len(t.token_ids) for t in trajs]
   row_len = bucket(max(lengths), rl.min_row_len)
   per = max(1, rl.micro_batch_rows)
-  n_rows = per if learner.mesh is None else _round_up(per, _row_multiple(learner.mesh))
+  multiple = 1 if learner.mesh is None else _row_multiple(learner.mesh)
+
+  def n_rows(k: int) -> int:
+    # A micro-batch of k packed rows is padded to the next power of two (at most `per`), not to `per`: a last
+    # micro-batch holding one or two rows would otherwise cost as much as a full one. log2(per) shapes at most.
+    return _round_up(min(per, bucket(k, 1)), multiple)
+
   out = []
   for mb_idx in np.array_split(np.arange(len(trajs)), rl.num_minibatches):
     idx = list(mb_idx)
@@ -230,7 +236,7 @@ def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
       continue
     rows = [[idx[j] for j in row] for row in assign_rows([lengths[i] for i in idx], row_len)]
     micro = [
-      pack(trajs, adv, rows[k : k + per], row_len=row_len, vision=vision_cfg, num_rows=n_rows)
+      pack(trajs, adv, rows[k : k + per], row_len=row_len, vision=vision_cfg, num_rows=n_rows(len(rows[k : k + per])))
       for k in range(0, len(rows), per)
     ]
     if rl.old_logprobs == "recompute":
@@ -330,6 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   metrics: dict[str, float] = {}
   kill_at = int(os.environ.get("DEEPEYES_TEST_KILL_AT_STEP", "-1"))  # test hook: SIGKILL mid-step
   evaluator = HeldOut(config, workdir, tokenizer, sampler, agent_cfg, writer)
+  probe = None  # SkillProbe, built at the first warm-start probe
 
   for step in range(start, config.total_steps):
     t0 = time.time()
@@ -342,6 +349,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if step < warm_steps:
       metrics = warmstart_step(ws_iter, config, tokenizer, agent_cfg, sampler.config, learner, step)
       metrics["time/step_s"] = time.time() - t0
+      every = ws.get("probe_every", 0)
+      if every and ((step + 1) % every == 0 or step + 1 == warm_steps):
+        probe = probe or SkillProbe(config, tokenizer, agent_cfg, sampler.config, learner)
+        metrics.update({f"skills/{k}": v for k, v in probe(learner).items()})
       writer.write_scalars(step + 1, metrics)
       if chief:
         print(progress.line(step + 1, metrics), flush=True)
@@ -441,6 +452,39 @@ def _switch_to_rl(learner: Learner, config, mesh) -> Learner:
   return Learner(nnx.merge(learner.graphdef, learner.state), learner_config(config), mesh=mesh)
 
 
+class SkillProbe:
+  """`warmstart.skill_accuracy` on fixed demonstrations of `warmstart.probe_questions` held-out questions
+  (`eval.data`), built once: which skills (grounding, reading, both through the protocol) the warm start has
+  learned so far, as `skills/{ground,read,zoom}` metrics."""
+
+  MODES = ("ground", "read", "zoom")
+
+  def __init__(self, config, tokenizer, agent_cfg: AgentConfig, model_cfg, learner: Learner):
+    from deepeyes_jax.data.deepeyes import decode_example
+    from deepeyes_jax.rl import warmstart
+
+    ws = config.warmstart
+    source = data_source(config.eval.data, config)
+    n = min(ws.get("probe_questions", 32), len(source))
+    examples = [decode_example(source[i], i, source_name=repr(source)) for i in range(n)]
+    labels = sorted({e.ground_truth for e in examples})
+    self.content_ids = warmstart.content_token_ids(tokenizer, labels)
+    probe_cfg = config.copy_and_resolve_references()
+    probe_cfg.rl.old_logprobs = "sampler"  # demonstrations: nothing to recompute
+    self.packed = {}
+    for mode in self.MODES:
+      trajs = warmstart.demonstrations(
+        examples, [mode] * n, demonstrator=ws.demonstrator, tokenizer=tokenizer, agent_config=agent_cfg,
+        model_config=model_cfg,
+      )
+      self.packed[mode] = minibatches(trajs, np.zeros(n, np.float32), probe_cfg, model_cfg.vision, learner)[0]
+
+  def __call__(self, learner: Learner) -> dict[str, float]:
+    from deepeyes_jax.rl import warmstart
+
+    return warmstart.skill_accuracy(learner, self.packed, self.content_ids)
+
+
 def warmstart_step(ws_iter, config, tokenizer, agent_cfg: AgentConfig, model_cfg, learner: Learner, step: int):
   """One behaviour-cloning step on a batch of the demonstrator's trajectories (`rl/warmstart.py`)."""
   from deepeyes_jax.rl import warmstart
@@ -452,6 +496,8 @@ def warmstart_step(ws_iter, config, tokenizer, agent_cfg: AgentConfig, model_cfg
     zlib.crc32(f"{config.seed}/warmstart/{step}".encode()),
     zoom_fraction=ws.zoom_fraction,
     no_tool_fraction=ws.no_tool_fraction,
+    ground_fraction=ws.get("ground_fraction", 0.0),
+    read_fraction=ws.get("read_fraction", 0.0),
   )
   trajs = warmstart.demonstrations(
     examples, modes, demonstrator=ws.demonstrator, tokenizer=tokenizer, agent_config=agent_cfg, model_config=model_cfg

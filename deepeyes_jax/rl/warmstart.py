@@ -11,7 +11,13 @@ into (chat messages, assistant turns). Modes, drawn per example with `warmstart.
 
 - ``"zoom"``: call the zoom tool on the right region, then answer from the crop;
 - ``"direct"``: answer at once from the global view (with the tool offered);
-- ``"no_tool"``: the same question with no tool offered (the prompt of the "tool disabled" evaluation).
+- ``"no_tool"``: the same question with no tool offered (the prompt of the "tool disabled" evaluation);
+- ``"ground"`` and ``"read"``: perception exercises with no tool and no format (`warmstart.ground_fraction`,
+  `warmstart.read_fraction`): point at the named object, read a close-up. A real base VLM knows both from
+  pretraining; a model made by code has to be taught them (see `data/synthetic.py`).
+
+A demonstrator returns (messages, assistant turns) or (messages, assistant turns, image) when the example's image
+is not the one shown (a close-up for "read").
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from deepeyes_jax.agent.trajectory import Trajectory
 
 Demonstrator = Callable[..., tuple[list[dict], list[str]]]
 DEMONSTRATORS: dict[str, Demonstrator] = {}
-MODES = ("zoom", "direct", "no_tool")
+MODES = ("zoom", "direct", "no_tool", "ground", "read")
 
 
 def register_demonstrator(name: str) -> Callable[[Demonstrator], Demonstrator]:
@@ -43,17 +49,28 @@ def get_demonstrator(name: str) -> Demonstrator:
   return DEMONSTRATORS[name]
 
 
-def draw_modes(uids: Sequence[str], seed: int, *, zoom_fraction: float, no_tool_fraction: float) -> list[str]:
-  """One mode per example, a function of (seed, uid) only (reproducible across restarts and batch layouts)."""
-  if not (0 <= zoom_fraction <= 1 and 0 <= no_tool_fraction <= 1):
-    raise ValueError(f"fractions must be in [0, 1], got zoom {zoom_fraction}, no_tool {no_tool_fraction}")
+def draw_modes(
+  uids: Sequence[str],
+  seed: int,
+  *,
+  zoom_fraction: float,
+  no_tool_fraction: float,
+  ground_fraction: float = 0.0,
+  read_fraction: float = 0.0,
+) -> list[str]:
+  """One mode per example, a function of (seed, uid) only (reproducible across restarts and batch layouts).
+
+  no_tool / ground / read take their fractions of the examples; the rest are tool questions, of which
+  `zoom_fraction` are demonstrated with a zoom and the others answered directly."""
+  fractions = {"zoom": zoom_fraction, "no_tool": no_tool_fraction, "ground": ground_fraction, "read": read_fraction}
+  if not all(0 <= f <= 1 for f in fractions.values()) or no_tool_fraction + ground_fraction + read_fraction > 1:
+    raise ValueError(f"fractions must be in [0, 1] and no_tool + ground + read <= 1, got {fractions}")
+  edges = np.cumsum([no_tool_fraction, ground_fraction, read_fraction])
   modes = []
   for uid in uids:
     u = np.random.default_rng([seed, zlib.crc32(uid.encode())]).random(2)
-    if u[0] < no_tool_fraction:
-      modes.append("no_tool")
-    else:
-      modes.append("zoom" if u[1] < zoom_fraction else "direct")
+    k = int(np.searchsorted(edges, u[0], side="right"))
+    modes.append(("no_tool", "ground", "read")[k] if k < 3 else ("zoom" if u[1] < zoom_fraction else "direct"))
   return modes
 
 
@@ -72,17 +89,50 @@ def demonstrations(
   for ex, mode in zip(examples, modes, strict=True):
     if mode not in MODES:
       raise ValueError(f"unknown demonstration mode {mode!r}; one of {MODES}")
-    messages, turns = demo(ex, mode, agent_config=agent_config)
+    messages, turns, *image = demo(ex, mode, agent_config=agent_config)
     tasks.append(
       Task(
         task_id=f"{ex.uid}/{mode}",
-        image=ex.images[0],
+        image=image[0] if image else ex.images[0],
         messages_override=messages,
         metadata={"data_source": ex.data_source, "ground_truth": ex.ground_truth, "mode": mode},
       )
     )
     scripts.append(turns)
   return demonstrate(tokenizer, tasks, scripts, config=agent_config, model_config=model_config)
+
+
+def content_token_ids(tokenizer, labels: Sequence[str] = ()) -> np.ndarray:
+  """Ids of the tokens a demonstration's content lives in: the ten digits (boxes, digit answers) and the first
+  token of each answer label (e.g. colour names)."""
+  ids = {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
+  ids |= {tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
+  return np.array(sorted(ids), np.int32)
+
+
+def skill_accuracy(learner, packed: dict[str, list], content_ids: np.ndarray) -> dict[str, float]:
+  """Per mode, the fraction of demonstrations whose content tokens (`content_token_ids` among the action tokens:
+  the box coordinates, the answer) the policy predicts all right, teacher-forced.
+
+  A cheap probe of each skill on held-out scenes during the warm start: "ground" = writing the named object's box,
+  "read" = reading a crop, "zoom" = both inside the full protocol. The format tokens are excluded: they are learned
+  in a few steps and would hide whether the content is. `packed`: mode -> packed micro-batches (`minibatches`).
+  """
+  out = {}
+  for mode, micro in packed.items():
+    right = total = 0
+    for mb in micro:
+      pred = learner.predict(mb)[:, :-1]
+      target, action = mb.tokens[:, 1:], mb.loss_mask[:, 1:] > 0
+      content = action & np.isin(target, content_ids)
+      wrong = content & (pred != target)
+      seg = mb.segment_ids[:, 1:]
+      for r in range(seg.shape[0]):
+        for s in np.unique(seg[r][content[r]]):
+          total += 1
+          right += not wrong[r][seg[r] == s].any()
+    out[mode] = right / max(total, 1)
+  return out
 
 
 @register_demonstrator("synthetic")
@@ -97,4 +147,10 @@ def synthetic_demonstrator(example, mode: str, *, agent_config: AgentConfig) -> 
   seen = synthetic.seen_size(image.size, min_pixels=agent_config.min_pixels, max_pixels=agent_config.max_pixels)
   if mode == "no_tool":
     return synthetic.no_tool_messages(image, info["question"]), synthetic.demonstration(info, seen, zoom=False)
+  if mode == "ground":
+    question, turns = synthetic.grounding(info, seen)
+    return synthetic.plain_messages(image, question), turns
+  if mode == "read":
+    crop, question, turns = synthetic.reading(image, info, seen)
+    return synthetic.plain_messages(crop, question), turns, crop
   return example.messages, synthetic.demonstration(info, seen, zoom=mode == "zoom")
