@@ -1,7 +1,8 @@
 """The run report: `report.png` (curves over training steps) and `report.html` (curves, held-out evaluation table,
 rendered trajectories), written to the workdir at the end of training (`config.log.report`).
 
-Curves come from `metrics.jsonl` (one line per step, what the TensorBoard logs hold too): the warm-start loss, then
+Curves come from `metrics.jsonl` (one line per step, what the TensorBoard logs hold too): the warm-start loss (and
+its `skills/*` probes), then
 per RL step the rollout reward, accuracy, tool calls per trajectory, tool success rate and IoU of the zoom boxes
 with the target; held-out evaluations (`eval/*` keys) are drawn as markers.
 """
@@ -52,6 +53,15 @@ def plot(rows: Sequence[dict], out_png: str, *, warmstart_steps: int = 0) -> Non
       ev = [(r["step"], r[eval_key]) for r in rows if eval_key in r]
       if ev:
         ax.plot(*zip(*ev), "o--", color="black", label="held-out (greedy)")
+    skills = sorted({k for r in rows for k in r if k.startswith("skills/")}) if key == "train/nll" else []
+    if skills:  # the warm-start skill probes (rl/warmstart.skill_accuracy), on a 0-1 axis of their own
+      ax2 = ax.twinx()
+      for k in skills:
+        sp = [(r["step"], r[k]) for r in rows if k in r]
+        ax2.plot(*zip(*sp), "s--", ms=3, lw=1, label=k)
+      ax2.set_ylim(0, 1)
+      ax2.set_ylabel("skill probe (content tokens right)")
+      ax2.legend(fontsize=8, loc="center right")
     if warmstart_steps:
       ax.axvline(warmstart_steps, color="gray", ls=":", lw=1)
     ax.set_title(title)
