@@ -368,6 +368,7 @@ def test_ci_run_writes_every_artefact(ci_run):
   workdir, proc = ci_run
   out = proc.stdout
   assert "warm start" in out and "ETA" in out and "held-out evaluation" in out
+  assert "| skills: ground " in out  # the probes on the progress line (steps 2 and 4)
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   warm = [r for r in rows if "train/nll" in r]
   rl = [r for r in rows if "reward/mean" in r]

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from deepeyes_jax.agent import prompts
+from deepeyes_jax.agent import prompts, protocol
 from deepeyes_jax.data import deepeyes
 from deepeyes_jax.processing import image as improc
 from deepeyes_jax.rl import rewards as rewards_lib
@@ -214,11 +214,10 @@ def _seven_segment(draw: ImageDraw.ImageDraw, x: float, y: float, h: float, digi
 def _badge(draw: ImageDraw.ImageDraw, cx: float, cy: float, h: float, color: str, ring: bool = True) -> None:
   """A badge `h` pixels across centred at (cx, cy): a dot of `color`, inside a ring of its complement of equal area
   (`ring`) or alone."""
-  ro, ri = h / 2, h / 2 / math.sqrt(2)
+  ro = h / 2
+  ri = ro / math.sqrt(2) if ring else ro
   if ring:
     draw.ellipse((cx - ro, cy - ro, cx + ro, cy + ro), fill=_complement(BADGE_COLORS[color]))
-  else:
-    ri = ro
   draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=BADGE_COLORS[color])
 
 
@@ -468,8 +467,6 @@ def grounding(extra_info: dict, seen: tuple[int, int]) -> tuple[str, list[str]]:
 def reading(image: Image.Image, extra_info: dict, seen: tuple[int, int]) -> tuple[Image.Image, str, list[str]]:
   """(crop, question, [answer turn]): the crop the zoom tool returns for the demonstrator's box (through the real
   protocol, so it is the same pixels), and the answer."""
-  from deepeyes_jax.agent import protocol
-
   call = json.dumps({"name": prompts.TOOL_NAME, "arguments": {"bbox_2d": cell_box_seen(extra_info, seen)}})
   out = protocol.execute_turn(f"<tool_call>\n{call}\n</tool_call>", image, frame="resized", seen_size=seen)
   if out.crop is None:

@@ -76,6 +76,18 @@ def make_optimizer(cfg: LearnerConfig, labels=None) -> optax.GradientTransformat
   return tx, lr
 
 
+def hidden_states(model: Qwen25VL, batch: PackedBatch, *, train_vision: bool = True) -> jax.Array:
+  """The decoder's final hidden states (R, L, D) of a packed batch, image features merged in."""
+  feats = None
+  if batch.pixel_values is not None:
+    feats = model.image_features(batch.pixel_values, batch.plan)
+    if not train_vision:
+      feats = jax.lax.stop_gradient(feats)
+  x = model.embed(batch.tokens, feats)
+  cos, sin = model.rope(batch.position_ids)
+  return model.language_model(x, cos, sin, batch.segment_ids, batch.positions)
+
+
 def token_logprobs(
   model: Qwen25VL, batch: PackedBatch, *, train_vision: bool = True, chunk: int = 512, with_entropy: bool = False
 ):
@@ -84,14 +96,7 @@ def token_logprobs(
   The vocabulary projection runs in chunks of `chunk` positions under `jax.checkpoint`, so the (R, L, V) logits
   never exist at once (V = 152k for the real models).
   """
-  feats = None
-  if batch.pixel_values is not None:
-    feats = model.image_features(batch.pixel_values, batch.plan)
-    if not train_vision:
-      feats = jax.lax.stop_gradient(feats)
-  x = model.embed(batch.tokens, feats)
-  cos, sin = model.rope(batch.position_ids)
-  h = model.language_model(x, cos, sin, batch.segment_ids, batch.positions)  # (R, L, D)
+  h = hidden_states(model, batch, train_vision=train_vision)
   r, length, d = h.shape
   h_prev, targets = h[:, :-1], batch.tokens[:, 1:]
   n = length - 1
@@ -250,9 +255,5 @@ def _logprobs_jit(graphdef, chunk, replicated, state, batch):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _predict_jit(graphdef, replicated, state, batch):
   model = nnx.merge(graphdef, state)
-  feats = None if batch.pixel_values is None else model.image_features(batch.pixel_values, batch.plan)
-  x = model.embed(batch.tokens, feats)
-  cos, sin = model.rope(batch.position_ids)
-  h = model.language_model(x, cos, sin, batch.segment_ids, batch.positions)
-  pred = jnp.argmax(model.logits(h), -1).astype(jnp.int32)  # (R, L, V) logits: a probe on small batches only
+  pred = jnp.argmax(model.logits(hidden_states(model, batch)), -1).astype(jnp.int32)  # (R, L, V) logits: a probe on small batches only
   return pred if replicated is None else jax.lax.with_sharding_constraint(pred, replicated)

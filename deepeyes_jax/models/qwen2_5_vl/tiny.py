@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
@@ -85,23 +84,14 @@ def fan_in_init(model, seed: int = 0):
   (data/synthetic.py): with fan-in scaling the query/key products start at O(1). Norm scales stay 1.
   """
   state = nnx.state(model, nnx.Param)
-  leaves = jax.tree_util.tree_leaves_with_path(state)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = {}
+  out = []
   for (path, x), k in zip(leaves, keys):
-    names = [str(getattr(e, "key", getattr(e, "name", ""))) for e in path]
-    name = names[-2] if names[-1] == "value" else names[-1]
-    if name == "kernel":
-      std = 1.0 / np.sqrt(x.shape[0])
-    elif name == "embedding":
-      std = 1.0
-    elif name == "bias":
-      std = 0.0
-    else:  # norm scales
-      new[jax.tree_util.keystr(path)] = x
-      continue
-    new[jax.tree_util.keystr(path)] = (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-  state = jax.tree_util.tree_map_with_path(lambda p, x: new[jax.tree_util.keystr(p)], state)
+    name = next(e.key for e in reversed(path) if isinstance(e, jax.tree_util.DictKey))  # "kernel", "bias", ...
+    std = {"kernel": x.shape[0] ** -0.5, "embedding": 1.0, "bias": 0.0}.get(name)
+    out.append(x if std is None else (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))  # norms: 1
+  state = jax.tree_util.tree_unflatten(treedef, out)
   nnx.update(model, state)
   return model
 
