@@ -126,3 +126,26 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, tiny_vlm, 
   assert a[1]["train/grad_norm"] > 0 and a[2]["train/grad_norm"] > 0  # real updates happened before the kill
   for key in ("reward/mean", "train/loss", "train/grad_norm", "length/response", "tool/calls_per_traj"):
     assert b[2][key] == pytest.approx(a[2][key], rel=1e-6, abs=1e-9), key
+
+
+def test_metrics_jsonl_on_resume_keeps_one_row_per_step(tmp_path):
+  """A run killed while the checkpoint of its last logged step was still being written resumes from an earlier
+  step: the rows it will redo move to metrics.jsonl.discarded (kept, not deleted), the rest stay as they were."""
+  from deepeyes_jax.rl.metrics import JsonlWriter
+
+  path = tmp_path / "metrics.jsonl"
+  w = JsonlWriter(str(path))
+  for s in (1, 2, 3):
+    w.write_scalars(s, {"loss": float(s)})
+  w.close()
+  with open(path, "a") as f:
+    f.write('{"step": 4, "lo')  # a line cut short by the kill
+  w = JsonlWriter(str(path), resume_step=1)
+  w.write_scalars(2, {"loss": 20.0})
+  w.close()
+  rows = [json.loads(x) for x in path.read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 20.0)]
+  discarded = (tmp_path / "metrics.jsonl.discarded").read_text().splitlines()
+  assert [json.loads(x)["step"] for x in discarded[:2]] == [2, 3] and discarded[2] == '{"step": 4, "lo'
+  JsonlWriter(str(path), resume_step=5).close()  # nothing after step 5: the file is untouched
+  assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]

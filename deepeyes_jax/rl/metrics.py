@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import time
 from typing import Any, Mapping, Sequence
@@ -19,6 +20,8 @@ from clu import metric_writers
 
 from deepeyes_jax.agent.trajectory import Trajectory
 from deepeyes_jax.rl.held_out import zoom_ious
+
+log = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per device (SPEC.md section 3). CPU: measured fp32 matmul rate of the CI machine kind.
 PEAK_FLOPS = {
@@ -42,10 +45,17 @@ def device_peak_flops(device: jax.Device | None = None) -> float:
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends {"step": s, **scalars} per line to a file; other kinds of summaries are ignored."""
+  """Appends {"step": s, **scalars} per line to a file; other kinds of summaries are ignored.
 
-  def __init__(self, path: str):
+  `resume_step`: the checkpoint a run resumes from. Rows of later steps were logged by the killed run after its last
+  durable checkpoint (an asynchronous save still in flight at a SIGKILL is lost) and are about to be redone: they
+  are moved to `<path>.discarded` so that metrics.jsonl has one row per step, and nothing logged is thrown away.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
     self.path = path
+    if resume_step is not None and os.path.exists(path):
+      _drop_rows_after(path, resume_step)
     self._f = open(path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -85,15 +95,36 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._f.close()
 
 
-def make_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard (workdir/tensorboard) + log lines + workdir/metrics.jsonl on process 0; log-only elsewhere."""
+def _drop_rows_after(path: str, step: int) -> None:
+  keep, drop = [], []
+  with open(path) as f:
+    for line in f:
+      try:
+        later = int(json.loads(line)["step"]) > step
+      except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+        later = True
+      (drop if later else keep).append(line if line.endswith("\n") else line + "\n")
+  if drop:
+    with open(path + ".discarded", "a") as f:
+      f.writelines(drop)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+    log.warning("%s: moved %d rows logged after step %d (not checkpointed) to %s.discarded", path, len(drop), step, path)
+
+
+def make_writer(workdir: str, resume_step: int | None = None) -> metric_writers.MetricWriter:
+  """TensorBoard (workdir/tensorboard) + log lines + workdir/metrics.jsonl on process 0; log-only elsewhere.
+
+  `resume_step`: see `JsonlWriter`."""
   if jax.process_index() != 0:
     return metric_writers.LoggingWriter()
   os.makedirs(workdir, exist_ok=True)
   return metric_writers.MultiWriter(
     [
       metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),
     ]
   )
 

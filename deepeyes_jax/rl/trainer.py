@@ -327,7 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if start == warm_steps:  # the warm-start checkpoint: GRPO starts with a fresh optimiser
       learner = _switch_to_rl(learner, config, mesh)
     log.info("resuming from step %d", start)
-  writer = make_writer(workdir)
+  writer = make_writer(workdir, resume_step=start)
   if start == 0 and chief:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
   progress = Progress(config.total_steps, start, warm_steps)
@@ -371,7 +371,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       seed=step_seed(config.seed, step),
     )
     t_rollout = time.time() - t0
-    if step + 1 == kill_at:
+    if step + 1 == kill_at:  # after the previous step's checkpoint is durable: the test then knows where it resumes
+      ckpt.wait()
       os.kill(os.getpid(), 9)
     rewards = score(trajs, tokenizer, judge)
     adv_fn = grpo.get_advantage_fn(config.rl.advantage)
