@@ -50,23 +50,127 @@ def test_scenes_are_deterministic_per_seed_split_and_index():
 
 
 def test_scene_layout_and_question():
+  """The default: textured plates on coloured objects, one per cell; the question names the target's cell."""
   cfg = syn.SceneConfig()
-  for i in range(20):
+  for i in range(12):
     s = syn.make_scene(i, config=cfg)
     w, h = s.image.size
     assert w == h and cfg.min_size <= w <= cfg.max_size
     assert cfg.min_objects <= len(s.objects) <= cfg.max_objects
-    assert len({o.color for o in s.objects}) == len(s.objects)  # the colour names the target unambiguously
+    assert len({o.color for o in s.objects}) == len(s.objects)
     assert len({o.cell for o in s.objects}) == len(s.objects)
     t = s.objects[s.target]
-    assert f"{t.color} {t.shape}" in s.question and s.answer == t.label and s.answer in syn.BADGE_COLORS
+    assert s.question.rstrip("?.").endswith(f"in the {syn.cell_name(t.cell, cfg.grid)}")
+    assert s.answer == t.label and s.answer in syn.CHECK_COLORS
     x1, y1, x2, y2 = s.cell_box()
     assert x1 <= t.box[0] and y1 <= t.box[1] and t.box[2] <= x2 + 1 and t.box[3] <= y2 + 1  # object in its cell
-    # The plate: white, with a dot of the answer's colour at the object's centre (the detail is drawn).
+    # The plate at the object's centre: the answer's colour and its complement, half each, nothing else.
+    cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
+    r = round(0.2 * w / cfg.grid)
+    px = np.asarray(s.image.crop((cx - r, cy - r, cx + r, cy + r))).reshape(-1, 3).astype(int)
+    a = np.array(syn.CHECK_COLORS[s.answer])
+    is_a, is_c = (px == a).all(1), (px == 255 - a).all(1)
+    assert (is_a | is_c).all() and abs(is_a.mean() - 0.5) < 0.05
+  assert syn.cell_name((0, 0), 3) == "top left cell" and syn.cell_name((2, 1), 3) == "middle right cell"
+  assert syn.cell_name((1, 2), 4) == "row 3, column 2 cell"
+
+
+def test_named_targets_and_dot_details():
+  """target_by="name": "the red circle" (the model has to find it); detail="dot": a dot of the answer's colour."""
+  cfg = syn.SceneConfig(detail="dot", target_by="name", min_size=768, zoom_inset=0.0)
+  for i in range(10):
+    s = syn.make_scene(i, config=cfg)
+    t = s.objects[s.target]
+    assert s.question.rstrip("?.").endswith(f"on the {t.color} {t.shape}")
+    assert s.answer == t.label and s.answer in syn.BADGE_COLORS
+    assert syn.target_name(syn.scene_record(s, cfg)["extra_info"]) == f"{t.color} {t.shape}"
+    assert syn.target_name({"question": s.question}) == f"{t.color} {t.shape}"  # records without "target"
     cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
     patch = np.asarray(s.image.crop((cx - 40, cy - 40, cx + 40, cy + 40))).astype(int)
     assert (patch.min(-1) > 235).any()
     assert np.abs(patch[40, 40] - np.array(syn.BADGE_COLORS[s.answer])).max() <= 20  # speckle-free: drawn over it
+  for bad in (dict(target_by="colour"), dict(detail="stripes"), dict(plate_scale=1.2), dict(texture_unit=0)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      syn.SceneConfig(**bad)
+
+
+def _orientation_energy(a: np.ndarray) -> np.ndarray:
+  """Mean squared differences along x, y, the main and the anti diagonal, normalised to sum 1."""
+  a = a.astype(float).mean(-1)
+  e = np.array(
+    [
+      (np.diff(a, axis=1)[:-1] ** 2).mean(),
+      (np.diff(a, axis=0)[:, :-1] ** 2).mean(),
+      ((a[1:, 1:] - a[:-1, :-1]) ** 2).mean(),
+      ((a[1:, :-1] - a[:-1, 1:]) ** 2).mean(),
+    ]
+  )
+  return e / e.sum()
+
+
+def test_strokes_run_one_way_in_a_crop_and_average_out_in_the_global_view():
+  """detail="strokes": in the demonstrator's crop (the plate at the original resolution) the strokes' direction
+  dominates the image's gradients; in the 8-9x smaller global view the same plate is a gray with nearly isotropic
+  noise and the same mean for every answer."""
+  cfg = syn.SceneConfig(detail="strokes", texture_unit=0.75)
+  size = 1440
+  side, unit = cfg.plate_scale * size / cfg.grid, cfg.texture_unit * size / 168
+  along = {"horizontal": 0, "vertical": 1, "rising": 3, "falling": 2}  # the energy index the strokes run along
+  across = {"horizontal": 1, "vertical": 0, "rising": 2, "falling": 3}
+  means = {}
+  for kind in syn.STROKES:
+    crop_e, global_e, means[kind] = [], [], []
+    for seed in range(6):
+      img = Image.new("RGB", (size, size), (140, 140, 140))
+      syn._strokes(np.random.default_rng(seed), img, size / 2, size / 2, side, unit, kind)
+      view = np.asarray(img.resize((168, 168), Image.Resampling.BICUBIC))
+      h = int(side * 168 / size / 2) - 2
+      global_e.append(_orientation_energy(view[84 - h : 84 + h, 84 - h : 84 + h]))
+      means[kind].append(view[84 - h : 84 + h, 84 - h : 84 + h].mean())
+      q = size / cfg.grid * (0.5 - cfg.zoom_inset)  # the demonstrator's box: the central third of the cell
+      crop = img.crop((round(size / 2 - q), round(size / 2 - q), round(size / 2 + q), round(size / 2 + q)))
+      rh, rw = improc.smart_resize(crop.size[1], crop.size[0], max_pixels=syn.GLOBAL_MAX_PIXELS)
+      assert rw >= 0.9 * crop.size[0]  # shown at about the original resolution
+      crop_e.append(_orientation_energy(np.asarray(crop.resize((rw, rh), Image.Resampling.BICUBIC))))
+    crop_e, global_e = np.mean(crop_e, 0), np.mean(global_e, 0)
+    if kind in along:
+      assert crop_e[along[kind]] < 0.4 * crop_e[across[kind]], (kind, crop_e)
+      assert global_e[along[kind]] > 0.8 * global_e[across[kind]], (kind, global_e)
+    else:  # dotted: square specks, no direction either way
+      assert abs(crop_e[0] - crop_e[1]) < 0.02 and abs(crop_e[2] - crop_e[3]) < 0.02, crop_e
+  m = [np.mean(v) for v in means.values()]
+  assert max(m) - min(m) < 6, means  # the same gray for every answer
+  scene = syn.make_scene(0, config=cfg)
+  assert scene.answer in syn.STROKES and "strokes" in scene.question
+
+
+def test_checks_are_one_gray_in_the_global_view_and_two_colours_in_a_crop():
+  """Why the default task needs the zoom: the global view (the real preprocessing) of every target plate is the same
+  flat gray, within a gray level, whatever the answer; the demonstrator's crop (the real zoom tool) shows the
+  answer's colour and its complement at full contrast. No complement is an answer, so the pair names the answer."""
+  cfg = syn.SceneConfig(decoys=0, clutter=0)
+  seen_means = []
+  for i in range(12):
+    s = syn.make_scene(i, config=cfg)
+    size = s.image.size[0]
+    view = np.asarray(s.image.resize((168, 168), Image.Resampling.BICUBIC)).astype(float)  # = improc.preprocess
+    t = s.objects[s.target]
+    cx, cy = ((t.box[0] + t.box[2]) / 2) * 168 / size, ((t.box[1] + t.box[3]) / 2) * 168 / size
+    h = cfg.plate_scale * 168 / cfg.grid / 2 - 2  # inside the plate, clear of its edges
+    plate = view[round(cy - h) : round(cy + h), round(cx - h) : round(cx + h)].reshape(-1, 3)
+    assert plate.std(0).max() < 2.0, plate.std(0)
+    seen_means.append(plate.mean(0))
+    info = syn.scene_record(s, cfg)["extra_info"]
+    crop, _, turns = syn.reading(s.image, info, (168, 168))
+    rh, rw = improc.smart_resize(crop.size[1], crop.size[0], max_pixels=syn.GLOBAL_MAX_PIXELS)
+    shown = np.asarray(crop.resize((rw, rh), Image.Resampling.BICUBIC)).reshape(-1, 3).astype(float)
+    a = np.array(syn.CHECK_COLORS[s.answer], float)
+    d = (shown - 127.5) @ (a - 127.5) / np.linalg.norm(a - 127.5)  # along the answer's colour axis
+    assert d.std() > 100 and abs(d.mean()) < 15, (d.std(), d.mean())
+    assert turns == [f"{s.answer}<|im_end|>"]
+  assert np.ptp(np.array(seen_means), 0).max() < 2.0  # the same gray for every answer
+  complements = {tuple(int(255 - x) for x in v) for v in syn.CHECK_COLORS.values()}
+  assert not set(syn.CHECK_COLORS.values()) & complements
 
 
 def test_digit_and_badge_details():
@@ -89,18 +193,20 @@ def test_digit_and_badge_details():
   assert np.ptp(inside) < 40  # dot + ring average to a gray
 
 
-def test_global_view_is_six_by_six_tokens_and_a_cell_crop_magnifies():
+def test_global_view_is_six_by_six_tokens_and_the_zoom_magnifies_about_eightfold():
   cfg = syn.SceneConfig()
   for i in range(5):
     s = syn.make_scene(i)
     _, grid = improc.preprocess(s.image, max_pixels=syn.GLOBAL_MAX_PIXELS)
     assert grid.tolist() == [1, 12, 12]  # 168 x 168 px: 6 x 6 merged tokens, 2 x 2 per cell of the 3 x 3 grid
-    x1, y1, x2, y2 = s.cell_box()
-    crop = s.image.crop((round(x1), round(y1), round(x2), round(y2)))
-    rh, rw = improc.smart_resize(crop.size[1], crop.size[0], max_pixels=syn.GLOBAL_MAX_PIXELS)
-    global_cell_px = grid[1] * 14 / cfg.grid  # one cell of the global view the model sees
-    # The digit: < 4 px tall in the global view (strokes under a pixel), >= 11 px in the crop of its cell.
-    assert rh * cfg.detail_scale >= 11 and global_cell_px * cfg.detail_scale < 4
+    info = syn.scene_record(s)["extra_info"]
+    x1, y1, x2, y2 = syn.cell_box_seen(info, (168, 168))  # the demonstrator's box, in the global view's pixels
+    call = json.dumps({"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2]}})
+    out = protocol.execute_turn(f"<tool_call>\n{call}\n</tool_call>", s.image, frame="resized", seen_size=(168, 168))
+    rh, rw = improc.smart_resize(out.crop.size[1], out.crop.size[0], max_pixels=syn.GLOBAL_MAX_PIXELS)
+    assert rw / (x2 - x1) >= 7.5  # crop pixels per global-view pixel
+    # A tile of the checks: under half a pixel of the global view, >= 2.5 px of the crop.
+    assert cfg.texture_unit < 0.5 and cfg.texture_unit * rw / (x2 - x1) >= 2.5
 
 
 def test_background_says_which_cell_a_pixel_is_in():
@@ -151,7 +257,7 @@ def test_source_feeds_the_grain_pipeline():
 # --------------------------------------------------------------------------------------------------------------
 # Demonstrator and demonstrations
 # --------------------------------------------------------------------------------------------------------------
-def test_demonstrator_zoom_box_covers_the_target_through_the_real_protocol():
+def test_demonstrator_zoom_box_lies_on_the_target_plate_through_the_real_protocol():
   src = syn.SyntheticSource(30)
   agent = _agent()
   for i in range(30):
@@ -160,9 +266,16 @@ def test_demonstrator_zoom_box_covers_the_target_through_the_real_protocol():
     seen = syn.seen_size(ex.images[0].size, min_pixels=agent.min_pixels, max_pixels=agent.max_pixels)
     out = protocol.execute_turn(turns[0].replace("<|im_end|>", ""), ex.images[0], frame="resized", seen_size=seen)
     assert out.kind == "tool" and out.tool_call.status == "ok", out
+    # The box is the central third of the target's cell: inside the target's textured plate (the crop is all
+    # strokes and paper).
     x1, y1, x2, y2 = out.tool_call.bbox
     tb = json.loads(ex.extra["extra_info"]["target_box"])
-    assert x1 <= tb[0] + 1 and y1 <= tb[1] + 1 and tb[2] <= x2 + 1 and tb[3] <= y2 + 1
+    cx, cy = (tb[0] + tb[2]) / 2, (tb[1] + tb[3]) / 2
+    half = syn.SceneConfig().plate_scale * ex.images[0].size[0] / 3 / 2
+    assert cx - half <= x1 + 1 and cy - half <= y1 + 1 and x2 <= cx + half + 1 and y2 <= cy + half + 1
+    a = np.array(syn.CHECK_COLORS[ex.ground_truth])
+    px = np.asarray(out.crop).reshape(-1, 3).astype(int)
+    assert ((px == a).all(1) | (px == 255 - a).all(1)).all()
     assert protocol.execute_turn(turns[1], ex.images[0]).answer == ex.ground_truth
 
 
@@ -280,6 +393,12 @@ def test_skill_accuracy_counts_content_tokens_only(tiny_vlm):
     r, t = np.nonzero(sel)
     return r, t + 1
 
+  # Answers count inside "<answer>...</answer>" too, where a byte-level BPE may merge the tag's ">" into the label;
+  # a lone ">" is format.
+  for label in syn.CHECK_COLORS:
+    ids = tok(f"<answer>{label}</answer>", add_special_tokens=False)["input_ids"]
+    assert np.isin(ids, warmstart.content_token_ids(tok, [label])).any(), label
+  assert tok.convert_tokens_to_ids(">") not in warmstart.content_token_ids(tok, list(syn.CHECK_COLORS))
   assert warmstart.skill_accuracy(Oracle(lambda mb: []), {"ground": packed}, content) == {"ground": 1.0}
   fmt = lambda mb: list(zip(*positions(mb, False)))  # every format token wrong: still all right
   assert warmstart.skill_accuracy(Oracle(fmt), {"ground": packed}, content) == {"ground": 1.0}

@@ -1,22 +1,26 @@
 """A synthetic fine-grained VQA task that needs zooming: the embedded default of `configs/synthetic.py`.
 
-Each scene is a seeded, procedurally drawn square image (768-1536 px) on a cluttered background: gray shapes,
-lines, speckle noise and decoy details, over a position-coded background. A `grid x grid` layout (3 x 3 by default)
-holds 3-5 coloured objects (circle, square, triangle or diamond; every colour appears once per scene), each carrying
-a small white plate with the answer-bearing detail (`SceneConfig.detail`): a coloured dot (default; "What colour is
-the dot on the red circle?" -> "blue"), the same dot ringed by its complementary colour ("badge": the ring cancels
-the dot's colour when shrunk), or a seven-segment digit ("digit"; "What digit is on the red circle?" -> "7").
+Each scene is a seeded, procedurally drawn square image (1344-1536 px) on a cluttered background: gray shapes,
+lines, speckle noise and small decoy plates, over a position-coded background. A `grid x grid` layout (3 x 3 by
+default) holds 3-5 coloured objects (circle, square, triangle or diamond), each under a plate that carries the
+answer-bearing detail (`SceneConfig.detail`). The default, "checks": a checkerboard of 3-px tiles in one of six
+colours and its complement; "What colour are the checks in the top left cell?" -> "lime".
 
 Why it needs zooming. With `GLOBAL_MAX_PIXELS` the model sees the whole image at 168 x 168 px (6 x 6 vision tokens,
-2 x 2 per cell): the objects are plain, but the detail is `detail_scale` (0.07) of a cell, ~3.9 px after the 5-9x
-downscale. A crop of the target's cell is shown at 168 x 168 px, three times larger (~11.8 px).
+2 x 2 per cell), an 8-9x downscale: every checkerboard averages to the same flat mid gray there (a regular pattern
+has no energy at the low frequencies a downscale keeps; within a gray level, whatever the colour -- tested). The
+demonstrator's zoom box, the central third of the target's cell, comes back as a crop at the original resolution
+(~160 px shown at 140-168 px): the two colours at full contrast. Other details: "strokes" (which way short strokes
+run; nearly isotropic noise when shrunk, but slow for the tiny model to learn to read), "dot", "badge" and "digit"
+(a coloured dot, the dot ringed by its complement, a seven-segment digit; the earlier defaults, see
+docs/synthetic.md).
 
-Why the grid and the position code. Qwen2.5-VL's vision tower has no absolute position embedding: a 7B model learns
-grounding from billions of tokens; a 1M-parameter model trained for minutes on a CPU cannot learn to turn "which
-token holds the red circle" into pixel coordinates from rotary phases alone. So objects sit inside the cells of a
-grid aligned with the vision tokens, and the background says where a token is (`background="cells"`: one muted red
-level per column and blue level per row; "gradient": faint ramps). The model still has to find the named object
-among distractors and write its box as text.
+How the target is named (`target_by`). "cell" (default): by its cell ("the top left cell"); the model turns words
+into a box. "name": by colour and shape ("the red circle"); the model has to find it in the global view first --
+which a 1M-parameter model made by code does not learn in a CPU budget (docs/synthetic.md). Qwen2.5-VL's vision
+tower has no absolute position embedding, so for that variant objects sit inside the cells of a grid aligned with
+the vision tokens and the background says where a token is (`background="cells"`: one muted red level per column
+and blue level per row; "gradient": faint ramps).
 
 Records are in the DeepEyes-47k format (`deepeyes.decode_example` reads them; the pipeline and the rewards apply as
 for the real data). The data source is ``synthetic_zoom``, scored like V* (``0.8 acc + 0.2 fmt + 1.2 tool``).
@@ -92,8 +96,7 @@ _SEGMENTS = {
 
 # Badge colours, in complementary pairs (each pair sums to white): a badge is a dot of one colour in a ring of its
 # complement, of equal area, so that the average over the badge is the same gray for every answer. Shrunk to a few
-# pixels (the global view) the badge is a gray blob; in a crop its dot is a plain patch of colour. A colour is what a
-# small vision tower learns to read in a few hundred steps; a digit's shape is not (docs/synthetic.md).
+# pixels (the global view) the badge is a gray blob; in a crop its dot is a plain patch of colour.
 BADGE_COLORS: dict[str, tuple[int, int, int]] = {
   "red": (225, 30, 30),
   "cyan": (30, 225, 225),
@@ -104,15 +107,39 @@ BADGE_COLORS: dict[str, tuple[int, int, int]] = {
 }
 
 
+# Check colours (detail="checks", the default): a checkerboard of the answer colour A and its complement 255 - A, in
+# square tiles of a few original pixels. The 8-9x downscale to the global view averages every checkerboard to the
+# same mid gray (a regular pattern has no energy at the low frequencies a downscale keeps: the global view's plate
+# varies by < 1 gray level, whatever the colour); in a crop, shown at the original resolution, the two colours are
+# plain. The answers are the six hues from red to teal (0..150 degrees), their complements the six opposite hues
+# (cyan..rose): no complement is an answer, so the pair of colours in the crop names the answer.
+CHECK_COLORS: dict[str, tuple[int, int, int]] = {
+  "red": (255, 0, 0),
+  "orange": (255, 128, 0),
+  "yellow": (255, 255, 0),
+  "lime": (128, 255, 0),
+  "green": (0, 255, 0),
+  "teal": (0, 255, 128),
+}
+
+
 def _complement(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
   return tuple(255 - v for v in rgb)
+
+
+DETAILS = ("checks", "strokes", "dot", "badge", "digit")
+# detail="strokes": a plate covered with short black strokes at random places, all running one way (or square
+# specks of the same ink: "dotted"). Shrunk below a pixel, every plate is the same light gray with the same isotropic
+# noise -- unlike colours, which survive the downscale as a colour cast of the noise; in a crop the strokes are a
+# few pixels long and their direction is the texture of the whole crop.
+STROKES = ("horizontal", "vertical", "rising", "falling", "dotted")
 
 
 @dataclasses.dataclass(frozen=True)
 class SceneConfig:
   """How scenes are drawn. The defaults are the embedded default task."""
 
-  min_size: int = 768  # image side in pixels (square images)
+  min_size: int = 1344  # image side in pixels (square images): the global view is an 8-9x downscale
   max_size: int = 1536
   grid: int = 3  # cells per side; 3 = one cell per 2 x 2 vision tokens of the 168 px global view
   min_objects: int = 3  # coloured objects (target + distractors), each in its own cell
@@ -120,14 +147,25 @@ class SceneConfig:
   object_scale: tuple[float, float] = (0.45, 0.6)  # object size / cell
   object_margin: float = 0.02  # least gap between an object and its cell's border / cell
   object_jitter: float = 0.3  # random offset of an object in its cell, as a fraction of the free room (0: centred)
-  # The answer-bearing detail: "dot" (a coloured dot's colour), "badge" (the same dot in a ring of the complementary
-  # colour: gray when shrunk) or "digit" (a seven-segment digit).
-  detail: str = "dot"
+  # The answer-bearing detail: "checks" (a plate checkered in a colour and its complement: the colour; see
+  # CHECK_COLORS), "strokes" (a plate of short strokes: which way they run; see STROKES), "dot" (a coloured dot's
+  # colour), "badge" (the same dot in a ring of the complementary colour: gray when shrunk), "digit" (a
+  # seven-segment digit).
+  detail: str = "checks"
   detail_scale: float = 0.07  # detail height / cell: ~3.9 px in the global view, ~11.8 px in a crop of the cell
+  plate_scale: float = 0.5  # detail="checks" / "strokes": the textured plate's side / cell
+  # detail="checks": a tile's side (rounded to whole original pixels); "strokes": a stroke's length; in pixels of the
+  # 168 px global view (0.35: 3 original pixels of a 1344-1536 px scene).
+  texture_unit: float = 0.35
+  # How the question names the target: "name" (its colour and shape: "the red circle") or "cell" (where it is:
+  # "the top left cell"; the model then only has to turn words into a box, not find the object).
+  target_by: str = "cell"
   digit_stroke: float = 0.2  # stroke width / digit height (detail="digit")
   clutter: int = 40  # gray background shapes and lines
   clutter_scale: float = 0.25  # largest clutter shape / cell
-  zoom_inset: float = 0.0  # the demonstrator's box: the target's cell shrunk by this fraction of a cell per side
+  # The demonstrator's box: the target's cell shrunk by this fraction of a cell per side (1/3: its central third, a
+  # crop of ~170 px shown at ~168 px, i.e. the original resolution, 8-9x the global view's).
+  zoom_inset: float = 1 / 3
   decoys: int = 12  # small decoy details (gray digits / coloured badges) in the background
   background: str = "cells"  # position code: "cells" (one R level per column, B per row) | "gradient" (R ~ x, B ~ y)
   system_prompt: str = "short"  # "short" (SHORT_SYSTEM_PROMPT) | "deepeyes" (prompts.SYSTEM_PROMPT, byte-exact)
@@ -137,8 +175,12 @@ class SceneConfig:
       raise ValueError(f"need 64 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
     if self.grid < 2 or not 1 <= self.min_objects <= self.max_objects <= min(len(COLORS), self.grid**2):
       raise ValueError(f"need grid >= 2 and 1 <= min_objects <= max_objects <= {len(COLORS)}")
-    if self.detail not in ("dot", "badge", "digit"):
-      raise ValueError(f"detail must be 'dot', 'badge' or 'digit', got {self.detail!r}")
+    if self.detail not in DETAILS:
+      raise ValueError(f"detail must be one of {DETAILS}, got {self.detail!r}")
+    if self.target_by not in ("name", "cell"):
+      raise ValueError(f"target_by must be 'name' or 'cell', got {self.target_by!r}")
+    if not 0 < self.plate_scale < 1 or self.texture_unit <= 0:
+      raise ValueError(f"need 0 < plate_scale < 1 and texture_unit > 0, got {self.plate_scale}, {self.texture_unit}")
     if self.background not in ("cells", "gradient"):
       raise ValueError(f"background must be 'cells' or 'gradient', got {self.background!r}")
     if not 0 <= self.object_jitter <= 1 or not 0 < self.object_scale[0] <= self.object_scale[1] < 1:
@@ -150,7 +192,16 @@ class SceneConfig:
 
   @property
   def questions(self) -> tuple[str, ...]:
-    return QUESTIONS if self.detail == "digit" else BADGE_QUESTIONS
+    return {"digit": QUESTIONS, "checks": CHECK_QUESTIONS, "strokes": STROKE_QUESTIONS}.get(self.detail, BADGE_QUESTIONS)
+
+  @property
+  def labels(self) -> tuple[str, ...]:
+    """Every possible answer."""
+    if self.detail == "digit":
+      return tuple(str(d) for d in range(10))
+    if self.detail == "strokes":
+      return STROKES
+    return tuple(CHECK_COLORS if self.detail == "checks" else BADGE_COLORS)
 
   @property
   def system_text(self) -> str:
@@ -221,6 +272,52 @@ def _badge(draw: ImageDraw.ImageDraw, cx: float, cy: float, h: float, color: str
   draw.ellipse((cx - ri, cy - ri, cx + ri, cy + ri), fill=BADGE_COLORS[color])
 
 
+def _checks(rng: np.random.Generator, img: Image.Image, cx: float, cy: float, side: float, unit: float, color: str):
+  """A square plate `side` pixels wide centred at (cx, cy), checkered in CHECK_COLORS[color] and its complement, in
+  tiles of round(`unit`) pixels (whole pixels: uneven tiles would beat into coarse bands that survive a downscale),
+  at a random phase."""
+  px, tile = max(4, round(side)), max(1, round(unit))
+  y, x = np.ogrid[0:px, 0:px]
+  oy, ox = rng.integers(0, 2 * tile, 2)
+  odd = ((y + oy) // tile + (x + ox) // tile) % 2 == 1
+  a = np.asarray(CHECK_COLORS[color], np.uint8)
+  img.paste(Image.fromarray(np.where(odd[..., None], a, 255 - a)), (round(cx - px / 2), round(cy - px / 2)))
+
+
+def _stroke_offsets(kind: str, length: float) -> np.ndarray:
+  """(K, 2) integer (dy, dx) pixel offsets of one stroke: 2 px wide and `length` px long, centred on the origin; a
+  diagonal one is a 2-px staircase of `length` along its diagonal; "dotted": a square speck of the same area."""
+  n = max(2, round(length))
+  if kind == "dotted":
+    side = max(2, round(math.sqrt(2 * n)))
+    pts = [(y, x) for y in range(side) for x in range(side)]
+  elif kind in ("horizontal", "vertical"):
+    pts = [(w, k) for k in range(n) for w in range(2)]
+    if kind == "vertical":
+      pts = [(x, y) for y, x in pts]
+  else:  # image y grows downwards: a rising stroke goes up to the right
+    steps = max(2, round(n / math.sqrt(2)))
+    sign = -1 if kind == "rising" else 1
+    pts = [(sign * k + w, k) for k in range(steps) for w in range(2)]
+  pts = np.array(pts, np.int64)
+  return pts - (pts.max(0) + pts.min(0)) // 2
+
+
+def _strokes(rng: np.random.Generator, img: Image.Image, cx: float, cy: float, side: float, unit: float, kind: str):
+  """A light square plate `side` pixels wide centred at (cx, cy), covered with black strokes `unit` pixels long
+  (`_stroke_offsets`), all of `kind` (STROKES), at random places: as many as make ~30% ink whatever the kind."""
+  px = max(4, round(side))
+  offsets = _stroke_offsets(kind, unit)
+  n = round(0.35 * px * px / len(offsets))
+  centres = rng.integers(0, px, (n, 2))
+  m = int(np.abs(offsets).max())
+  ink = np.zeros((px + 2 * m, px + 2 * m), bool)
+  for dy, dx in offsets:  # stamp every stroke at once, one offset at a time
+    ink[centres[:, 0] + (m + dy), centres[:, 1] + (m + dx)] = True
+  plate = np.where(ink[m : m + px, m : m + px, None], np.uint8(20), np.uint8(235)).repeat(3, -1)
+  img.paste(Image.fromarray(plate), (round(cx - px / 2), round(cy - px / 2)))
+
+
 def _shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
   x0, y0, x1, y1 = (round(v) for v in box)
   cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -245,13 +342,15 @@ def _background(rng: np.random.Generator, size: int, kind: str = "cells", grid: 
     ramp = (100 + (80 // max(1, grid - 1)) * (np.arange(size) * grid // size)).astype(np.int16)
   else:
     ramp = (95 + 90 * np.arange(size) / size).astype(np.int16)
-  img = np.empty((size, size, 3), np.int16)
+  img = np.empty((size, size, 3), np.uint8)
   img[..., 0] = ramp[None, :]
   img[..., 1] = 140 if kind == "cells" else 130
   img[..., 2] = ramp[:, None]
-  # Uniform integer speckle (std ~12): 5x cheaper than Gaussian noise, and scene drawing is on the training path.
-  img += (rng.integers(0, 41, (size, size), dtype=np.int16) - 20)[..., None]
-  return img.clip(0, 255).astype(np.uint8)
+  # Uniform integer speckle in [-20, 20] (std ~12), in uint8 arithmetic (every level is in [95, 185]: no wrap-around):
+  # several times cheaper than Gaussian noise in wider types, and scene drawing is on the training path.
+  img += rng.integers(0, 41, (size, size), dtype=np.uint8)[..., None]
+  img -= 20
+  return img
 
 
 def make_scene(index: int, *, seed: int = 0, split: str = "train", config: SceneConfig = SceneConfig()) -> Scene:
@@ -271,9 +370,14 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
     else:
       _shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], (x, y, x + s, y + s), (g, g, g))
   h = config.detail_scale * cell
+  unit = config.texture_unit * size / 168  # in original pixels
   for _ in range(config.decoys):  # decoy details in the background: reading "a digit / badge" is not enough
     x, y = rng.uniform(0, size - cell * 0.3, 2)
-    if config.detail != "digit":
+    if config.detail == "checks":
+      _checks(rng, img, x + h / 2, y + h / 2, h, unit, list(CHECK_COLORS)[int(rng.integers(len(CHECK_COLORS)))])
+    elif config.detail == "strokes":
+      _strokes(rng, img, x + h / 2, y + h / 2, h, unit, STROKES[int(rng.integers(len(STROKES)))])
+    elif config.detail != "digit":
       color = list(BADGE_COLORS)[int(rng.integers(len(BADGE_COLORS)))]
       _badge(draw, x + h / 2, y + h / 2, h, color, ring=config.detail == "badge")
     else:
@@ -295,6 +399,13 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
     _shape(draw, shape, (x0, y0, x0 + s, y0 + s), COLORS[color])
     # A white plate with the detail at the centre of the object's box (inside every shape, triangles included).
     cx, cy = x0 + s / 2, y0 + s / 2
+    if config.detail in ("checks", "strokes"):  # the plate is the detail
+      label = config.labels[int(rng.integers(len(config.labels)))]
+      draw_plate = _checks if config.detail == "checks" else _strokes
+      draw_plate(rng, img, cx, cy, config.plate_scale * cell, unit, label)
+      box = (math.floor(x0), math.floor(y0), math.ceil(x0 + s), math.ceil(y0 + s))
+      objects.append(SceneObject(color=color, shape=shape, label=label, cell=(c, r), box=box))
+      continue
     if config.detail != "digit":
       label = list(BADGE_COLORS)[int(rng.integers(len(BADGE_COLORS)))]
       pw = ph = 1.4 * h
@@ -314,7 +425,7 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
   template = questions[int(rng.integers(len(questions)))]
   scene = Scene(
     image=img,
-    question=template.format(color=obj.color, shape=obj.shape),
+    question=template.format(where=_where(obj, config)[1]),
     answer=obj.label,
     target=target,
     objects=objects,
@@ -326,16 +437,43 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
   return scene
 
 
+# Every template ends with {where}: "on the red circle" (target_by="name") or "in the top left cell" ("cell").
 QUESTIONS = (  # detail="digit"
-  "What digit is on the {color} {shape}?",
-  "Which digit is written on the {color} {shape}?",
-  "Read the digit on the {color} {shape}.",
+  "What digit is {where}?",
+  "Which digit is written {where}?",
+  "Read the digit {where}.",
 )
-BADGE_QUESTIONS = (  # detail="badge"; every template ends with the target (`target_name`)
-  "What colour is the dot on the {color} {shape}?",
-  "Which colour is the dot on the {color} {shape}?",
-  "Name the colour of the dot on the {color} {shape}.",
+BADGE_QUESTIONS = (  # detail="dot" / "badge"
+  "What colour is the dot {where}?",
+  "Which colour is the dot {where}?",
+  "Name the colour of the dot {where}.",
 )
+STROKE_QUESTIONS = (  # detail="strokes"
+  "Which way do the strokes run {where}?",
+  "What pattern are the strokes {where}?",
+  "Name the direction of the strokes {where}.",
+)
+CHECK_QUESTIONS = (  # detail="checks"
+  "What colour are the checks {where}?",
+  "Which colour are the checks {where}?",
+  "Name the colour of the checks {where}.",
+)
+
+
+def cell_name(cell: tuple[int, int], grid: int) -> str:
+  """"top left cell" for (0, 0) of a 3 x 3 grid; "row 2, column 4 cell" for other grids."""
+  c, r = cell
+  if grid == 3:
+    return f"{('top', 'middle', 'bottom')[r]} {('left', 'centre', 'right')[c]} cell"
+  return f"row {r + 1}, column {c + 1} cell"
+
+
+def _where(obj: SceneObject, config: SceneConfig) -> tuple[str, str]:
+  """(target, where): ("red circle", "on the red circle") or ("top left cell", "in the top left cell")."""
+  if config.target_by == "cell":
+    target = cell_name(obj.cell, config.grid)
+    return target, f"in the {target}"
+  return f"{obj.color} {obj.shape}", f"on the {obj.color} {obj.shape}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,6 +502,7 @@ def scene_record(scene: Scene, config: SceneConfig = SceneConfig(), *, tool: boo
       "target_cell": json.dumps(list(scene.objects[scene.target].cell)),
       "grid": scene.grid,
       "detail": config.detail,
+      "target": _where(scene.objects[scene.target], config)[0],
       "zoom_inset": config.zoom_inset,
       "objects": json.dumps([dataclasses.asdict(o) for o in scene.objects]),
     },
@@ -427,7 +566,7 @@ def demonstration(extra_info: dict, seen: tuple[int, int], *, zoom: bool) -> lis
   """The assistant turns (each ending in <|im_end|>) the teacher writes for a scene.
 
   zoom=True: think, call the zoom tool on the target's cell (in the seen frame, `coordinate_frame="resized"`),
-  then answer after the crop. zoom=False: think and answer from the global view (the digit is unreadable there:
+  then answer after the crop. zoom=False: think and answer from the global view (the detail is unreadable there:
   these demonstrations teach the model to guess, as a base model that does not use the tool would).
   """
   question, answer = extra_info["question"], extra_info["answer"]
@@ -450,11 +589,16 @@ READ_QUESTIONS = {
   "digit": "What digit is on the plate?",
   "dot": "What colour is the dot on the plate?",
   "badge": "What colour is the dot on the plate?",
+  "checks": "What colour are the checks?",
+  "strokes": "Which way do the strokes run?",
 }
 
 
 def target_name(extra_info: dict) -> str:
-  """"red circle" from "What digit is on the red circle?" (every question template ends with the target)."""
+  """How the question names the target: "red circle", "top left cell" (`extra_info["target"]`; for records made
+  before that key, parsed from the question: every template ends with "on the {target}")."""
+  if "target" in extra_info:
+    return extra_info["target"]
   return extra_info["question"].split(" on the ")[-1].rstrip("?.")
 
 
@@ -489,15 +633,17 @@ def corpus(n: int = 200, seed: int = 0, config: SceneConfig = SceneConfig()) -> 
   tokenizer merges what this task writes (deterministic)."""
   texts = [config.system_text, NO_TOOL_SYSTEM_PROMPT, NO_TOOL_SUFFIX, prompts.USER_SUFFIX, prompts.SUCCESS_OBSERVATION]
   rng = np.random.default_rng(seed)
-  labels = [str(d) for d in range(10)] if config.detail == "digit" else list(BADGE_COLORS)
+  labels = config.labels
   for i in range(n):
     color = list(COLORS)[i % len(COLORS)]
     shape = SHAPES[(i // len(COLORS)) % len(SHAPES)]
-    q = config.questions[i % len(config.questions)].format(color=color, shape=shape)
     c, r = (int(v) for v in rng.integers(0, config.grid, 2))
-    info = {"question": q, "answer": labels[i % len(labels)], "target_cell": json.dumps([c, r]), "grid": config.grid}
+    obj = SceneObject(color=color, shape=shape, label=labels[i % len(labels)], cell=(c, r), box=(0, 0, 1, 1))
+    target, where = _where(obj, config)
+    q = config.questions[i % len(config.questions)].format(where=where)
+    info = {"question": q, "answer": obj.label, "target": target, "target_cell": json.dumps([c, r]), "grid": config.grid}
     texts.append(q + prompts.USER_SUFFIX)
     texts.extend(demonstration(info, (168, 168), zoom=i % 2 == 0))
-    texts.extend([GROUND_QUESTION.format(target=f"{color} {shape}"), *grounding(info, (168, 168))[1]])
+    texts.extend([GROUND_QUESTION.format(target=target), *grounding(info, (168, 168))[1]])
   texts.append(READ_QUESTIONS[config.detail])
   return texts

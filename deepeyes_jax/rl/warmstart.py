@@ -104,9 +104,14 @@ def demonstrations(
 
 def content_token_ids(tokenizer, labels: Sequence[str] = ()) -> np.ndarray:
   """Ids of the tokens a demonstration's content lives in: the ten digits (boxes, digit answers) and the first
-  token of each answer label (e.g. colour names)."""
+  token of each answer label (e.g. colour names), alone ("lime<|im_end|>" of a reading exercise) and after the
+  answer tag (a byte-level BPE may merge ">lime" in "<answer>lime</answer>")."""
   ids = {tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
-  ids |= {tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
+  for label in labels:
+    ids.add(tokenizer(label, add_special_tokens=False)["input_ids"][0])
+    tagged = tokenizer(">" + label, add_special_tokens=False)["input_ids"][0]
+    if tokenizer.decode([tagged]) != ">":  # merged with the tag; a lone ">" is format, not content
+      ids.add(tagged)
   return np.array(sorted(ids), np.int32)
 
 
