@@ -397,26 +397,20 @@ def make_scene(index: int, *, seed: int = 0, split: str = "train", config: Scene
     y0 = r * cell + m + room / 2 + config.object_jitter * rng.uniform(-room / 2, room / 2)
     color, shape = list(COLORS)[int(colors[k])], SHAPES[int(rng.integers(len(SHAPES)))]
     _shape(draw, shape, (x0, y0, x0 + s, y0 + s), COLORS[color])
-    # A white plate with the detail at the centre of the object's box (inside every shape, triangles included).
+    # The detail at the centre of the object's box (inside every shape, triangles included).
     cx, cy = x0 + s / 2, y0 + s / 2
-    if config.detail in ("checks", "strokes"):  # the plate is the detail
-      label = config.labels[int(rng.integers(len(config.labels)))]
-      draw_plate = _checks if config.detail == "checks" else _strokes
-      draw_plate(rng, img, cx, cy, config.plate_scale * cell, unit, label)
-      box = (math.floor(x0), math.floor(y0), math.ceil(x0 + s), math.ceil(y0 + s))
-      objects.append(SceneObject(color=color, shape=shape, label=label, cell=(c, r), box=box))
-      continue
-    if config.detail != "digit":
-      label = list(BADGE_COLORS)[int(rng.integers(len(BADGE_COLORS)))]
-      pw = ph = 1.4 * h
-    else:
-      label = str(int(rng.integers(10)))
-      pw, ph = 0.6 * h + 0.5 * h, 1.5 * h
-    draw.rectangle((round(cx - pw / 2), round(cy - ph / 2), round(cx + pw / 2), round(cy + ph / 2)), fill=(245,) * 3)
-    if config.detail != "digit":
-      _badge(draw, cx, cy, h, label, ring=config.detail == "badge")
-    else:
-      _seven_segment(draw, cx - 0.3 * h, cy - h / 2, h, label, (10, 10, 10), config.digit_stroke)
+    label = config.labels[int(rng.integers(len(config.labels)))]
+    if config.detail == "checks":  # the plate is the detail
+      _checks(rng, img, cx, cy, config.plate_scale * cell, unit, label)
+    elif config.detail == "strokes":
+      _strokes(rng, img, cx, cy, config.plate_scale * cell, unit, label)
+    else:  # a white plate carrying the detail
+      pw, ph = (1.4 * h, 1.4 * h) if config.detail != "digit" else (1.1 * h, 1.5 * h)
+      draw.rectangle((round(cx - pw / 2), round(cy - ph / 2), round(cx + pw / 2), round(cy + ph / 2)), fill=(245,) * 3)
+      if config.detail != "digit":
+        _badge(draw, cx, cy, h, label, ring=config.detail == "badge")
+      else:
+        _seven_segment(draw, cx - 0.3 * h, cy - h / 2, h, label, (10, 10, 10), config.digit_stroke)
     box = (math.floor(x0), math.floor(y0), math.ceil(x0 + s), math.ceil(y0 + s))
     objects.append(SceneObject(color=color, shape=shape, label=label, cell=(c, r), box=box))
   target = int(rng.integers(n))

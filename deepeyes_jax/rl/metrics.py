@@ -194,7 +194,7 @@ class Progress:
     else:
       eta_text = _fmt(eta) + (" + GRPO" if left_rl else "")
     if warm:
-      skills = "".join(f" {k[7:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("skills/"))
+      skills = "".join(f" {k.removeprefix('skills/')} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("skills/"))
       return (
         f"step {step}/{self.total} | warm start | nll {m['train/nll']:.4f} | tokens/traj "
         f"{m.get('length/total', 0):.0f} | {pace:.1f} s/step | ETA {eta_text}" + (f" | skills:{skills}" if skills else "")
