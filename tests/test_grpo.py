@@ -194,7 +194,7 @@ def test_sharded_update_equals_single_device(hf_checkpoint):
   assert mm["grad_norm"] == pytest.approx(ms["grad_norm"], rel=1e-4)
   for x, y in zip(jax.tree.leaves(sharded.state), jax.tree.leaves(single.state)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5)  # 5% of an Adam step (lr 1e-3)
-  kernel = sharded.state["language_model"]["layers"][0]["mlp"]["gate_proj"]["kernel"].get_value()
+  kernel = sharded.state["language_model"]["layers"][0]["mlp"]["gate_proj"]["weight"].get_value()
   assert len(kernel.sharding.device_set) == 8
 
 
@@ -216,8 +216,8 @@ def test_frozen_vision_tower_does_not_move(hf_checkpoint):
     qvl.from_pretrained(hf_checkpoint[0], dtype=jnp.float32), LearnerConfig(learning_rate=1e-2, train_vision=False)
   )
   vis_before = [np.asarray(x).copy() for x in jax.tree.leaves(learner.state["visual"])]
-  lm_before = np.asarray(learner.state["lm_head"]["kernel"].get_value()).copy()
+  lm_before = np.asarray(learner.state["lm_head"]["weight"].get_value()).copy()
   learner.update(_batches(learner, 1))
   for x, y in zip(vis_before, jax.tree.leaves(learner.state["visual"])):
     np.testing.assert_array_equal(x, np.asarray(y))
-  assert not np.array_equal(lm_before, np.asarray(learner.state["lm_head"]["kernel"].get_value()))
+  assert not np.array_equal(lm_before, np.asarray(learner.state["lm_head"]["weight"].get_value()))

@@ -446,7 +446,10 @@ def test_fan_in_init_scales_kernels_by_fan_in():
   for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
     key = jax.tree_util.keystr(path)
     x = np.asarray(x)
-    if "kernel" in key and x.size >= 4096:
+    if "'weight'" in key and x.size >= 4096:  # a Linear's (out, in): fan-in is the last axis
+      assert x.std() == pytest.approx(x.shape[-1] ** -0.5, rel=0.1), key
+      seen.add("weight")
+    elif "kernel" in key and x.size >= 4096:  # the vision qkv einsum (in, 3, out)
       assert x.std() == pytest.approx(x.shape[0] ** -0.5, rel=0.1), key
       seen.add("kernel")
     elif "bias" in key:
@@ -458,7 +461,7 @@ def test_fan_in_init_scales_kernels_by_fan_in():
     elif "scale" in key:
       assert (x == 1).all(), key  # norm scales untouched
       seen.add("scale")
-  assert seen == {"kernel", "bias", "embedding", "scale"}
+  assert seen == {"weight", "kernel", "bias", "embedding", "scale"}
   again = fan_in_init(init_random(tiny_config(vocab_size=300)), seed=1)
   a, b = nnx.state(model, nnx.Param), nnx.state(again, nnx.Param)
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # deterministic

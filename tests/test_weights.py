@@ -186,8 +186,8 @@ def test_loading_streams_only_the_shards_each_device_needs(monkeypatch, hf_check
   model = qvl.from_pretrained(hf_checkpoint[0], dtype=jnp.float32, mesh=mesh)
   key = "model.layers.0.mlp.gate_proj.weight"  # (96, 64): sharded over fsdp (64) and tensor (96)
   assert max(reads[key]) == 96 * 64 // 4
-  kernel = model.language_model.layers[0].mlp.gate_proj.kernel.get_value()
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  weight = model.language_model.layers[0].mlp.gate_proj.weight.get_value()  # (out, in) = (mlp, embed)
+  assert weight.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   np.testing.assert_array_equal(
-    np.asarray(kernel), np.asarray(jax_model.language_model.layers[0].mlp.gate_proj.kernel.get_value())
+    np.asarray(weight), np.asarray(jax_model.language_model.layers[0].mlp.gate_proj.weight.get_value())
   )

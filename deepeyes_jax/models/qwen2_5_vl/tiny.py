@@ -88,8 +88,13 @@ def fan_in_init(model, seed: int = 0):
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   out = []
   for (path, x), k in zip(leaves, keys):
-    name = next(e.key for e in reversed(path) if isinstance(e, jax.tree_util.DictKey))  # "kernel", "bias", ...
-    std = {"kernel": x.shape[0] ** -0.5, "embedding": 1.0, "bias": 0.0}.get(name)
+    name = next(e.key for e in reversed(path) if isinstance(e, jax.tree_util.DictKey))  # "weight", "bias", ...
+    if name == "weight":  # a Linear's (out, in): drawn as (in, out) and transposed, the draw of the embedded
+      # default's measured runs (docs/synthetic.md), made when dense weights were stored (in, out)
+      w = jax.random.normal(k, x.shape[::-1], jnp.float32).T * x.shape[-1] ** -0.5
+      out.append(w.astype(x.dtype))
+      continue
+    std = {"kernel": x.shape[0] ** -0.5, "embedding": 1.0, "bias": 0.0}.get(name)  # kernel: the vision qkv einsum
     out.append(x if std is None else (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))  # norms: 1
   state = jax.tree_util.tree_unflatten(treedef, out)
   nnx.update(model, state)

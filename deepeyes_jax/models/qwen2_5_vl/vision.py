@@ -217,7 +217,7 @@ class VisionTower(nnx.Module):
     """pixel_values (N, 1176) -> merged image tokens (N/4, out_hidden), input order restored."""
     cfg = self.config
     n = pixel_values.shape[0]
-    dtype = self.patch_embed.kernel.dtype
+    dtype = self.patch_embed.weight.dtype
     x = self.patch_embed(pixel_values.astype(dtype))
     x = x.reshape(n // cfg.merge_unit, cfg.merge_unit, -1)[plan.window_index].reshape(n, -1)
     cos, sin = vision_cos_sin(plan.pos_hw, cfg.head_dim, cfg.rope_theta)

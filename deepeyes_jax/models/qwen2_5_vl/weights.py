@@ -7,8 +7,9 @@ weights only one shard of it), so a 7B checkpoint never exists twice in memory.
 
 Layouts. On disk (hub and transformers-5 `save_pretrained`) the keys are `visual.*`, `model.*`, `lm_head.weight`;
 in-memory transformers-5 names (`model.visual.*`, `model.language_model.*`) are accepted too. Linear weights are
-(out, in) on disk and (in, out) here; the vision qkv is (3*C, C) on disk and (C, 3, C) here; the Conv3d patch
-embedding (C_out, 3, 2, 14, 14) is a (1176, C_out) matrix here.
+(out, in) both on disk and here (`layers.Linear`), so every device reads its shard straight from the file; the vision
+qkv is (3*C, C) on disk and (C, 3, C) here; the Conv3d patch embedding (C_out, 3, 2, 14, 14) is a (C_out, 1176)
+matrix here.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # The key map: HF key -> (our parameter path, layout kind)
 # --------------------------------------------------------------------------------------------------------------
-# kind: "copy" same layout; "linear" transposed; "patch" conv kernel <-> matrix; "qkv_w"/"qkv_b" fused vision qkv.
+# kind: "copy" same layout (dense weights too: `layers.Linear` stores (out, in) like torch); "patch" conv kernel
+# (out, C, T, P, P) <-> matrix (out, C*T*P*P); "qkv_w"/"qkv_b" the vision tower's fused qkv (an einsum kernel).
 Path = tuple
 
 
@@ -53,11 +55,11 @@ def key_map(config: Qwen25VLConfig) -> dict[str, tuple[Path, str]]:
   m: dict[str, tuple[Path, str]] = {}
 
   def lin(hf: str, ours: Path, bias: bool):
-    m[hf + ".weight"] = (ours + ("kernel",), "linear")
+    m[hf + ".weight"] = (ours + ("weight",), "copy")
     if bias:
       m[hf + ".bias"] = (ours + ("bias",), "copy")
 
-  m["visual.patch_embed.proj.weight"] = (("visual", "patch_embed", "kernel"), "patch")
+  m["visual.patch_embed.proj.weight"] = (("visual", "patch_embed", "weight"), "patch")
   for i in range(config.vision.depth):
     hf, o = f"visual.blocks.{i}", ("visual", "blocks", i)
     m[f"{hf}.norm1.weight"] = (o + ("norm1", "scale"), "copy")
@@ -99,10 +101,8 @@ def canonical_key(key: str) -> str:
 def hf_shape(kind: str, shape: tuple[int, ...], config: Qwen25VLConfig) -> tuple[int, ...]:
   """The on-disk shape of a parameter of our `shape`."""
   v = config.vision
-  if kind == "linear":
-    return tuple(reversed(shape))
   if kind == "patch":
-    return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return (shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
   if kind == "qkv_w":
     return (shape[1] * shape[2], shape[0])
   if kind == "qkv_b":
@@ -112,10 +112,8 @@ def hf_shape(kind: str, shape: tuple[int, ...], config: Qwen25VLConfig) -> tuple
 
 def to_ours(kind: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """A whole on-disk tensor -> our layout."""
-  if kind == "linear":
-    return a.T
   if kind == "patch":
-    return a.reshape(a.shape[0], -1).T
+    return a.reshape(a.shape[0], -1)
   if kind == "qkv_w":
     return a.reshape(3, shape[2], shape[0]).transpose(2, 0, 1)
   if kind == "qkv_b":
@@ -125,10 +123,8 @@ def to_ours(kind: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def to_hf(kind: str, a: np.ndarray, config: Qwen25VLConfig) -> np.ndarray:
   """Our layout -> the on-disk tensor."""
-  if kind == "linear":
-    return a.T
   if kind == "patch":
-    return a.T.reshape(hf_shape(kind, a.shape, config))
+    return a.reshape(hf_shape(kind, a.shape, config))
   if kind == "qkv_w":
     return a.transpose(1, 2, 0).reshape(hf_shape(kind, a.shape, config))
   if kind == "qkv_b":
@@ -163,9 +159,6 @@ def _reader(slice_obj, kind: str, shape: tuple[int, ...], np_dtype) -> Callable:
   """Callback for make_array_from_callback: reads the shard at `index` of our layout from the file slice."""
   if kind == "copy":
     return lambda index: np.asarray(slice_obj[index]).astype(np_dtype)
-  if kind == "linear":
-    # Our (in, out) shard [i, j] is the transpose of the on-disk (out, in) slice [j, i].
-    return lambda index: np.asarray(slice_obj[index[1], index[0]]).T.astype(np_dtype)
   # Small tensors (patch embed, vision qkv): read whole, convert, slice.
   whole = to_ours(kind, np.asarray(slice_obj[:]), shape).astype(np_dtype)
   return lambda index: whole[index]
