@@ -209,7 +209,7 @@ def test_sharded_sampling_equals_single_device(hf_checkpoint, jax_model):
   sharded_model = qvl.from_pretrained(hf_checkpoint[0], dtype=jnp.float32, mesh=mesh)
   sampler = smp.Sampler(sharded_model, mesh=mesh)
   cache = sampler.init_cache(4, 256)
-  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
+  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None))  # (B, K, C, hd)
   assert cache.k[0].sharding.is_equivalent_to(want, 4)
   cache, logits = sampler.extend(cache, _chunks(rows))
   cache, out = sampler.decode(cache, logits, max_new_tokens=12)

@@ -44,12 +44,15 @@ def attention(
   causal: bool = False,
   scale: float | None = None,
   impl: str = "xla",
+  kv_heads_major: bool = False,
 ) -> jax.Array:
   """Grouped-query attention.
 
   Args:
     q: (B, T, H, D) queries.
-    k, v: (B, S, K, D) keys/values, H % K == 0 (query head h reads KV head h // (H // K)).
+    k, v: (B, S, K, D) keys/values, H % K == 0 (query head h reads KV head h // (H // K)); (B, K, S, D) with
+      `kv_heads_major` (the KV cache's layout: the XLA path then multiplies it as stored, with no transposed copy
+      of the whole cache per layer and step; the Pallas kernels read either layout in place).
     q_segment_ids: (B, T) int32, kv_segment_ids: (B, S) int32; None means one segment with no padding.
     q_positions: (B, T) int32, kv_positions: (B, S) int32 token slots; required when `causal`.
     scale: logit scale, default D ** -0.5.
@@ -67,12 +70,14 @@ def attention(
     scale=scale,
   )
   if impl == "xla":
-    return xla_attention(q, k, v, **kw)
+    return xla_attention(q, k, v, kv_heads_major=kv_heads_major, **kw)
   if impl == "pallas":
     from deepeyes_jax.kernels.pallas_attention import pallas_attention
 
-    return pallas_attention(q, k, v, **kw)
+    return pallas_attention(q, k, v, kv_heads_major=kv_heads_major, **kw)
   if impl == "cudnn":
+    if kv_heads_major:  # cuDNN takes (B, S, K, D) only
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     return cudnn_attention(q, k, v, **kw)
   raise ValueError(f"unknown attention impl {impl!r}; available: {_IMPLS}")
 
@@ -116,19 +121,30 @@ def make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: 
 
 
 def xla_attention(
-  q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, causal=False, scale=None
+  q,
+  k,
+  v,
+  *,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  q_positions=None,
+  kv_positions=None,
+  causal=False,
+  scale=None,
+  kv_heads_major=False,
 ):
   b, t, h, d = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  kh, s = (k.shape[1], k.shape[2]) if kv_heads_major else (k.shape[2], k.shape[1])
   if h % kh:
-    raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads")
+    layout = "(B, K, S, D)" if kv_heads_major else "(B, S, K, D)"
+    raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads (k {k.shape} read as {layout})")
   g = h // kh
   scale = d**-0.5 if scale is None else scale
   # Heads-major operands, the G query heads of a KV head stacked along the query axis: both products are plain
   # (B * KH) batched matmuls, which XLA's CPU backend runs ~3x faster (forward, packed 1k-token training rows) than
-  # the equivalent 5-D einsum; no K/V copies per query head.
+  # the equivalent 5-D einsum; no K/V copies per query head. A heads-major KV cache is used as stored.
   qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KH, S, D)
+  kt, vt = (k, v) if kv_heads_major else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # (B, KH, S, D)
   # Logits and softmax in fp32 whatever the activation dtype (the reference computes softmax in fp32).
   logits = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
   mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, (b, t, s))

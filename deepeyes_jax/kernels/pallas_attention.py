@@ -8,8 +8,9 @@ Layout. The G = H // K query heads that share a KV head are folded into the quer
 "rows" (B, K, T * G, D) with row t * G + j = (token t, head k * G + j), and the segment ids / positions are
 repeated G times. A program then owns a block of rows of one KV head and streams that head's K/V blocks once for
 all G heads (GQA costs no extra K/V traffic), and decode (T = 1) has G rows per program instead of one, so the
-same kernel serves prefill, extend, decode and training. K and V stay in their native (B, S, K, D) layout (the
-BlockSpec squeezes the head axis), so the KV cache is never copied or transposed; q, the output and dO are
+same kernel serves prefill, extend, decode and training. K and V stay in their native layout, (B, S, K, D) or the
+KV cache's heads-major (B, K, S, D) (the BlockSpec squeezes the head axis), so the cache is never copied or
+transposed; q, the output and dO are
 transposed (cheap next to attention). T * G and S are padded to block multiples inside (padded keys get segment 0,
 padded rows segment 0, both sliced off); D is padded with zeros to a power of two >= 16 on GPU (Triton needs
 power-of-two tiles: 80 -> 128), left as is elsewhere.
@@ -363,6 +364,7 @@ class _Plan:
   interpret: bool
   num_warps: int | None
   num_stages: int
+  kv_heads_major: bool = False  # K/V (B, K, S, D) (a KV cache) instead of (B, S, K, D)
 
 
 def _compiler_params(plan: _Plan):
@@ -376,9 +378,14 @@ def _compiler_params(plan: _Plan):
   return plgpu.CompilerParams(num_warps=warps, num_stages=plan.num_stages)
 
 
-def _make_plan(q, k, causal, scale, sizes: BlockSizes, interpret: bool | None) -> _Plan:
+def _kv_dims(k, heads_major: bool) -> tuple[int, int]:
+  """(S, K) of keys in either layout."""
+  return (k.shape[2], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
+
+
+def _make_plan(q, k, causal, scale, sizes: BlockSizes, interpret: bool | None, kv_heads_major: bool = False) -> _Plan:
   b, t, h, d = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  s, kh = _kv_dims(k, kv_heads_major)
   backend = jax.default_backend()
   if interpret is None:
     interpret = backend == "cpu"
@@ -418,6 +425,7 @@ def _make_plan(q, k, causal, scale, sizes: BlockSizes, interpret: bool | None) -
     interpret=bool(interpret),
     num_warps=sizes.num_warps,
     num_stages=sizes.num_stages,
+    kv_heads_major=bool(kv_heads_major),
   )
 
 
@@ -440,11 +448,11 @@ def _row_meta(x, plan: _Plan):
 
 
 def _kv_pad(x, plan: _Plan):
-  return _pad_axis(_pad_axis(x, 1, plan.s_pad), 3, plan.dp)
+  return _pad_axis(_pad_axis(x, 2 if plan.kv_heads_major else 1, plan.s_pad), 3, plan.dp)
 
 
 def _prepare(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
-  kh = k.shape[2]
+  kh = _kv_dims(k, plan.kv_heads_major)[1]
   qr = _to_rows(q, kh, plan)
   kp_, vp_ = _kv_pad(k, plan), _kv_pad(v, plan)
   qseg_r, qpos_r = _row_meta(qseg, plan), _row_meta(qpos, plan)
@@ -456,7 +464,7 @@ def _prepare(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
 def _forward(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
   """Returns (out (B, T, H, D), lse rows (B, K, rows_pad) in base 2, -inf on rows with no visible key)."""
   b, t, h, d = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  s, kh = _kv_dims(k, plan.kv_heads_major)
   qr, kp_, vp_, qseg_r, qpos_r, kseg_p, kpos_p = _prepare(q, k, v, qseg, kseg, qpos, kpos, plan)
   num_kb = plan.s_pad // plan.bk
   nk_pad = max(16, _next_pow2(num_kb))
@@ -467,7 +475,10 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
   dp, bq = plan.dp, plan.bq
 
   row_spec = pl.BlockSpec((None, None, bq, dp), lambda i, sp, bi, hi: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, plan.s_pad, None, dp), lambda i, sp, bi, hi: (bi, 0, hi, 0))
+  if plan.kv_heads_major:
+    kv_spec = pl.BlockSpec((None, None, plan.s_pad, dp), lambda i, sp, bi, hi: (bi, hi, 0, 0))
+  else:
+    kv_spec = pl.BlockSpec((None, plan.s_pad, None, dp), lambda i, sp, bi, hi: (bi, 0, hi, 0))
   rmeta_spec = pl.BlockSpec((None, bq), lambda i, sp, bi, hi: (bi, i))
   kmeta_spec = pl.BlockSpec((None, plan.s_pad), lambda i, sp, bi, hi: (bi, 0))
   summ_spec = pl.BlockSpec((None, nk_pad), lambda i, sp, bi, hi: (bi, 0))
@@ -523,6 +534,11 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
 
 def _backward(plan: _Plan, res, dout):
   q, k, v, qseg, kseg, qpos, kpos, out, lse = res
+  if plan.kv_heads_major:  # only decode reads a heads-major cache; a gradient through one takes the native path
+    native = dataclasses.replace(plan, kv_heads_major=False)
+    t_ = lambda x: x.transpose(0, 2, 1, 3)
+    dq, dk, dv, *rest = _backward(native, (q, t_(k), t_(v), qseg, kseg, qpos, kpos, out, lse), dout)
+    return (dq, t_(dk), t_(dv), *rest)
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   qr, kp_, vp_, qseg_r, qpos_r, kseg_p, kpos_p = _prepare(q, k, v, qseg, kseg, qpos, kpos, plan)
@@ -602,7 +618,7 @@ def _flash_fwd(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
 _flash.defvjp(_flash_fwd, _backward)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_sizes", "interpret", "kv_heads_major"))
 def pallas_attention(
   q: jax.Array,
   k: jax.Array,
@@ -616,17 +632,21 @@ def pallas_attention(
   scale: float | None = None,
   block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
   interpret: bool | None = None,
+  kv_heads_major: bool = False,
 ) -> jax.Array:
   """`attention.attention` semantics with the Pallas flash kernels (differentiable; see the module docstring).
 
-  `interpret` None: interpret mode on CPU, compiled elsewhere.
+  `interpret` None: interpret mode on CPU, compiled elsewhere. `kv_heads_major`: k, v are (B, K, S, D) (the KV
+  cache's layout), read in place by the forward kernel.
   """
   b, t, h, d = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  s, kh = _kv_dims(k, kv_heads_major)
+  layout = "(B, K, S, D)" if kv_heads_major else "(B, S, K, D)"
   if h % kh:
-    raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads")
-  if k.shape != (b, s, kh, d) or v.shape != k.shape:
-    raise ValueError(f"k {k.shape} and v {v.shape} must be (B, S, K, D) matching q {q.shape}")
+    raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads (k {k.shape} read as {layout})")
+  want = (b, kh, s, d) if kv_heads_major else (b, s, kh, d)
+  if k.shape != want or v.shape != k.shape:
+    raise ValueError(f"k {k.shape} and v {v.shape} must be {layout} matching q {q.shape}")
   if causal and (q_positions is None or kv_positions is None):
     raise ValueError("causal attention needs q_positions and kv_positions")
   dtype = jnp.result_type(q, k, v)
@@ -636,5 +656,5 @@ def pallas_attention(
   kseg = ones_k if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
   qpos = q_positions.astype(jnp.int32) if causal else jnp.zeros((b, t), jnp.int32)
   kpos = kv_positions.astype(jnp.int32) if causal else jnp.zeros((b, s), jnp.int32)
-  plan = _make_plan(q, k, causal, scale, block_sizes, interpret)
+  plan = _make_plan(q, k, causal, scale, block_sizes, interpret, kv_heads_major)
   return _flash(q, k, v, qseg, kseg, qpos, kpos, plan)

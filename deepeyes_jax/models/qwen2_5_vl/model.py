@@ -115,7 +115,7 @@ class Qwen25VL(nnx.Module):
     """New tokens (B, N) against a KV cache; see `deepeyes_jax.sampling`.
 
     Args:
-      ks, vs: per-layer caches (B, C, K, head_dim).
+      ks, vs: per-layer caches (B, K, C, head_dim) (heads-major, see `deepeyes_jax.sampling.cache`).
       view: where the new tokens are written and which slots are visible.
       input_ids: (B, N) new tokens (bucket-padded), position_ids (3, B, N), segment_ids (B, N) 1 = real,
         positions (B, N) their cache slots, last_index (B,) index in N of each row's last real token.

@@ -59,8 +59,8 @@ class Attention(nnx.Module):
     """Causal attention of x (B, S, D) -> ((B, S, D), updated cache (k, v) or None).
 
     segment_ids (B, S) int32 (0 = padding; packed sequences use several ids), positions (B, S) int32 token
-    slots for the causal mask. With a cache (`kv` = this layer's (B, C, K, hd) keys/values and its `view`), the
-    new keys/values are written at `view.write_index` and the queries attend over the whole cache.
+    slots for the causal mask. With a cache (`kv` = this layer's heads-major (B, K, C, hd) keys/values and its
+    `view`), the new keys/values are written at `view.write_index` and the queries attend over the whole cache.
     """
     b, s, _ = x.shape
     q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
@@ -68,10 +68,11 @@ class Attention(nnx.Module):
     if kv is None:
       kv_seg, kv_pos = segment_ids, positions
     else:
-      rows = jnp.arange(b)[:, None]
+      rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.num_kv_heads)[None, :, None]
+      slots = view.write_index[:, None, :]  # (B, 1, S) -> index (B, K, S) into the (B, K, C, hd) cache
       # mode="drop": slots >= C (unused bucket padding, inactive rows) write nothing.
-      k = kv[0].at[rows, view.write_index].set(k.astype(kv[0].dtype), mode="drop")
-      v = kv[1].at[rows, view.write_index].set(v.astype(kv[1].dtype), mode="drop")
+      k = kv[0].at[rows, heads, slots].set(k.transpose(0, 2, 1, 3).astype(kv[0].dtype), mode="drop")
+      v = kv[1].at[rows, heads, slots].set(v.transpose(0, 2, 1, 3).astype(kv[1].dtype), mode="drop")
       kv_seg, kv_pos = view.kv_segment_ids, view.kv_positions
     out = attention(
       q,
@@ -83,6 +84,7 @@ class Attention(nnx.Module):
       kv_positions=kv_pos,
       causal=True,
       impl=self.attention_impl,
+      kv_heads_major=kv is not None,
     )
     return self.o_proj(out.reshape(b, s, -1)), (None if kv is None else (k, v))
 
@@ -128,7 +130,7 @@ class TextDecoder(nnx.Module):
     return self.norm(x)
 
   def extend(self, x, cos, sin, segment_ids, positions, ks, vs, view: CacheView):
-    """Like __call__ but reading/writing a KV cache: ks, vs are per-layer tuples of (B, C, K, hd).
+    """Like __call__ but reading/writing a KV cache: ks, vs are per-layer tuples of (B, K, C, hd).
 
     Returns (hidden (B, S, D), new ks, new vs).
     """
