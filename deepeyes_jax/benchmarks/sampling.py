@@ -30,7 +30,8 @@ Method, per batch size B:
 - Check: at batch 1 (and in fp32) the first tokens of ours and HF must agree (AssertionError otherwise); a later
   divergence (fp near-ties of a random model) or a divergence at other batch sizes only prints a warning.
 
-Threads: torch.set_num_threads(number of usable cores); JAX keeps its default threading.
+Threads: torch.set_num_threads(number of usable cores); JAX keeps its default threading. HF runs on the CPU unless
+`--hf_device cuda` (then each timing is bracketed by torch.cuda.synchronize()); ours on JAX's default device.
 
 `--device_roofline` (GPU backend only): measures the device memory bandwidth from a jitted copy of a 2 GB array
 (`x + 1`, bytes read + written / median time) and reports decode tok/s against the bandwidth floor: bytes of a
@@ -182,13 +183,14 @@ def bench_ours(sampler: smp.Sampler, prompts: np.ndarray, new_tokens: int, reps:
   )
 
 
-def load_hf(path: str, dtype: str, attn: str):
+def load_hf(path: str, dtype: str, attn: str, device: str = "cpu"):
   import torch
   import transformers
 
   model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
     path, attn_implementation=attn, dtype=getattr(torch, dtype)
   ).eval()
+  model = model.to(device)
   model.generation_config.eos_token_id = None  # no stop token: every row runs to max_new_tokens
   return model
 
@@ -197,15 +199,20 @@ def bench_hf(model, prompts: np.ndarray, new_tokens: int, reps: int, suppress: l
   import torch
 
   b, p = prompts.shape
-  ids = torch.from_numpy(prompts.astype(np.int64))
+  device = model.device
+  ids = torch.from_numpy(prompts.astype(np.int64)).to(device)
   mask = torch.ones_like(ids)
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA calls return before the work
 
   def prefill():
+    sync()
     t0 = time.perf_counter()
     model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    sync()
     return time.perf_counter() - t0
 
   def generate():
+    sync()
     t0 = time.perf_counter()
     out = model.generate(
       input_ids=ids,
@@ -216,7 +223,8 @@ def bench_hf(model, prompts: np.ndarray, new_tokens: int, reps: int, suppress: l
       pad_token_id=pad_id,
       suppress_tokens=suppress,
     )
-    return time.perf_counter() - t0, out[:, p:].numpy()
+    sync()
+    return time.perf_counter() - t0, out[:, p:].cpu().numpy()
 
   with torch.inference_mode():
     prefill()
@@ -367,6 +375,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--seed", type=int, default=0, help="weights and prompts seed")
   ap.add_argument("--skip_hf", action="store_true", help="only time ours")
   ap.add_argument("--hf_attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
+  ap.add_argument("--hf_device", default="cpu", help="torch device of the HF model: cpu (default) or cuda")
   ap.add_argument("--device_roofline", action="store_true", help="GPU only: decode against the bandwidth floor")
   args = ap.parse_args(argv)
   defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
@@ -399,14 +408,19 @@ def main(argv=None) -> dict:
     import transformers
 
     torch.set_num_threads(cores)
-    hf_versions = dict(torch=torch.__version__, transformers=transformers.__version__, torch_threads=cores)
+    if args.hf_device.startswith("cuda") and not torch.cuda.is_available():
+      raise SystemExit(f"--hf_device {args.hf_device}: torch {torch.__version__} sees no CUDA device")
+    hf_versions = dict(
+      torch=torch.__version__, transformers=transformers.__version__, torch_threads=cores, hf_device=args.hf_device
+    )
 
   with tempfile.TemporaryDirectory(prefix="bench_qwen25vl_") as ckpt:
     t0 = time.perf_counter()
     qvl.save_pretrained(qvl.init_random(cfg, dtype=jnp.float32, seed=args.seed), ckpt)
     model = qvl.from_pretrained(ckpt, dtype=dtype)
-    hf = None if args.skip_hf else load_hf(ckpt, args.dtype, args.hf_attn)
+    hf = None if args.skip_hf else load_hf(ckpt, args.dtype, args.hf_attn, args.hf_device)
     setup_s = time.perf_counter() - t0
+
 
   n_params = qvl.param_count(model)
   n_vision = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model.visual, nnx.Param)))
@@ -456,7 +470,9 @@ def main(argv=None) -> dict:
     rows.append(row)
 
   print()
-  hf_label = f"transformers {hf_versions.get('transformers')} generate, attn={args.hf_attn}, CPU" if hf else None
+  hf_label = (
+    f"transformers {hf_versions.get('transformers')} generate, attn={args.hf_attn}, {args.hf_device}" if hf else None
+  )
   print_table(rows, hf_label, roof)
 
   result = dict(
