@@ -24,7 +24,8 @@ def axes(*names: str | None) -> dict:
 
 class Linear(nnx.Module):
   """y = x @ weight.T + bias: weight (dout, din) and bias (dout,), the layout of torch's `nn.Linear` and of the
-  checkpoint's `*.weight` tensors.
+  checkpoint's `*.weight` tensors. `names` are the logical axes of (din, dout); the weight carries them reversed,
+  the bias names[1].
 
   Why not `nnx.Linear` (kernel (din, dout)): a decode step multiplies a few rows (M = batch) by every matrix, so it
   streams the weights, and XLA:CPU streams a matrix contracted over its contiguous last axis much faster than over
@@ -47,12 +48,6 @@ class Linear(nnx.Module):
     return y if self.bias is None else y + self.bias[...]
 
 
-def linear(din: int, dout: int, names: Sequence[str | None], *, bias: bool, dtype, rngs: nnx.Rngs) -> Linear:
-  """(din -> dout) dense layer; `names` = logical axes of (din, dout): the weight (dout, din) carries them
-  reversed, the bias names[1]."""
-  return Linear(din, dout, names, bias=bias, dtype=dtype, rngs=rngs)
-
-
 class RMSNorm(nnx.Module):
   """y = weight * cast(x * rsqrt(mean(x^2) + eps), x.dtype), the statistics in fp32."""
 
@@ -71,9 +66,9 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)); the vision tower uses biases, the text decoder does not."""
 
   def __init__(self, dim: int, hidden: int, *, bias: bool, embed_axis: str, mlp_axis: str, dtype, rngs: nnx.Rngs):
-    self.gate_proj = linear(dim, hidden, (embed_axis, mlp_axis), bias=bias, dtype=dtype, rngs=rngs)
-    self.up_proj = linear(dim, hidden, (embed_axis, mlp_axis), bias=bias, dtype=dtype, rngs=rngs)
-    self.down_proj = linear(hidden, dim, (mlp_axis, embed_axis), bias=bias, dtype=dtype, rngs=rngs)
+    self.gate_proj = Linear(dim, hidden, (embed_axis, mlp_axis), bias=bias, dtype=dtype, rngs=rngs)
+    self.up_proj = Linear(dim, hidden, (embed_axis, mlp_axis), bias=bias, dtype=dtype, rngs=rngs)
+    self.down_proj = Linear(hidden, dim, (mlp_axis, embed_axis), bias=bias, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import linear
+from deepeyes_jax.models.qwen2_5_vl.layers import Linear
 from deepeyes_jax.models.qwen2_5_vl.rope import get_rope_index, mrope_cos_sin
 from deepeyes_jax.models.qwen2_5_vl.text import Attention, CacheView, TextDecoder
 from deepeyes_jax.models.qwen2_5_vl.vision import VisionAttention, VisionPlan, VisionTower, make_vision_plan
@@ -34,7 +34,7 @@ class Qwen25VL(nnx.Module):
     if config.tie_word_embeddings:
       self.lm_head = nnx.data(None)
     else:
-      self.lm_head = linear(
+      self.lm_head = Linear(
         config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs
       )
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, linear
+from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, Linear
 
 
 @jax.tree_util.register_dataclass
@@ -34,10 +34,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-    self.q_proj = linear(d, self.num_heads * hd, ("embed", "heads"), bias=True, dtype=dtype, rngs=rngs)
-    self.k_proj = linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs)
-    self.v_proj = linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs)
-    self.o_proj = linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, dtype=dtype, rngs=rngs)
+    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), bias=True, dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs)
+    self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, dtype=dtype, rngs=rngs)
 
   def project_kv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x (B, S, D) -> rotated keys and values, each (B, S, K, head_dim)."""

@@ -89,13 +89,15 @@ def fan_in_init(model, seed: int = 0):
   out = []
   for (path, x), k in zip(leaves, keys):
     name = next(e.key for e in reversed(path) if isinstance(e, jax.tree_util.DictKey))  # "weight", "bias", ...
-    if name == "weight":  # a Linear's (out, in): drawn as (in, out) and transposed, the draw of the embedded
-      # default's measured runs (docs/synthetic.md), made when dense weights were stored (in, out)
-      w = jax.random.normal(k, x.shape[::-1], jnp.float32).T * x.shape[-1] ** -0.5
-      out.append(w.astype(x.dtype))
+    # weight: a Linear's (out, in), fan-in last; kernel: the vision qkv einsum's (in, 3, out).
+    std = {"weight": x.shape[-1] ** -0.5, "kernel": x.shape[0] ** -0.5, "embedding": 1.0, "bias": 0.0}.get(name)
+    if std is None:  # norm scales stay 1
+      out.append(x)
       continue
-    std = {"kernel": x.shape[0] ** -0.5, "embedding": 1.0, "bias": 0.0}.get(name)  # kernel: the vision qkv einsum
-    out.append(x if std is None else (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))  # norms: 1
+    # A Linear's weight is drawn as (in, out) and transposed: the numbers of the embedded default's measured runs
+    # (docs/synthetic.md), made when dense weights were stored (in, out).
+    draw = jax.random.normal(k, x.shape[::-1], jnp.float32).T if name == "weight" else jax.random.normal(k, x.shape)
+    out.append((std * draw).astype(x.dtype))
   state = jax.tree_util.tree_unflatten(treedef, out)
   nnx.update(model, state)
   return model

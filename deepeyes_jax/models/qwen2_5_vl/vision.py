@@ -24,7 +24,7 @@ from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention, segment_local_attention
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, linear
+from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, Linear
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
 
 
@@ -152,7 +152,7 @@ class VisionAttention(nnx.Module):
       bias_metadata=axes("qkv", "vision_heads"),
       rngs=rngs,
     )
-    self.proj = linear(d, d, ("vision_heads", "vision_embed"), bias=True, dtype=dtype, rngs=rngs)
+    self.proj = Linear(d, d, ("vision_heads", "vision_embed"), bias=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, span: int = 0) -> jax.Array:
     """x (N, D) -> (N, D); attention only within equal non-zero segment ids (contiguous runs <= `span` long)."""
@@ -195,8 +195,8 @@ class PatchMerger(nnx.Module):
     c = cfg.hidden_size
     self.unit = cfg.merge_unit
     self.ln_q = RMSNorm(c, 1e-6, dtype=dtype)
-    self.fc1 = linear(c * self.unit, c * self.unit, ("merger_in", "vision_mlp"), bias=True, dtype=dtype, rngs=rngs)
-    self.fc2 = linear(c * self.unit, cfg.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype, rngs=rngs)
+    self.fc1 = Linear(c * self.unit, c * self.unit, ("merger_in", "vision_mlp"), bias=True, dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(c * self.unit, cfg.out_hidden_size, ("vision_mlp", "embed"), bias=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.ln_q(x).reshape(-1, x.shape[-1] * self.unit)
@@ -207,7 +207,7 @@ class VisionTower(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
     self.config = cfg
     # Conv3d with kernel == stride over (C, T, P, P) is a matmul with the weight flattened in that order.
-    self.patch_embed = linear(
+    self.patch_embed = Linear(
       cfg.patch_dim, cfg.hidden_size, ("patch", "vision_embed"), bias=False, dtype=dtype, rngs=rngs
     )
     self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
