@@ -8,6 +8,7 @@ reference normalises in fp32, casts back to the input dtype and only then multip
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -22,6 +23,29 @@ def axes(*names: str | None) -> dict:
   return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
+# Up to this many rows, a CPU matmul against an (out, in) weight is computed with the rows as the minor axis of its
+# result (see `matmul_out_in`).
+SMALL_M_ROWS = 512
+
+
+def matmul_out_in(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x (..., din) @ w.T for w (dout, din): (..., dout).
+
+  On CPU, for few rows (a decode step: M = batch; M <= SMALL_M_ROWS), the product is computed as (w @ x.T).T: XLA's
+  CPU matmul at small M is much faster producing a (dout, M) result than a (M, dout) one (the 8-layer decoder stack of
+  the sampling benchmark, fp32 on 2 cores, medians of interleaved runs: M = 8 22-26 against 29-52 ms, M = 32 51-55
+  against 136-158 ms, M = 128 184 against 373 ms, M = 512 990 against 1055 ms, but M = 2048 3.5 against 3.0 s, hence
+  the bound; docs/benchmarks.md). `optimization_barrier` keeps XLA's algebraic simplifier from folding the transpose
+  back into the dot, which restores the slow form. Other backends, and more rows, take the plain product. Same
+  values up to fp32 rounding (a different summation order).
+  """
+  k = x.ndim - 1
+  if jax.default_backend() == "cpu" and math.prod(x.shape[:-1]) <= SMALL_M_ROWS:
+    y_t = jax.lax.dot_general(w, x, (((1,), (k,)), ((), ())))  # (dout, ...)
+    return jnp.moveaxis(jax.lax.optimization_barrier(y_t), 0, -1)
+  return jax.lax.dot_general(x, w, (((k,), (1,)), ((), ())))
+
+
 class Linear(nnx.Module):
   """y = x @ weight.T + bias: weight (dout, din) and bias (dout,), the layout of torch's `nn.Linear` and of the
   checkpoint's `*.weight` tensors. `names` are the logical axes of (din, dout); the weight carries them reversed,
@@ -33,7 +57,7 @@ class Linear(nnx.Module):
   eight decoder layers of the sampling benchmark 35 ms against 50 ms (2-core CPU, fp32; docs/model.md). On GPU the
   operand layout is a cuBLAS flag. The checkpoint also loads without a transpose. The parameter is `weight`, not
   `kernel`, so a checkpoint of the old (din, dout) layout fails to restore instead of loading square matrices
-  transposed.
+  transposed. The product itself is `matmul_out_in` (for few rows on CPU, a (dout, M) result: faster again).
   """
 
   def __init__(self, din: int, dout: int, names: Sequence[str | None], *, bias: bool, dtype, rngs: nnx.Rngs):
@@ -44,7 +68,7 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x (..., din) -> (..., dout) in the weight's dtype."""
     w = self.weight[...]
-    y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())))
+    y = matmul_out_in(x.astype(w.dtype), w)
     return y if self.bias is None else y + self.bias[...]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import Linear
+from deepeyes_jax.models.qwen2_5_vl.layers import Linear, matmul_out_in
 from deepeyes_jax.models.qwen2_5_vl.rope import get_rope_index, mrope_cos_sin
 from deepeyes_jax.models.qwen2_5_vl.text import Attention, CacheView, TextDecoder
 from deepeyes_jax.models.qwen2_5_vl.vision import VisionAttention, VisionPlan, VisionTower, make_vision_plan
@@ -73,7 +73,8 @@ class Qwen25VL(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states (B, S, D) -> logits (B, S, V) fp32."""
     if self.lm_head is None:
-      out = self.language_model.embed_tokens.attend(hidden)
+      table = self.language_model.embed_tokens.embedding[...]  # (V, D): tied, the same product as lm_head's
+      out = matmul_out_in(hidden.astype(table.dtype), table)
     else:
       out = self.lm_head(hidden)
     return out.astype(jnp.float32)
