@@ -15,16 +15,20 @@ Decoding is greedy with no stop token, and the image/video placeholders are supp
 sampler's default; HF gets `suppress_tokens`), so every row generates exactly `new_tokens` tokens.
 
 Method, per batch size B:
+- One warm-up run of each side, then `--reps` rounds of (ours, HF prefill, HF generate): the sides are interleaved
+  so that both are timed under the same machine conditions (the speed of a shared machine drifts over minutes;
+  timing all of ours and then all of HF's turned that drift into ratio noise).
 - ours: `Sampler.extend` on an empty cache of capacity prompt_len + new_tokens (prefill), then `Sampler.decode`
-  (max_new_tokens=new_tokens). One warm-up run compiles both; then `--reps` timed runs (a fresh cache each,
-  allocated outside the timed region). Prefill time = extend until its outputs are ready; decode time = the
+  (max_new_tokens=new_tokens). The warm-up run compiles both; each timed run gets a fresh cache, allocated
+  outside the timed region. Prefill time = extend until its outputs are ready; decode time = the
   `decode` call (it returns host data). Compile s = (first prefill - median prefill) + (first decode - median
   decode). A timed run that triggers a new compilation is an error.
 - HF: prefill time = one forward of the prompt with use_cache=True and logits_to_keep=1 (what `generate` runs as
-  its first step); generate time = `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`; one warm-up
-  of each, then `--reps` timed runs; decode time = median(generate) - median(prefill).
+  its first step); generate time = `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)`; decode time =
+  median(generate) - median(prefill).
 - prefill tok/s = B * prompt_len / prefill time; decode tok/s = B * new_tokens / decode time; medians over reps;
-  ratio = ours / HF (> 1: ours is faster).
+  ratio = ours / HF (> 1: ours is faster). The JSON also has the decode ratio of each round
+  (`decode_ratio_rounds`: that round's HF generate - prefill over our decode), printed under the table.
 - Note: our decode runs new_tokens forwards (the last one computes logits for a token never drawn), HF's decode
   part new_tokens - 1; this is not corrected for and favours HF by ~1/new_tokens.
 - Check: at batch 1 (and in fp32) the first tokens of ours and HF must agree (AssertionError otherwise); a later
@@ -43,6 +47,7 @@ dtype bytes * length * B), summed over the new_tokens steps; floor time = bytes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -145,7 +150,8 @@ def _median(xs) -> float:
   return float(statistics.median(xs))
 
 
-def bench_ours(sampler: smp.Sampler, prompts: np.ndarray, new_tokens: int, reps: int) -> dict:
+def ours_timer(sampler: smp.Sampler, prompts: np.ndarray, new_tokens: int):
+  """A callable timing one run of ours: () -> (prefill s, decode s, DecodeResult)."""
   b, p = prompts.shape
   chunks = [smp.Chunk(row.tolist()) for row in prompts]
 
@@ -160,11 +166,14 @@ def bench_ours(sampler: smp.Sampler, prompts: np.ndarray, new_tokens: int, reps:
     del cache
     return t1 - t0, t2 - t1, res
 
-  first_pre, first_dec, res = once()
-  compiled = sampler.num_compiles
-  runs = [once() for _ in range(reps)]
-  if sampler.num_compiles != compiled:
-    raise RuntimeError(f"batch {b}: a timed run compiled again ({sampler.signatures})")
+  return once
+
+
+def summarize_ours(prompts: np.ndarray, new_tokens: int, first, runs) -> dict:
+  """Medians of the timed runs (first = the compiling warm-up run)."""
+  b, p = prompts.shape
+  first_pre, first_dec, _ = first
+  res = runs[-1][2]
   if any(len(t) != new_tokens for t in res.tokens):
     raise RuntimeError(f"batch {b}: expected {new_tokens} tokens per row, got stop reasons {set(res.stop_reason)}")
   pre = _median([r[0] for r in runs])
@@ -195,7 +204,8 @@ def load_hf(path: str, dtype: str, attn: str, device: str = "cpu"):
   return model
 
 
-def bench_hf(model, prompts: np.ndarray, new_tokens: int, reps: int, suppress: list[int], pad_id: int) -> dict:
+def hf_timers(model, prompts: np.ndarray, new_tokens: int, suppress: list[int], pad_id: int):
+  """Callables timing HF (run them under torch.inference_mode()): prefill () -> s, generate () -> (s, tokens)."""
   import torch
 
   b, p = prompts.shape
@@ -226,11 +236,11 @@ def bench_hf(model, prompts: np.ndarray, new_tokens: int, reps: int, suppress: l
     sync()
     return time.perf_counter() - t0, out[:, p:].cpu().numpy()
 
-  with torch.inference_mode():
-    prefill()
-    generate()
-    pre_runs = [prefill() for _ in range(reps)]
-    gen = [generate() for _ in range(reps)]
+  return prefill, generate
+
+
+def summarize_hf(prompts: np.ndarray, new_tokens: int, pre_runs: list[float], gen: list) -> dict:
+  b, p = prompts.shape
   pre = _median(pre_runs)
   gen_s = _median([g[0] for g in gen])
   tokens = gen[-1][1]
@@ -247,6 +257,47 @@ def bench_hf(model, prompts: np.ndarray, new_tokens: int, reps: int, suppress: l
     decode_tok_s=b * new_tokens / dec,
     tokens=tokens.tolist(),
   )
+
+
+def run_batch(sampler, hf, prompts: np.ndarray, new_tokens: int, reps: int, suppress, pad_id) -> dict:
+  """Warm-up of each side, then `reps` rounds of (ours, HF prefill, HF generate), interleaved so that both sides
+  are timed under the same machine conditions (on a shared machine the speed drifts over minutes)."""
+  b = prompts.shape[0]
+  ours_once = ours_timer(sampler, prompts, new_tokens)
+  first = ours_once()
+  compiled = sampler.num_compiles
+  if hf is not None:
+    import torch
+
+    hf_prefill, hf_generate = hf_timers(hf, prompts, new_tokens, suppress, pad_id)
+    mode = torch.inference_mode()
+  else:
+    mode = contextlib.nullcontext()
+  runs, pre_runs, gen_runs = [], [], []
+  with mode:
+    if hf is not None:
+      hf_prefill()
+      hf_generate()
+    for _ in range(reps):
+      runs.append(ours_once())
+      if hf is not None:
+        pre_runs.append(hf_prefill())
+        gen_runs.append(hf_generate())
+  if sampler.num_compiles != compiled:
+    raise RuntimeError(f"batch {b}: a timed run compiled again ({sampler.signatures})")
+  row = dict(batch=b, ours=summarize_ours(prompts, new_tokens, first, runs))
+  if hf is not None:
+    h = summarize_hf(prompts, new_tokens, pre_runs, gen_runs)
+    o = row["ours"]
+    # Per round: HF's decode time is that round's generate minus its prefill.
+    hf_dec_runs = [max(g[0] - p, 1e-9) for g, p in zip(gen_runs, pre_runs)]
+    row.update(
+      hf=h,
+      prefill_ratio=o["prefill_tok_s"] / h["prefill_tok_s"],
+      decode_ratio=o["decode_tok_s"] / h["decode_tok_s"],
+      decode_ratio_rounds=[hd / od for hd, od in zip(hf_dec_runs, o["decode_runs_s"])],
+    )
+  return row
 
 
 def check_tokens(b: int, ours: list[list[int]], hf: list[list[int]], strict: bool) -> dict:
@@ -359,6 +410,10 @@ def print_table(rows: list[dict], hf_label: str | None, roof: bool) -> None:
       vals += [_fmt(rf and rf["floor_decode_tok_s"]), _fmt(rf and rf["fraction_of_floor"], ".1%")]
     print("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols)))
   print("ratio = ours / HF (> 1: ours faster)." + (f" HF: {hf_label}." if hf_label else " HF skipped."))
+  for r in rows:
+    if "decode_ratio_rounds" in r:
+      rounds = ", ".join(f"{x:.2f}" for x in r["decode_ratio_rounds"])
+      print(f"batch {r['batch']}: decode ratio of each interleaved round: {rounds}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -421,7 +476,6 @@ def main(argv=None) -> dict:
     hf = None if args.skip_hf else load_hf(ckpt, args.dtype, args.hf_attn, args.hf_device)
     setup_s = time.perf_counter() - t0
 
-
   n_params = qvl.param_count(model)
   n_vision = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model.visual, nnx.Param)))
   t = cfg.text
@@ -447,21 +501,11 @@ def main(argv=None) -> dict:
   rows = []
   for b in args.batches:
     prompts = rng.integers(3, cfg.image_token_id, size=(b, args.prompt_len), dtype=np.int64)
-    print(f"batch {b}: ours ...", end="", flush=True)
+    print(f"batch {b}: ours{' and HF, interleaved' if hf is not None else ''} ...", end="", flush=True)
     t0 = time.perf_counter()
-    ours = bench_ours(sampler, prompts, args.new_tokens, args.reps)
+    row = run_batch(sampler, hf, prompts, args.new_tokens, args.reps, suppress, cfg.pad_token_id)
+    ours, h = row["ours"], row.get("hf")
     print(f" {time.perf_counter() - t0:.1f} s", end="", flush=True)
-    row = dict(batch=b, ours=ours)
-    if hf is not None:
-      print(", HF ...", end="", flush=True)
-      t0 = time.perf_counter()
-      h = bench_hf(hf, prompts, args.new_tokens, args.reps, suppress, cfg.pad_token_id)
-      print(f" {time.perf_counter() - t0:.1f} s", end="", flush=True)
-      row.update(
-        hf=h,
-        prefill_ratio=ours["prefill_tok_s"] / h["prefill_tok_s"],
-        decode_ratio=ours["decode_tok_s"] / h["decode_tok_s"],
-      )
     print(flush=True)
     if hf is not None:
       row["token_check"] = check_tokens(b, ours["tokens"], h["tokens"], strict=args.dtype == "float32")

@@ -33,7 +33,7 @@ def matmul_out_in(x: jax.Array, w: jax.Array) -> jax.Array:
 
   On CPU, for few rows (a decode step: M = batch; M <= SMALL_M_ROWS), the product is computed as (w @ x.T).T: XLA's
   CPU matmul at small M is much faster producing a (dout, M) result than a (M, dout) one (the 8-layer decoder stack of
-  the sampling benchmark, fp32 on 2 cores, medians of interleaved runs: M = 8 22-26 against 29-52 ms, M = 32 51-55
+  the sampling benchmark, fp32 on 2 cores, medians of interleaved runs: M = 8 ~26 against 31-52 ms, M = 32 ~55
   against 136-158 ms, M = 128 184 against 373 ms, M = 512 990 against 1055 ms, but M = 2048 3.5 against 3.0 s, hence
   the bound; docs/benchmarks.md). `optimization_barrier` keeps XLA's algebraic simplifier from folding the transpose
   back into the dot, which restores the slow form. Other backends, and more rows, take the plain product. Same
