@@ -154,9 +154,8 @@ def test_heads_major_kv_equals_native_layout(impl, splits):
   # and the dispatcher passes the flag through
   ref = attn.attention(q, k, v, causal=True, impl=impl, **meta)
   assert _rel(attn.attention(q, t_(k), t_(v), causal=True, impl=impl, kv_heads_major=True, **meta), ref) <= FP32_TOL
-  fn_hm = attn.xla_attention if impl == "xla" else pallas_attention
   with pytest.raises(ValueError, match=r"read as \(B, K, S, D\)"):  # (B, S, K, D) given as heads-major
-    fn_hm(q, k, v, causal=True, kv_heads_major=True, **meta)
+    fn(q, k, v, causal=True, kv_heads_major=True, **meta)
 
 
 def test_extend_against_cache_and_padded_query_row():

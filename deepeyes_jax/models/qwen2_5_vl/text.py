@@ -10,7 +10,7 @@ from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, Linear
+from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, Linear, RMSNorm, SwiGLU, apply_rope, axes
 
 
 @jax.tree_util.register_dataclass

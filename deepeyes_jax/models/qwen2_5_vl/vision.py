@@ -24,7 +24,7 @@ from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention, segment_local_attention
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, RMSNorm, SwiGLU, apply_rope, axes, Linear
+from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, Linear, RMSNorm, SwiGLU, apply_rope, axes
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
 
 
