@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from deepeyes_jax.kernels import attention as attn
+from deepeyes_jax.kernels import reference
 from deepeyes_jax.models.qwen2_5_vl import layers
 
 
@@ -95,13 +96,13 @@ def test_xla_attention_decode_form_equals_reference(t, h, kh, monkeypatch):
   visible = (kv_seg[:, None, :] == 1) & (kv_pos[:, None, :] <= q_pos[:, :, None])
   assert _rel(out, _attention_reference(q, k, v, visible)) <= 1e-5
   rows = h // kh * t  # query rows per KV head
-  logits_shape = f"f32[{b},{kh},{s},{rows}]" if rows <= attn._FEW_QUERIES else f"f32[{b},{kh},{rows},{s}]"
+  logits_shape = f"f32[{b},{kh},{s},{rows}]" if rows <= reference._FEW_QUERIES else f"f32[{b},{kh},{rows},{s}]"
   assert logits_shape in _compiled_dots(fn, f32(q), f32(k), f32(v))
   # Gradients: the same as the plain form's (forced by lowering the bound to 0).
   loss = lambda q, k, v: (attn.xla_attention(q, k, v, **meta) ** 2).sum()
   args = (f32(q), f32(k), f32(v))
   grads = jax.jit(jax.grad(loss, (0, 1, 2)))(*args)
-  monkeypatch.setattr(attn, "_FEW_QUERIES", 0)
+  monkeypatch.setattr(reference, "_FEW_QUERIES", 0)
   grads_plain = jax.jit(jax.grad(loss, (0, 1, 2)))(*args)
   for g, r in zip(grads, grads_plain):
     assert _rel(g, r) <= 1e-5

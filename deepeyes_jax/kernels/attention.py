@@ -12,15 +12,17 @@ checked against (DESIGN.md principle 1). Masks are described, not materialised b
 Implementations (`impl`):
 
 - "xla": `xla_attention`, the reference (materialises the (B, K, G, T, S) logits).
-- "pallas": `pallas_attention.pallas_attention`, our flash-attention kernels (forward, decode split-K and a Pallas
-  backward; segment/causal masks computed in the kernel, fully masked key blocks skipped). Interpret mode on CPU
-  (slow: for tests only), Triton on GPU. Why jax's own Pallas attention ops are not routed to: see that module.
+- "pallas": `pallas_attention.pallas_attention`. On GPU (Triton) and CPU (interpret mode, for tests only): our
+  flash-attention kernels (forward, decode split-K and a Pallas backward; segment/causal masks computed in the
+  kernel, fully masked key blocks skipped). On TPU (Mosaic): `tpu_attention`, jax's splash attention for
+  self-attention (training rows, vision) and our own kernel for queries against the KV cache (extend, decode).
 - "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, GPU only, bf16/fp16 only, head_dim a
   multiple of 8. Our masks are general (segments x token-slot causality), so they are passed as a dense boolean
   (B, 1, T, S) mask (cuDNN adds it as a bias; fully masked rows get the same uniform softmax as the reference).
-- "auto": "pallas" on GPU, "xla" elsewhere. CPU: interpret mode is for tests only. TPU: our kernel is written for
-  the Triton lowering and its Mosaic lowering is unverified (and unlikely as is); add "tpu" to
-  `_AUTO_PALLAS_BACKENDS` once it is checked there.
+- "auto": "pallas" on GPU and TPU, "xla" on CPU (interpret mode is for tests only).
+
+The platform is the one the program is compiled for (`platform.target_platform()`: the mesh's devices), not
+`jax.default_backend()`, which says "cpu" on a host that compiles for a TPU slice.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepeyes_jax.kernels import platform
+from deepeyes_jax.kernels.pallas_attention import pallas_attention
+from deepeyes_jax.kernels.reference import make_mask, xla_attention
+
+__all__ = ["attention", "cudnn_attention", "make_mask", "resolve_impl", "segment_local_attention", "xla_attention"]
+
 _IMPLS = ("xla", "pallas", "cudnn", "auto")
-_AUTO_PALLAS_BACKENDS = ("gpu",)
-_FEW_QUERIES = 8  # query rows per KV head (G x T) up to which the CPU logits take the key-major form
+_AUTO_PALLAS_PLATFORMS = ("gpu", "tpu")
 
 
 def attention(
@@ -46,6 +53,7 @@ def attention(
   scale: float | None = None,
   impl: str = "xla",
   kv_heads_major: bool = False,
+  segment_span: int = 0,
 ) -> jax.Array:
   """Grouped-query attention.
 
@@ -57,11 +65,12 @@ def attention(
     q_segment_ids: (B, T) int32, kv_segment_ids: (B, S) int32; None means one segment with no padding.
     q_positions: (B, T) int32, kv_positions: (B, S) int32 token slots; required when `causal`.
     scale: logit scale, default D ** -0.5.
+    segment_span: > 0 promises that segments are contiguous runs of at most this many tokens (the vision tower's
+      windows and images), so a kernel may skip keys farther away (TPU: splash's local mask). 0 = no promise.
   Returns:
     (B, T, H, D) in q's dtype. Rows with no visible key return the mean of all values (finite, never NaN).
   """
-  if impl == "auto":
-    impl = "pallas" if jax.default_backend() in _AUTO_PALLAS_BACKENDS else "xla"
+  impl = resolve_impl(impl)
   kw = dict(
     q_segment_ids=q_segment_ids,
     kv_segment_ids=kv_segment_ids,
@@ -73,9 +82,7 @@ def attention(
   if impl == "xla":
     return xla_attention(q, k, v, kv_heads_major=kv_heads_major, **kw)
   if impl == "pallas":
-    from deepeyes_jax.kernels.pallas_attention import pallas_attention
-
-    return pallas_attention(q, k, v, kv_heads_major=kv_heads_major, **kw)
+    return pallas_attention(q, k, v, kv_heads_major=kv_heads_major, segment_span=segment_span, **kw)
   if impl == "cudnn":
     if kv_heads_major:  # cuDNN takes (B, S, K, D) only
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -83,13 +90,22 @@ def attention(
   raise ValueError(f"unknown attention impl {impl!r}; available: {_IMPLS}")
 
 
+def resolve_impl(impl: str) -> str:
+  """The implementation `impl` stands for on the target platform ("auto": "pallas" on GPU and TPU, else "xla")."""
+  if impl == "auto":
+    return "pallas" if platform.target_platform() in _AUTO_PALLAS_PLATFORMS else "xla"
+  if impl not in _IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r}; available: {_IMPLS}")
+  return impl
+
+
 def cudnn_attention(
   q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, causal=False, scale=None
 ):
   """cuDNN flash attention through `jax.nn.dot_product_attention`, with our mask passed densely (GPU only)."""
-  backend = jax.default_backend()
-  if backend != "gpu":
-    raise ValueError(f"attention impl 'cudnn' needs a CUDA GPU backend; the default JAX backend is {backend!r}")
+  target = platform.target_platform()
+  if target != "gpu":
+    raise ValueError(f"attention impl 'cudnn' needs a CUDA GPU; this program is compiled for {target!r}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention impl 'cudnn' supports bfloat16/float16 only, got {q.dtype}")
   b, t = q.shape[:2]
@@ -103,65 +119,6 @@ def cudnn_attention(
     scale=scale,
     implementation="cudnn",
   )
-
-
-def make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool, shape) -> jax.Array | None:
-  """(B, T, S) bool mask, or None when everything is visible."""
-  b, t, s = shape
-  mask = None
-  if q_segment_ids is not None or kv_segment_ids is not None:
-    qs = q_segment_ids if q_segment_ids is not None else jnp.ones((b, t), jnp.int32)
-    ks = kv_segment_ids if kv_segment_ids is not None else jnp.ones((b, s), jnp.int32)
-    mask = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
-  if causal:
-    if q_positions is None or kv_positions is None:
-      raise ValueError("causal attention needs q_positions and kv_positions")
-    c = kv_positions[:, None, :] <= q_positions[:, :, None]
-    mask = c if mask is None else mask & c
-  return mask
-
-
-def xla_attention(
-  q,
-  k,
-  v,
-  *,
-  q_segment_ids=None,
-  kv_segment_ids=None,
-  q_positions=None,
-  kv_positions=None,
-  causal=False,
-  scale=None,
-  kv_heads_major=False,
-):
-  b, t, h, d = q.shape
-  kh, s = (k.shape[1], k.shape[2]) if kv_heads_major else (k.shape[2], k.shape[1])
-  if h % kh:
-    layout = "(B, K, S, D)" if kv_heads_major else "(B, S, K, D)"
-    raise ValueError(f"{h} query heads are not a multiple of {kh} KV heads (k {k.shape} read as {layout})")
-  g = h // kh
-  scale = d**-0.5 if scale is None else scale
-  # Heads-major operands, the G query heads of a KV head stacked along the query axis: both products are plain
-  # (B * KH) batched matmuls, which XLA's CPU backend runs ~3x faster (forward, packed 1k-token training rows) than
-  # the equivalent 5-D einsum; no K/V copies per query head. A heads-major KV cache is used as stored.
-  qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-  kt, vt = (k, v) if kv_heads_major else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # (B, KH, S, D)
-  # Logits and softmax in fp32 whatever the activation dtype (the reference computes softmax in fp32).
-  if g * t <= _FEW_QUERIES and jax.default_backend() == "cpu":
-    # A decode step (one query per row, G per KV head): XLA:CPU multiplies the cache ~2x faster into a key-major
-    # (.., S, G) result; the barrier stops it folding the transpose back (0.37 against 0.66 ms a layer at batch 8,
-    # a 320-slot cache; slower from 4 queries per row on). Same values up to rounding.
-    logits_t = jnp.einsum("bksd,bkqd->bksq", kt, qg, preferred_element_type=jnp.float32)
-    logits = jax.lax.optimization_barrier(logits_t).swapaxes(-1, -2) * scale
-  else:
-    logits = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32) * scale
-  mask = make_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, (b, t, s))
-  if mask is not None:
-    logits = logits.reshape(b, kh, g, t, s)
-    logits = jnp.where(mask[:, None, None], logits, jnp.float32(-1e30)).reshape(b, kh, g * t, s)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs, vt)  # (B, KH, G * T, D)
-  return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def segment_local_attention(q, k, v, segment_ids, span: int, block: int = 128):

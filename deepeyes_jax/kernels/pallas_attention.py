@@ -48,9 +48,8 @@ jit; this kernel covers all of them with one code path.
 Backends: on CPU the kernels run with `interpret=True` (what the tests exercise). On GPU they are compiled with
 the Triton lowering, selected explicitly through `pallas.triton.CompilerParams` (jax's default GPU lowering is now
 Mosaic GPU); they are written for it: power-of-two tiles, 2-D dots with M, N, K >= 16, `fori_loop` with dynamic
-bounds, no scalar refs. The tests lower all three kernels to Triton IR for CUDA on the CPU (cross-platform
-lowering, and the Triton modules verify), but Triton's own compilation to PTX, running on a GPU and the speed are
-not verified here (no GPU). TPU (Mosaic) is not supported as is (1-D vectors, squeezed second-minor block dims).
+bounds, no scalar refs (checked on H100/H200, docs/benchmarks.md). They do not lower with Mosaic (1-D vectors,
+squeezed second-minor block dims): on TPU `pallas_attention` routes to `tpu_attention`, which is written for it.
 """
 
 from __future__ import annotations
@@ -64,10 +63,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from deepeyes_jax.kernels import blocks, platform, tpu_attention
+from deepeyes_jax.kernels.blocks import INT_MAX, INT_MIN
+
 LOG2E = math.log2(math.e)
 MASK_VALUE = -1e30  # masked (base-2) logit; its probability is also forced to 0
-INT_MAX = 2**31 - 1
-INT_MIN = -(2**31)
+_round_up, _pad_axis = blocks.round_up, blocks.pad_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +97,6 @@ DEFAULT_BLOCK_SIZES = BlockSizes()
 # ------------------------------------------------------------------------------------------------------------------
 def _next_pow2(x: int) -> int:
   return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
 
 
 def _dot_nt(a, b):  # a @ b.T
@@ -146,18 +135,9 @@ def _visible_range(vis, start, stop):
 
 
 def _block_summaries(seg, pos, block: int, n_pad: int):
-  """Per block of a (B, N) segment/position array: min and max non-zero segment, min and max position of the
-  non-padding entries; (B, n_pad) int32 each, padded with values that make the extra blocks invisible."""
-  b, n = seg.shape
-  s = seg.reshape(b, n // block, block)
-  p = pos.reshape(b, n // block, block)
-  live = s != 0
-  smin = jnp.min(jnp.where(live, s, INT_MAX), axis=-1)
-  smax = jnp.max(jnp.where(live, s, INT_MIN), axis=-1)
-  pmin = jnp.min(jnp.where(live, p, INT_MAX), axis=-1)
-  pmax = jnp.max(jnp.where(live, p, INT_MIN), axis=-1)
+  """`blocks.block_summaries`, each padded to (B, n_pad) with values that make the extra blocks invisible."""
   fill = (INT_MAX, INT_MIN, INT_MAX, INT_MIN)
-  return tuple(_pad_axis(x.astype(jnp.int32), 1, n_pad, f) for x, f in zip((smin, smax, pmin, pmax), fill))
+  return tuple(_pad_axis(x, 1, n_pad, f) for x, f in zip(blocks.block_summaries(seg, pos, block), fill))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -368,9 +348,9 @@ class _Plan:
 
 
 def _compiler_params(plan: _Plan):
-  """Triton compiler params whenever compiled (not interpreted) off TPU. Passing them also selects the Triton
-  lowering: jax >= 0.9 lowers a plain GPU `pallas_call` with Mosaic GPU, which these kernels are not written for."""
-  if plan.interpret or jax.default_backend() == "tpu":
+  """Triton compiler params whenever compiled (not interpreted). Passing them also selects the Triton lowering:
+  jax >= 0.9 lowers a plain GPU `pallas_call` with Mosaic GPU, which these kernels are not written for."""
+  if plan.interpret:
     return None
   from jax.experimental.pallas import triton as plgpu
 
@@ -383,13 +363,14 @@ def _kv_dims(k, heads_major: bool) -> tuple[int, int]:
   return (k.shape[2], k.shape[1]) if heads_major else (k.shape[1], k.shape[2])
 
 
-def _make_plan(q, k, causal, scale, sizes: BlockSizes, interpret: bool | None, kv_heads_major: bool = False) -> _Plan:
+def _make_plan(
+  q, k, causal, scale, sizes: BlockSizes, interpret: bool | None, kv_heads_major: bool = False, target: str = "gpu"
+) -> _Plan:
   b, t, h, d = q.shape
   s, kh = _kv_dims(k, kv_heads_major)
-  backend = jax.default_backend()
   if interpret is None:
-    interpret = backend == "cpu"
-  gpu = backend == "gpu" and not interpret
+    interpret = target == "cpu"
+  gpu = target == "gpu" and not interpret
   pow2_d = gpu if sizes.pow2_head_dim is None else sizes.pow2_head_dim
   dp = _next_pow2(max(d, 16)) if pow2_d else d
   g = h // kh
@@ -618,7 +599,6 @@ def _flash_fwd(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
 _flash.defvjp(_flash_fwd, _backward)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_sizes", "interpret", "kv_heads_major"))
 def pallas_attention(
   q: jax.Array,
   k: jax.Array,
@@ -633,11 +613,15 @@ def pallas_attention(
   block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
   interpret: bool | None = None,
   kv_heads_major: bool = False,
+  segment_span: int = 0,
 ) -> jax.Array:
-  """`attention.attention` semantics with the Pallas flash kernels (differentiable; see the module docstring).
+  """`attention.attention` semantics with Pallas kernels (differentiable; see the module docstring).
 
-  `interpret` None: interpret mode on CPU, compiled elsewhere. `kv_heads_major`: k, v are (B, K, S, D) (the KV
-  cache's layout), read in place by the forward kernel.
+  The kernels follow the platform the program is compiled for (`platform.target_platform()`): TPU gets
+  `tpu_attention` (Mosaic), GPU and CPU the flash kernels of this module (Triton; interpret mode on CPU).
+  `interpret` None: interpret mode when the devices that run the program are not the target's (CPU). `block_sizes`
+  applies to this module's kernels; `segment_span` to the TPU path (see `attention.attention`). `kv_heads_major`:
+  k, v are (B, K, S, D) (the KV cache's layout), read in place by the forward kernels.
   """
   b, t, h, d = q.shape
   s, kh = _kv_dims(k, kv_heads_major)
@@ -649,12 +633,44 @@ def pallas_attention(
     raise ValueError(f"k {k.shape} and v {v.shape} must be {layout} matching q {q.shape}")
   if causal and (q_positions is None or kv_positions is None):
     raise ValueError("causal attention needs q_positions and kv_positions")
+  meta = dict(
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    causal=causal,
+    scale=scale,
+    kv_heads_major=kv_heads_major,
+  )
+  target = platform.target_platform()
+  if target == "tpu":
+    interp = platform.executing_platform() != "tpu" if interpret is None else bool(interpret)
+    return tpu_attention.tpu_attention(q, k, v, segment_span=segment_span, interpret=interp, **meta)
+  return _flash_attention(q, k, v, block_sizes=block_sizes, interpret=interpret, target=target, **meta)
+
+
+# The target platform is a static argument: a trace made for one platform is never reused for another.
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_sizes", "interpret", "kv_heads_major", "target"))
+def _flash_attention(
+  q,
+  k,
+  v,
+  *,
+  q_segment_ids,
+  kv_segment_ids,
+  q_positions,
+  kv_positions,
+  causal,
+  scale,
+  block_sizes,
+  interpret,
+  kv_heads_major,
+  target,
+):
+  b, t, h, d = q.shape
+  s, kh = _kv_dims(k, kv_heads_major)
   dtype = jnp.result_type(q, k, v)
   q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-  ones_q, ones_k = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
-  qseg = ones_q if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
-  kseg = ones_k if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-  qpos = q_positions.astype(jnp.int32) if causal else jnp.zeros((b, t), jnp.int32)
-  kpos = kv_positions.astype(jnp.int32) if causal else jnp.zeros((b, s), jnp.int32)
-  plan = _make_plan(q, k, causal, scale, block_sizes, interpret, kv_heads_major)
+  qseg, kseg, qpos, kpos = blocks.dense_ids(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, b, t, s)
+  plan = _make_plan(q, k, causal, scale, block_sizes, interpret, kv_heads_major, target)
   return _flash(q, k, v, qseg, kseg, qpos, kpos, plan)

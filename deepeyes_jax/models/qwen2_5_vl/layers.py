@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepeyes_jax.kernels import platform
+
 INIT_STD = 0.02
 
 
@@ -36,11 +38,12 @@ def matmul_out_in(x: jax.Array, w: jax.Array) -> jax.Array:
   the sampling benchmark, fp32 on 2 cores, medians of interleaved runs: M = 8 ~26 against 31-52 ms, M = 32 ~55
   against 136-158 ms, M = 128 184 against 373 ms, M = 512 990 against 1055 ms, but M = 2048 3.5 against 3.0 s, hence
   the bound; docs/benchmarks.md). `optimization_barrier` keeps XLA's algebraic simplifier from folding the transpose
-  back into the dot, which restores the slow form. Other backends, and more rows, take the plain product. Same
+  back into the dot, which restores the slow form. Other platforms (`platform.target_platform()`: the devices the
+  program is compiled for), and more rows, take the plain product. Same
   values up to fp32 rounding (a different summation order).
   """
   k = x.ndim - 1
-  if jax.default_backend() == "cpu" and math.prod(x.shape[:-1]) <= SMALL_M_ROWS:
+  if platform.target_platform() == "cpu" and math.prod(x.shape[:-1]) <= SMALL_M_ROWS:
     y_t = jax.lax.dot_general(w, x, (((1,), (k,)), ((), ())))  # (dout, ...)
     return jnp.moveaxis(jax.lax.optimization_barrier(y_t), 0, -1)
   return jax.lax.dot_general(x, w, (((k,), (1,)), ((), ())))

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from deepeyes_jax.kernels.attention import attention, segment_local_attention
+from deepeyes_jax.kernels.attention import attention, resolve_impl, segment_local_attention
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, Linear, RMSNorm, SwiGLU, apply_rope, axes
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
@@ -160,11 +160,14 @@ class VisionAttention(nnx.Module):
     qkv = self.qkv(x).reshape(n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if self.attention_impl == "xla" and span:
+    impl = resolve_impl(self.attention_impl)
+    if impl == "xla" and span:
       out = segment_local_attention(q, k, v, segment_ids, span)
     else:
       seg = segment_ids[None]
-      out = attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=self.attention_impl)[0]
+      out = attention(
+        q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=impl, segment_span=span
+      )[0]
     return self.proj(out.reshape(n, d))
 
 
