@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.tokenizer = ml_collections.config_dict.placeholder(str)  # default: model.checkpoint
   c.model.dtype = "bfloat16"  # parameter and compute dtype; AdamW moments and gradients follow it (docs/tpu_7b.md)
   c.model.attention_impl = "xla"  # "xla" | "pallas" | "cudnn" | "auto" (deepeyes_jax/kernels/attention.py)
+  c.model.size = size  # Qwen2.5-VL shape `python -m deepeyes_jax.aot` compiles when model.checkpoint is unset
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # comma-separated parquet / JSONL paths or globs (DeepEyes-Datasets-47k format)
@@ -45,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.max_turns = 5  # assistant turns per trajectory (5 = at most 4 zooms)
   c.rollout.max_tokens_per_turn = 10240  # a turn cut by this limit ends the trajectory
   c.rollout.max_total_tokens = 8192 + 20480  # prompt + response
+  c.rollout.max_prompt_tokens = 8192  # prompt budget, image included: sizes the AOT prefill (rollouts do not cut)
   c.rollout.max_images = 5  # original + crops
   c.rollout.temperature = 1.0  # sampling temperature of the rollouts
   c.rollout.top_p = 1.0  # nucleus mass (1.0 = off)
@@ -113,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.group_size = 2
     c.rollout.max_tokens_per_turn = 24
     c.rollout.max_total_tokens = 1536
+    c.rollout.max_prompt_tokens = 512
     c.rollout.max_turns = 3
     c.rollout.max_pixels = 48 * 28 * 28
     c.rl.min_row_len = 256

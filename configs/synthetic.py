@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model.checkpoint = ""  # empty: make the tiny model below in WORKDIR/base_model
   c.model.dtype = "float32"
+  c.model.size = "tiny"  # the shape class; the AOT tool, like the trainer, builds model.tiny below
   c.model.tiny = ml_collections.ConfigDict()
   c.model.tiny.vocab_size = 768  # regular BPE tokens (+22 Qwen added tokens)
   c.model.tiny.corpus = "synthetic"  # train the BPE merges on the task's texts too
@@ -95,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.max_turns = 3
   c.rollout.max_tokens_per_turn = 64
   c.rollout.max_total_tokens = 512
+  c.rollout.max_prompt_tokens = 256  # short system prompt + question + the 36 tokens of the global view
   c.rollout.max_images = 3
   c.rollout.coordinate_frame = "resized"  # boxes in the 168 x 168 frame the model sees (data/synthetic.py)
   c.rollout.min_pixels = 4 * 28 * 28

@@ -64,6 +64,12 @@ def compiling_for(target):
     _local.platform, _local.mesh = previous
 
 
+def scope(mesh):
+  """`compiling_for(mesh)`, or nothing when `mesh` is None: what the trainer's and sampler's calls trace under, so
+  that the kernels see the mesh they run on (the TPU kernels run per shard of it) exactly as the AOT tool does."""
+  return contextlib.nullcontext() if mesh is None else compiling_for(mesh)
+
+
 def _mesh_in_scope():
   try:
     mesh = jax.sharding.get_mesh()

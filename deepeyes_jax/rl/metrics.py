@@ -34,6 +34,16 @@ PEAK_FLOPS = {
   "v4": 275e12,  # Google's published TPU v4 bf16 peak (not in SPEC.md)
   "cpu": 3e11,
 }
+# Peak HBM bandwidth per device, bytes/s (vendor figures): the memory side of a roofline (`python -m deepeyes_jax.aot`).
+PEAK_HBM_BANDWIDTH = {
+  "h100": 3.35e12,
+  "h200": 4.8e12,
+  "v5p": 2.76e12,
+  "v5e": 0.82e12,
+  "v5 lite": 0.82e12,
+  "v6e": 1.64e12,
+  "v4": 1.2e12,
+}
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float:

@@ -7,6 +7,9 @@
 Gradient accumulation: every micro-batch's loss is normalised by the token count of the whole mini-batch, so
 the summed gradient is exactly the token mean over the mini-batch. A non-finite loss or gradient leaves the
 parameters and optimizer state unchanged (`skipped` = 1 in the metrics) and the run continues.
+
+`learner_fns(graphdef, state, cfg)` builds the optimizer and the jitted functions without concrete arrays: the
+`Learner` runs them, and `python -m deepeyes_jax.aot` compiles the very same functions for a TPU slice.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepeyes_jax.kernels import platform
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.rl import grpo
@@ -149,6 +153,98 @@ def _loss(params, graphdef, batch: PackedBatch, denominator, cfg: LearnerConfig,
   return loss, aux
 
 
+@dataclasses.dataclass(frozen=True)
+class LearnerFns:
+  """The optimizer and the jitted functions of one update, built from a graphdef and a config (no arrays needed):
+  what `Learner` runs, and what `python -m deepeyes_jax.aot` compiles for a TPU slice from abstract shapes.
+
+  init: state -> opt_state. grad: (state, batch, denominator) -> (grads, aux) for one micro-batch. apply: (state,
+  opt_state, summed grads, summed loss) -> (state, opt_state, grad_norm, ok), donating state and opt_state.
+  """
+
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init: Callable
+  grad: Callable
+  apply: Callable
+
+
+def learner_fns(graphdef, state, cfg: LearnerConfig) -> LearnerFns:
+  """`LearnerFns` for a model split into (graphdef, state). `state` may be abstract (ShapeDtypeStruct leaves): only
+  its tree structure is read (which parameters are frozen when `cfg.train_vision` is False)."""
+  labels = None
+  if not cfg.train_vision:
+    labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "freeze" if getattr(path[0], "key", None) == "visual" else "train", state
+    )
+  tx, schedule = make_optimizer(cfg, labels)
+  return LearnerFns(
+    tx=tx,
+    schedule=schedule,
+    init=jax.jit(tx.init, out_shardings=opt_state_shardings(tx, state)),
+    grad=jax.jit(functools.partial(_grad_impl, graphdef=graphdef, cfg=cfg)),
+    apply=jax.jit(functools.partial(_apply_impl, tx=tx), donate_argnums=(0, 1)),
+  )
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, state):
+  """Shardings of `tx.init(state)`: each moment as its parameter, counters replicated; None when `state`'s leaves
+  carry no sharding.
+
+  Why explicit: `tx.init` only reads the parameters' shapes, so a plain `jax.jit(tx.init)` has no sharded input
+  left to follow and XLA puts the whole optimizer state on one device (2x the parameters on chip 0 for AdamW, until
+  the first update moves it).
+  """
+  leaves = jax.tree.leaves(state)
+  shardings = [getattr(x, "sharding", None) for x in leaves]
+  if not leaves or any(s is None for s in shardings):
+    return None
+  first = shardings[0]
+  replicated = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 -- frozen parameters' empty moments
+  return optax.tree_map_params(
+    tx,
+    lambda x, s: x if masked(x) else s,
+    jax.eval_shape(tx.init, state),
+    jax.tree.map(lambda x: x.sharding, state),
+    transform_non_params=lambda _: replicated,
+    is_leaf=masked,
+  )
+
+
+def _grad_impl(state, batch, denominator, *, graphdef, cfg):
+  (_, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state, graphdef, batch, denominator, cfg)
+  return grads, aux
+
+
+def _apply_impl(state, opt_state, grads, loss, *, tx):
+  grad_norm = optax.tree.norm(grads)
+  ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+  # Zero non-finite gradients before the update so the skipped branch never produces NaNs anywhere.
+  safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+  updates, new_opt = tx.update(safe, opt_state, state)
+  new_state = optax.apply_updates(state, updates)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  return jax.tree.map(keep, new_state, state), jax.tree.map(keep, new_opt, opt_state), grad_norm, ok
+
+
+def batch_shardings(batch: PackedBatch, mesh: Mesh) -> PackedBatch:
+  """NamedShardings of a micro-batch (arrays or ShapeDtypeStructs) on the mesh: rows over (data, fsdp), images
+  replicated (the vision tower sees every image of the micro-batch)."""
+  rows = NamedSharding(mesh, shd.logical_to_spec(("batch", None), batch.tokens.shape, mesh))
+  row_axes = rows.spec[0]
+
+  def sharding(path, _):
+    name = path[0].name
+    if name == "position_ids":
+      return NamedSharding(mesh, P(None, row_axes))
+    if name in ("pixel_values", "plan"):
+      return NamedSharding(mesh, P())
+    return rows
+
+  return jax.tree_util.tree_map_with_path(sharding, batch)
+
+
 class Learner:
   """Holds the trainable state (parameters, optimizer state) and applies GRPO updates.
 
@@ -160,68 +256,39 @@ class Learner:
     self.cfg = cfg
     self.mesh = mesh
     self.graphdef, self.state = nnx.split(model)
-    labels = None
-    if not cfg.train_vision:
-      labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "freeze" if getattr(path[0], "key", None) == "visual" else "train", self.state
-      )
-    self.tx, self.schedule = make_optimizer(cfg, labels)
-    self.opt_state = jax.jit(self.tx.init)(self.state)
+    fns = learner_fns(self.graphdef, self.state, cfg)
+    self.tx, self.schedule = fns.tx, fns.schedule
+    self.opt_state = fns.init(self.state)
     self.step = 0
-    self._grad = jax.jit(functools.partial(self._grad_impl, graphdef=self.graphdef, cfg=cfg))
-    self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1))
-
-  # --- jitted pieces --------------------------------------------------------------------------------------
-  @staticmethod
-  def _grad_impl(state, batch, denominator, *, graphdef, cfg):
-    (_, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state, graphdef, batch, denominator, cfg)
-    return grads, aux
-
-  def _apply_impl(self, state, opt_state, grads, loss):
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-    # Zero non-finite gradients before the update so the skipped branch never produces NaNs anywhere.
-    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-    updates, new_opt = self.tx.update(safe, opt_state, state)
-    new_state = optax.apply_updates(state, updates)
-    keep = lambda new, old: jnp.where(ok, new, old)
-    return jax.tree.map(keep, new_state, state), jax.tree.map(keep, new_opt, opt_state), grad_norm, ok
+    self._grad, self._apply = fns.grad, fns.apply
 
   # --- host API -------------------------------------------------------------------------------------------
   def place(self, batch: PackedBatch) -> PackedBatch:
-    """Puts a micro-batch on the mesh: rows over (data, fsdp), images replicated."""
+    """Puts a micro-batch on the mesh: rows over (data, fsdp), images replicated (`batch_shardings`)."""
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, batch)
-    rows = NamedSharding(self.mesh, shd.logical_to_spec(("batch", None), batch.tokens.shape, self.mesh))
-    row_axes = rows.spec[0]
-
-    def put(path, x):
-      name = path[0].name
-      if name == "position_ids":
-        return jax.device_put(x, NamedSharding(self.mesh, P(None, row_axes)))
-      if name in ("pixel_values", "plan"):
-        return jax.device_put(x, NamedSharding(self.mesh, P()))
-      return jax.device_put(x, rows)
-
-    return jax.tree_util.tree_map_with_path(put, batch)
+    return jax.tree.map(jax.device_put, batch, batch_shardings(batch, self.mesh))
 
   def logprobs(self, batch: PackedBatch) -> np.ndarray:
     """Current-policy log-probs (R, L) of a packed batch (no gradient): the 'recompute' old log-probs."""
     rep = None if self.mesh is None else NamedSharding(self.mesh, P())  # every host reads it
-    return np.asarray(_logprobs_jit(self.graphdef, self.cfg.logits_chunk, rep, self.state, self.place(batch)))
+    with platform.scope(self.mesh):
+      return np.asarray(_logprobs_jit(self.graphdef, self.cfg.logits_chunk, rep, self.state, self.place(batch)))
 
   def predict(self, batch: PackedBatch) -> np.ndarray:
     """Teacher-forced greedy predictions (R, L) int32: the argmax next token after each position (a probe of what
     the current policy has learned; see `warmstart.skill_accuracy`)."""
     rep = None if self.mesh is None else NamedSharding(self.mesh, P())
-    return np.asarray(_predict_jit(self.graphdef, rep, self.state, self.place(batch)))
+    with platform.scope(self.mesh):
+      return np.asarray(_predict_jit(self.graphdef, rep, self.state, self.place(batch)))
 
   def update(self, micro_batches: Sequence[PackedBatch]) -> dict[str, float]:
     """One optimizer step over all micro-batches (gradient accumulation). Returns host metrics."""
     denominator = self._denominator(micro_batches)
     grads, aux_sum = None, None
     for mb in micro_batches:
-      g, aux = self._grad(self.state, self.place(mb), denominator)
+      with platform.scope(self.mesh):
+        g, aux = self._grad(self.state, self.place(mb), denominator)
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
       aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
     self.state, self.opt_state, grad_norm, ok = self._apply(self.state, self.opt_state, grads, aux_sum["loss"])

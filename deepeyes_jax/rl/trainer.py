@@ -222,13 +222,7 @@ def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
   lengths = [len(t.token_ids) for t in trajs]
   row_len = bucket(max(lengths), rl.min_row_len)
   per = max(1, rl.micro_batch_rows)
-  multiple = 1 if learner.mesh is None else _row_multiple(learner.mesh)
-
-  def n_rows(k: int) -> int:
-    # A micro-batch of k packed rows is padded to the next power of two (at most `per`), not to `per`: a last
-    # micro-batch holding one or two rows would otherwise cost as much as a full one. log2(per) shapes at most.
-    return _round_up(min(per, bucket(k, 1)), multiple)
-
+  n_rows = lambda k: micro_batch_num_rows(k, per, learner.mesh)  # noqa: E731
   out = []
   for mb_idx in np.array_split(np.arange(len(trajs)), rl.num_minibatches):
     idx = list(mb_idx)
@@ -246,6 +240,15 @@ def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
       raise ValueError(f"rl.old_logprobs must be 'sampler' or 'recompute', got {rl.old_logprobs!r}")
     out.append(micro)
   return out
+
+
+def micro_batch_num_rows(k: int, per: int, mesh) -> int:
+  """Rows of a micro-batch holding k packed rows (at most `per`, config.rl.micro_batch_rows): the next power of two,
+  rounded up to a multiple of the mesh's row-parallel size (data x fsdp) so that the rows shard evenly."""
+  # Padded to the next power of two (at most `per`), not to `per`: a last micro-batch holding one or two rows would
+  # otherwise cost as much as a full one. log2(per) shapes at most.
+  multiple = 1 if mesh is None else _row_multiple(mesh)
+  return _round_up(min(per, bucket(k, 1)), multiple)
 
 
 def _row_multiple(mesh) -> int:

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from deepeyes_jax.kernels import platform
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
 from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
 from deepeyes_jax.models.qwen2_5_vl.text import CacheView
@@ -178,18 +179,19 @@ class Sampler:
       pixel_values[: len(flat)] = flat
       plan = make_vision_plan(np.stack(grids), cfg.vision, pad_to=n_patches)
     self._note(("extend", b, cap, n, n_patches))
-    cache, logits = _extend(
-      self.graphdef,
-      self._shardings(cache),
-      self.state,
-      cache,
-      tokens,
-      counts,
-      position_ids,
-      new_next.astype(np.int32),
-      pixel_values,
-      plan,
-    )
+    with platform.scope(self.mesh):
+      cache, logits = _extend(
+        self.graphdef,
+        self._shardings(cache),
+        self.state,
+        cache,
+        tokens,
+        counts,
+        position_ids,
+        new_next.astype(np.int32),
+        pixel_values,
+        plan,
+      )
     return cache, logits
 
   # --- decode --------------------------------------------------------------------------------------------
@@ -237,21 +239,22 @@ class Sampler:
       suppress_tokens = (self.config.image_token_id, self.config.video_token_id)
     suppress = np.asarray(list(suppress_tokens) or [-1], np.int32)
     self._note(("decode", b, cache.capacity, steps, len(stops), len(suppress), params, return_logits))
-    cache, tokens, logprobs, counts, reasons, all_logits = _decode(
-      self.graphdef,
-      self._shardings(cache),
-      params,
-      steps,
-      return_logits,
-      self.state,
-      cache,
-      logits,
-      keys,
-      budgets,
-      stops,
-      suppress,
-      forced,
-    )
+    with platform.scope(self.mesh):
+      cache, tokens, logprobs, counts, reasons, all_logits = _decode(
+        self.graphdef,
+        self._shardings(cache),
+        params,
+        steps,
+        return_logits,
+        self.state,
+        cache,
+        logits,
+        keys,
+        budgets,
+        stops,
+        suppress,
+        forced,
+      )
     tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
     result = DecodeResult(
       tokens=[tokens[r, : counts[r]].tolist() for r in range(b)],

@@ -1,0 +1,865 @@
+"""Ahead-of-time compilation of one training step for a TPU slice, on any host (no TPU, no weights).
+
+    python -m deepeyes_jax.aot --config configs/deepeyes_7b.py --topology v5p-64 [--json FILE] [--config.a.b=v ...]
+    python -m deepeyes_jax.aot --config configs/deepeyes_7b.py:size=3b --topology v5e-256 --functions grad,decode
+    python -m deepeyes_jax.aot --config configs/deepeyes_7b.py --topology v5p-64 --layers 2      # quick iteration
+
+libtpu (`pip install -e '.[tpu]'`) describes the slice's chips (`jax.experimental.topologies`); the run's mesh
+(config.mesh) is laid over them and every jitted function of one training step is lowered from abstract shapes
+(`nnx.eval_shape`: parameters are never materialised, so a 7B or 32B config compiles on a laptop) and compiled by
+the real TPU compiler. The functions are the ones the trainer runs, not copies: `rl.train_step.learner_fns` (the
+learner's gradient micro-step, optimizer init and apply) and `sampling.sampler._extend` / `_decode` (prompt
+prefill, a crop appended after a zoom, the decode loop), with the argument shardings the trainer gives them.
+
+Per function it prints (and `--json` writes) what the compiler says about one chip: argument / output / temporary
+/ code bytes and their peak against the chip's HBM, FLOPs and bytes accessed (XLA's cost analysis of an SPMD
+program is per chip: a matmul sharded 4 ways reports a quarter of the global FLOPs), and the roofline time
+max(flops / peak FLOP/s, bytes / peak HBM bandwidth). A function the compiler refuses for memory is reported with
+the compiler's own figure. Exit status 1 when anything does not fit or fails to compile.
+
+Shapes (all derived from the config; see `StepShapes`):
+- learner: `rl.micro_batch_rows` packed rows (padded as the trainer pads them to a multiple of data x fsdp) of
+  `rollout.max_total_tokens` rounded up to a power of two >= `rl.min_row_len`; per row one prompt image (as in the
+  prefill) plus `rollout.max_images - 1` crops of `--crop_px` px square (`--patches_per_row` overrides);
+- prefill: the rollout batch (data.batch_size x rollout.group_size rows in one call, as `run_rollouts` prefills;
+  `--rollout_rows` overrides) of `rollout.max_prompt_tokens` tokens (half the capacity when the config has no
+  such field), each with one near-square image filling the prompt but for `PROMPT_TEXT_TOKENS` of text, at most
+  `rollout.max_pixels`; cache capacity `rollout.max_total_tokens`;
+- crop: the same rows, each appending an observation of one `--crop_px` crop plus `OBSERVATION_TEXT_TOKENS`;
+- decode: the same rows, a step bucket of the first turn's budget min(max_tokens_per_turn, capacity - prompt);
+  XLA's cost analysis counts one pass of the decode while loop, i.e. one token step.
+Every lowering runs under `kernels.platform.compiling_for(mesh)`, as the trainer's calls run under
+`platform.scope(mesh)`: code paths follow the slice's platform (TPU Pallas kernels for `attention_impl` pallas /
+auto, run per shard of the mesh), not this host's. `mosaic_kernels` counts the Pallas TPU calls in each program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils, topologies
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepeyes_jax.kernels import platform
+from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl.tiny import tiny_config
+from deepeyes_jax.parallel import sharding as shd
+from deepeyes_jax.processing import image as improc
+from deepeyes_jax.rl.metrics import PEAK_FLOPS, PEAK_HBM_BANDWIDTH
+from deepeyes_jax.rl.packing import PackedBatch, pack
+from deepeyes_jax.rl.train_step import batch_shardings, learner_fns, opt_state_shardings
+from deepeyes_jax.rl.trainer import agent_config, learner_config, micro_batch_num_rows
+from deepeyes_jax.sampling import cache as cache_lib
+from deepeyes_jax.sampling import sampler as sampler_lib
+
+GiB = 1 << 30
+
+FUNCTIONS = ("opt_init", "grad", "opt_apply", "prefill", "crop", "decode")
+DESCRIPTIONS = {
+  "opt_init": "optimizer init (tx.init)",
+  "grad": "learner gradient micro-step (Learner._grad)",
+  "opt_apply": "optimizer apply (Learner._apply)",
+  "prefill": "sampler extend: prompt prefill",
+  "crop": "sampler extend: crop observation",
+  "decode": "sampler decode loop",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chips and slices
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU chip generation: the HBM the compiler lets a program use, and the peaks of the roofline."""
+
+  generation: str
+  hbm_bytes: int
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+
+
+def _chip(gen: str, hbm_gib: float) -> Chip:
+  return Chip(gen, int(hbm_gib * GiB), PEAK_FLOPS[gen], PEAK_HBM_BANDWIDTH[gen])
+
+
+# HBM per chip as libtpu 0.0.42's compiler states it in its out-of-memory message ("exceeds available HBM (95.74G)");
+# v4 is compiled as megacore (one device per chip, both TensorCores).
+CHIPS = {
+  "v4": _chip("v4", 30.75),
+  "v5e": _chip("v5e", 15.75),
+  "v5p": _chip("v5p", 95.74),
+  "v6e": _chip("v6e", 31.25),
+}
+
+# Slice name -> libtpu topology. v4 and v5p names count TensorCores (2 per chip), v5e and v6e names count chips.
+SLICES = {
+  "v4-8": "v4:2x2x1",
+  "v4-64": "v4:2x4x4",
+  "v5p-8": "v5p:2x2x1",
+  "v5p-16": "v5p:2x2x2",
+  "v5p-64": "v5p:2x4x4",
+  "v5p-128": "v5p:4x4x4",
+  "v5e-4": "v5e:2x2",
+  "v5e-8": "v5e:2x4",
+  "v5e-16": "v5e:4x4",
+  "v5e-128": "v5e:8x16",
+  "v5e-256": "v5e:16x16",
+  "v6e-4": "v6e:2x2",
+  "v6e-8": "v6e:2x4",
+  "v6e-32": "v6e:4x8",
+  "v6e-64": "v6e:8x8",
+  "v6e-256": "v6e:16x16",
+}
+_RAW_TOPOLOGY = re.compile(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str  # as given: "v5p-64" or a raw topology string
+  topology: str  # libtpu's: "v5p:2x4x4"
+  chip: Chip
+  num_chips: int
+
+
+def parse_slice(name: str) -> Slice:
+  """A slice name from `SLICES` or a raw topology string "GEN:AxB[xC]"; ValueError listing the known names."""
+  topology = SLICES.get(name, name)
+  m = _RAW_TOPOLOGY.fullmatch(topology)
+  if m is None:
+    raise ValueError(
+      f"unknown topology {name!r}: use a slice name ({', '.join(SLICES)}) or a libtpu topology string "
+      f"GEN:AxB[xC] with GEN in {', '.join(CHIPS)} (e.g. v5p:2x2x1)"
+    )
+  return Slice(name, topology, CHIPS[m.group(1)], math.prod(int(x) for x in m.group(2).split("x")))
+
+
+def topology_devices(s: Slice) -> list:
+  """The slice's devices, one per chip, from libtpu's topology description (no TPU needed)."""
+  kw = {"chip_config_name": "megacore"} if s.chip.generation == "v4" else {}
+  devices = list(topologies.get_topology_desc(s.topology, "tpu", **kw).devices)
+  if len(devices) != s.num_chips:
+    raise ValueError(f"topology {s.topology} gave {len(devices)} devices, expected {s.num_chips} chips")
+  return devices
+
+
+def slice_mesh(mesh_cfg, devices: Sequence) -> Mesh:
+  """The run's (data, fsdp, tensor) mesh over the slice's devices, in the physical order `mesh_utils` picks."""
+  shape = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+  n = len(devices)
+  described = f"config.mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}"
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"{described}: each axis must be >= 1, with at most one -1 (the remaining chips)")
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if n % rest:
+      raise ValueError(f"{described} does not fit the slice's {n} chips: {rest} does not divide {n}")
+    shape[shape.index(-1)] = n // rest
+  if math.prod(shape) != n:
+    raise ValueError(f"{described} = {math.prod(shape)} chips, but the slice has {n}")
+  try:
+    ordered = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):  # no physical mapping known for this shape
+    ordered = np.asarray(devices).reshape(shape)
+  return shd.make_mesh(*shape, devices=list(ordered.flat))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiler messages
+# --------------------------------------------------------------------------------------------------------------
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = r"([\d.]+)\s*([KMGTP]?)(?:i?B)?"
+_OOM_PATTERNS = (
+  # "... the total memory required for HLO temporaries (24.00G) exceeds available HBM (15.75G)."
+  re.compile(r"\(" + _SIZE + r"\)\s*exceeds available HBM\s*\(" + _SIZE + r"\)"),
+  re.compile(_SIZE + r"\s+exceeds available HBM\s*\(" + _SIZE + r"\)"),
+  # "Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm."
+  re.compile(r"Used\s+" + _SIZE + r"\s+of\s+" + _SIZE + r"\s+hbm", re.IGNORECASE),
+)
+
+
+def _bytes(number: str, unit: str) -> int:
+  return int(round(float(number) * _UNITS[unit.upper()]))
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+  """(bytes required, bytes available) per chip from the TPU compiler's out-of-memory error, else None."""
+  if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+    return None
+  for pattern in _OOM_PATTERNS:
+    m = pattern.search(message)
+    if m:
+      return _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
+  return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+def _preset(name: str) -> qvl.Qwen25VLConfig:
+  """Qwen2.5-VL shapes by size name: the hub config.json of each Instruct model (3B / 7B as pinned by
+  tests/test_config.py), and "tiny" = the embedded default's model (configs/synthetic.py)."""
+  base = qvl.Qwen25VLConfig()  # the 7B
+  if name == "7b":
+    return base
+  if name == "3b":
+    return base.replace(
+      text=dataclasses.replace(
+        base.text,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+      ),
+      vision=dataclasses.replace(base.vision, out_hidden_size=2048),
+      tie_word_embeddings=True,
+    )
+  if name == "32b":
+    return base.replace(
+      text=dataclasses.replace(
+        base.text,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+      ),
+      vision=dataclasses.replace(base.vision, intermediate_size=3456, out_hidden_size=5120),
+    )
+  if name == "tiny":
+    return _tiny({})
+  raise ValueError(f"unknown model size {name!r}; known: {', '.join(MODEL_PRESETS)}")
+
+
+MODEL_PRESETS = ("tiny", "3b", "7b", "32b")
+
+
+def _tiny(kw: dict) -> qvl.Qwen25VLConfig:
+  names = inspect.signature(tiny_config).parameters
+  defaults = {"vocab_size": 768}
+  return tiny_config(**{**defaults, **{k: v for k, v in kw.items() if k in names}})
+
+
+def model_config(config: ml_collections.ConfigDict, model: str | None = None) -> tuple[qvl.Qwen25VLConfig, str]:
+  """The Qwen2.5-VL config a run of `config` trains, and where it came from.
+
+  `model` (the --model flag) wins: a size name or an HF directory / config.json. Otherwise as the trainer
+  resolves it: `model.checkpoint`'s config.json when it exists here, the tiny model made by code when the
+  checkpoint is empty and `model.tiny` is set, else the preset `model.size` (7B when the config has none).
+  """
+
+  def from_path(path: str) -> qvl.Qwen25VLConfig:
+    return qvl.Qwen25VLConfig.from_json_file(os.path.dirname(path) if path.endswith(".json") else path)
+
+  if model:
+    if model in MODEL_PRESETS:
+      return _preset(model), f"preset {model}"
+    return from_path(model), model
+  ckpt = config.model.get("checkpoint")
+  if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
+    return from_path(ckpt), ckpt
+  tiny = config.model.get("tiny")
+  if not ckpt and tiny:
+    return _tiny(tiny.to_dict()), "config.model.tiny"
+  size = config.model.get("size", "7b")
+  return _preset(size), f"preset {size}"
+
+
+def with_layers(cfg: qvl.Qwen25VLConfig, layers: int | None, vision_layers: int | None) -> qvl.Qwen25VLConfig:
+  """`cfg` with fewer decoder layers / vision blocks (quick compiles; the last kept block does full attention)."""
+  if layers:
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=layers))
+  if vision_layers:
+    full = tuple(i for i in cfg.vision.fullatt_block_indexes if i < vision_layers) or (vision_layers - 1,)
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, depth=vision_layers, fullatt_block_indexes=full))
+  return cfg
+
+
+def abstract_state(cfg: qvl.Qwen25VLConfig, dtype, attention_impl: str, mesh: Mesh):
+  """(graphdef, state) of the model with ShapeDtypeStruct leaves carrying the parameters' NamedShardings (as
+  `from_pretrained` places them), and the parameter count. Nothing is allocated."""
+  model = qvl.abstract_model(cfg, dtype=dtype).set_attention_impl(attention_impl)
+  graphdef, state = nnx.split(model)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+  def place(v):
+    return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.variable_sharding(v, mesh)))
+
+  return graphdef, jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable)), n_params
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shapes of one step
+# --------------------------------------------------------------------------------------------------------------
+PROMPT_TEXT_TOKENS = 512  # system prompt (DeepEyes' is ~375 tokens) + question, beside the prompt image
+OBSERVATION_TEXT_TOKENS = 64  # the text around a crop in a tool observation
+
+
+def image_grid(tokens: int, merge: int = 2) -> tuple[int, int, int]:
+  """A near-square patch grid (t, h, w) of about `tokens` merged tokens (h, w multiples of `merge`)."""
+  gh = max(1, math.isqrt(max(1, tokens)))
+  gw = max(1, tokens // gh)
+  return 1, gh * merge, gw * merge
+
+
+def crop_grid(side_px: int, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
+  """The patch grid of a square crop of `side_px` after `smart_resize` (the rollout's preprocessing)."""
+  h, w = improc.smart_resize(side_px, side_px, min_pixels=min_pixels, max_pixels=max_pixels)
+  return 1, h // improc.PATCH_SIZE, w // improc.PATCH_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+  """The shapes one training step of a config compiles at (see the module docstring for the assumptions)."""
+
+  row_len: int  # packed learner row
+  micro_rows: int  # rows per learner micro-batch (after the trainer's padding)
+  learner_grids: tuple[tuple[int, int, int], ...]  # image grids of one learner row
+  learner_patches: int  # patches of a micro-batch, bucketed as `pack` does
+  rollout_rows: int
+  capacity: int  # KV cache slots per row
+  prompt_tokens: int  # prefill token bucket
+  prompt_grid: tuple[int, int, int]
+  prefill_patches: int  # patches of all rows' prompt images, bucketed as `Sampler.extend` does
+  crop_tokens: int  # crop-observation token bucket
+  crop_grid: tuple[int, int, int]
+  crop_patches: int
+  decode_steps: int  # decode step bucket
+
+  def describe(self) -> dict[str, str]:
+    g = lambda grid: "x".join(map(str, grid))  # noqa: E731
+    images = ", ".join(g(x) for x in dict.fromkeys(self.learner_grids)) or "none"
+    return {
+      "grad": f"{self.micro_rows} rows x {self.row_len} tokens, {len(self.learner_grids)} images/row "
+      f"(grids {images}), {self.learner_patches} patches",
+      "prefill": f"{self.rollout_rows} rows x {self.prompt_tokens} tokens, image {g(self.prompt_grid)}/row, "
+      f"{self.prefill_patches} patches, cache {self.capacity}",
+      "crop": f"{self.rollout_rows} rows x {self.crop_tokens} tokens, crop {g(self.crop_grid)}/row, "
+      f"{self.crop_patches} patches, cache {self.capacity}",
+      "decode": f"{self.rollout_rows} rows, {self.decode_steps} steps bucket, cache {self.capacity}",
+    }
+
+
+def _sampler_default(name: str) -> int:
+  """A `Sampler` bucket minimum as the trainer's `Sampler(model, mesh=mesh)` has it."""
+  return inspect.signature(sampler_lib.Sampler.__init__).parameters[name].default
+
+
+def step_shapes(
+  config: ml_collections.ConfigDict,
+  model_cfg: qvl.Qwen25VLConfig,
+  mesh: Mesh,
+  *,
+  patches_per_row: int | None = None,
+  crop_px: int = 448,
+  rollout_rows: int | None = None,
+) -> StepShapes:
+  r, rl = config.rollout, config.rl
+  bucket = sampler_lib.bucket
+  vision = model_cfg.vision
+  merge = vision.spatial_merge_size
+  factor = vision.patch_size * merge
+  capacity = r.max_total_tokens
+  prompt = r.get("max_prompt_tokens", None) or capacity // 2
+  prompt = min(prompt, capacity - 1)
+  image_tokens = min(r.max_pixels // factor**2, prompt - min(PROMPT_TEXT_TOKENS, prompt // 4))
+  p_grid = image_grid(image_tokens, merge)
+  c_grid = crop_grid(crop_px, r.min_pixels, r.max_pixels)
+  per_image = math.prod
+  min_patches = inspect.signature(pack).parameters["min_patch_bucket"].default
+  if patches_per_row is None:  # the prompt image and every crop the rollout allows
+    grids = (p_grid,) + (c_grid,) * max(0, r.max_images - 1)
+  else:  # --patches_per_row: one image of about that many patches (0: text only)
+    grids = (image_grid(patches_per_row // merge**2, merge),) if patches_per_row else ()
+  row_patches = sum(map(per_image, grids))
+  micro_rows = micro_batch_num_rows(rl.micro_batch_rows, max(1, rl.micro_batch_rows), mesh)
+  rows = rollout_rows or config.data.batch_size * r.group_size
+  min_tok, min_patch = _sampler_default("min_token_bucket"), _sampler_default("min_patch_bucket")
+  crop_text = min(OBSERVATION_TEXT_TOKENS, capacity // 8)
+  return StepShapes(
+    row_len=bucket(capacity, rl.min_row_len),
+    micro_rows=micro_rows,
+    learner_grids=grids,
+    learner_patches=bucket(micro_rows * row_patches, min_patches) if row_patches else 0,
+    rollout_rows=rows,
+    capacity=capacity,
+    prompt_tokens=bucket(prompt, min_tok),
+    prompt_grid=p_grid,
+    prefill_patches=bucket(rows * per_image(p_grid), min_patch),
+    crop_tokens=bucket(per_image(c_grid) // merge**2 + crop_text, min_tok),
+    crop_grid=c_grid,
+    crop_patches=bucket(rows * per_image(c_grid), min_patch),
+    decode_steps=bucket(min(r.max_tokens_per_turn, capacity - prompt), _sampler_default("min_step_bucket")),
+  )
+
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def abstract_plan(grids: Sequence[tuple[int, int, int]], n_patches: int, vision, sharding):
+  """The `VisionPlan` of images with patch grids among `grids`, padded to `n_patches`, as ShapeDtypeStructs: the
+  static window / image spans are those of the real plan (maxima over the grids), the index arrays never exist."""
+  plan = qvl.make_vision_plan(np.asarray(grids), vision)
+  units = n_patches // vision.merge_unit
+  sizes = {"window_index": (units,), "reverse_index": (units,), "pos_hw": (n_patches, 2)}
+  return dataclasses.replace(
+    plan,
+    **{
+      f.name: _sds(sizes.get(f.name, (n_patches,)), jnp.int32, sharding)
+      for f in dataclasses.fields(plan)
+      if not f.metadata.get("static")
+    },
+  )
+
+
+def abstract_batch(shapes: StepShapes, model_cfg: qvl.Qwen25VLConfig, mesh: Mesh) -> PackedBatch:
+  """A learner micro-batch of ShapeDtypeStructs with the shardings `Learner.place` gives it."""
+  r, length = shapes.micro_rows, shapes.row_len
+  i32, f32 = jnp.int32, jnp.float32
+  shapes_tree = PackedBatch(
+    tokens=jax.ShapeDtypeStruct((r, length), i32),
+    segment_ids=jax.ShapeDtypeStruct((r, length), i32),
+    positions=jax.ShapeDtypeStruct((r, length), i32),
+    position_ids=jax.ShapeDtypeStruct((3, r, length), i32),
+    loss_mask=jax.ShapeDtypeStruct((r, length), f32),
+    old_logprobs=jax.ShapeDtypeStruct((r, length), f32),
+    advantages=jax.ShapeDtypeStruct((r, length), f32),
+    pixel_values=None,
+    plan=None,
+  )
+  if shapes.learner_patches:
+    rep = NamedSharding(mesh, P())
+    shapes_tree.pixel_values = jax.ShapeDtypeStruct((shapes.learner_patches, model_cfg.vision.patch_dim), f32)
+    shapes_tree.plan = abstract_plan(shapes.learner_grids, shapes.learner_patches, model_cfg.vision, rep)
+  shardings = batch_shardings(shapes_tree, mesh)
+  return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), shapes_tree, shardings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiling
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Result:
+  """What the compiler said about one function, per chip."""
+
+  name: str
+  description: str
+  shapes: str = ""
+  status: str = "ok"  # "ok" | "oom" (refused for memory) | "error" | "skipped"
+  fits: bool = False
+  argument_bytes: int = 0
+  output_bytes: int = 0
+  temp_bytes: int = 0
+  code_bytes: int = 0
+  alias_bytes: int = 0
+  peak_bytes_per_chip: int = 0
+  flops: float = 0.0
+  bytes_accessed: float = 0.0
+  roofline_s: float = 0.0
+  compile_s: float = 0.0
+  mosaic_kernels: int = 0  # Pallas TPU (Mosaic) calls in the compiled program: the attention kernels
+  error: str = ""
+  note: str = ""
+  compiled: Any = dataclasses.field(default=None, repr=False)
+
+  def to_json(self) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compiled"}
+
+
+class _Heartbeat:
+  """Prints 'still compiling NAME (Ns)' every `every` seconds while a compile runs."""
+
+  def __init__(self, name: str, t0: float, every: float = 30.0):
+    self.name, self.t0, self.every = name, t0, every
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self):
+    while not self._stop.wait(self.every):
+      print(f"  ... still compiling {self.name} ({time.perf_counter() - self.t0:.0f} s)", flush=True)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def compile_function(result: Result, jitted: Callable, args: Sequence, mesh: Mesh, chip: Chip) -> Result:
+  """Lowers `jitted(*args)` for the mesh's platform and compiles it; fills `result` (never raises)."""
+  t0 = time.perf_counter()
+  print(f"[{result.name}] {result.description}: {result.shapes}", flush=True)
+  try:
+    with _Heartbeat(result.name, t0), platform.compiling_for(mesh):
+      lowered = jitted.lower(*args)
+      print(f"  lowered in {time.perf_counter() - t0:.1f} s; compiling", flush=True)
+      compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 -- every failure is reported per function, the others still compile
+    result.compile_s = time.perf_counter() - t0
+    message = str(e)
+    oom = parse_oom(message)
+    if oom is not None:
+      result.status, result.fits = "oom", False
+      result.peak_bytes_per_chip = oom[0]
+      result.note = f"compiler: {oom[0] / GiB:.2f} GiB needed, {oom[1] / GiB:.2f} GiB available"
+    else:
+      result.status = "error"
+    result.error = f"{type(e).__name__}: {message.strip()[:4000]}"
+    print(f"  {result.status.upper()} after {result.compile_s:.1f} s: {result.error.splitlines()[0][:300]}", flush=True)
+    return result
+  result.compile_s = time.perf_counter() - t0
+  result.compiled = compiled
+  # A computation whose sharded inputs are all unused is placed on the default device (this host's CPU): its
+  # figures would describe the wrong machine.
+  platforms = {d.platform for sh in jax.tree.leaves(compiled.output_shardings) for d in sh.device_set}
+  if platforms - {"tpu"}:
+    result.status = "error"
+    result.error = f"compiled for {sorted(platforms)}, not for the slice: its arguments do not pin it to the mesh"
+    print(f"  ERROR: {result.error}", flush=True)
+    return result
+  result.mosaic_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  mem = compiled.memory_analysis()
+  result.argument_bytes = int(mem.argument_size_in_bytes)
+  result.output_bytes = int(mem.output_size_in_bytes)
+  result.temp_bytes = int(mem.temp_size_in_bytes)
+  result.code_bytes = int(mem.generated_code_size_in_bytes)
+  result.alias_bytes = int(mem.alias_size_in_bytes)
+  # As the compiler counts a program's footprint: donated arguments that are reused as outputs count once.
+  result.peak_bytes_per_chip = (
+    result.argument_bytes + result.output_bytes + result.temp_bytes + result.code_bytes - result.alias_bytes
+  )
+  result.fits = result.peak_bytes_per_chip <= chip.hbm_bytes
+  cost = _cost(compiled)
+  result.flops = float(cost.get("flops", 0.0))
+  result.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  result.roofline_s = max(result.flops / chip.peak_flops, result.bytes_accessed / chip.hbm_bandwidth)
+  print(
+    f"  compiled in {result.compile_s:.1f} s: peak {result.peak_bytes_per_chip / GiB:.2f} GiB/chip "
+    f"({'fits' if result.fits else 'DOES NOT FIT'}), {result.flops / 1e12:.3f} TFLOP/chip",
+    flush=True,
+  )
+  return result
+
+
+def _replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def compile_step(
+  config: ml_collections.ConfigDict,
+  slice_: Slice,
+  *,
+  functions: Sequence[str] = FUNCTIONS,
+  model: str | None = None,
+  layers: int | None = None,
+  vision_layers: int | None = None,
+  patches_per_row: int | None = None,
+  crop_px: int = 448,
+  rollout_rows: int | None = None,
+) -> dict:
+  """Compiles `functions` of one training step of `config` for `slice_`. Returns the report (see `--json`)."""
+  unknown = [f for f in functions if f not in FUNCTIONS]
+  if unknown:
+    raise ValueError(f"unknown function(s) {unknown}; known: {', '.join(FUNCTIONS)}")
+  devices = topology_devices(slice_)
+  mesh = slice_mesh(config.mesh, devices)
+  base_cfg, source = model_config(config, model)
+  model_cfg = with_layers(base_cfg, layers, vision_layers)
+  dtype = jnp.dtype(config.model.dtype)
+  graphdef, state, n_params = abstract_state(model_cfg, dtype, config.model.attention_impl, mesh)
+  shapes = step_shapes(
+    config, model_cfg, mesh, patches_per_row=patches_per_row, crop_px=crop_px, rollout_rows=rollout_rows
+  )
+  chip = slice_.chip
+  rep = _replicated(mesh)
+  described = shapes.describe()
+  t = model_cfg.text
+  print(
+    f"{slice_.name} ({slice_.topology}): {slice_.num_chips} chips, mesh {dict(mesh.shape)}, "
+    f"{chip.hbm_bytes / GiB:.2f} GiB HBM/chip\nmodel {source}: {t.num_hidden_layers} decoder layers"
+    f"{' (--layers)' if layers else ''}, vision depth {model_cfg.vision.depth}, {n_params / 1e9:.3f}B parameters "
+    f"({dtype.name}), attention {config.model.attention_impl}",
+    flush=True,
+  )
+  results: dict[str, Result] = {}
+  wanted = set(functions)
+
+  def run(name: str, jitted, args, shapes_text: str = "") -> Result:
+    results[name] = compile_function(Result(name, DESCRIPTIONS[name], shapes_text), jitted, args, mesh, chip)
+    return results[name]
+
+  # --- learner ---------------------------------------------------------------------------------------------
+  fns = learner_fns(graphdef, state, learner_config(config))
+  grad = None
+  if "opt_init" in wanted:
+    run("opt_init", fns.init, (state,), f"{n_params / 1e9:.3f}B parameters")
+  if "grad" in wanted:
+    batch = abstract_batch(shapes, model_cfg, mesh)
+    grad = run("grad", fns.grad, (state, batch, _sds((), jnp.float32, rep)), described["grad"])
+  if "opt_apply" in wanted:
+    # The optimizer state as `fns.init` lays it out (each moment sharded as its parameter).
+    like = lambda tree, shardings: jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, shardings)  # noqa: E731
+    opt_state = like(jax.eval_shape(fns.init, state), opt_state_shardings(fns.tx, state))
+    # The summed gradients keep the gradient step's output shardings (jnp.add of equally sharded arrays); without
+    # a compiled gradient step, the parameters' shardings.
+    grads = state if grad is None or grad.compiled is None else like(state, grad.compiled.output_shardings[0])
+    run("opt_apply", fns.apply, (state, opt_state, grads, _sds((), jnp.float32, rep)), "state, opt state, gradients")
+
+  # --- sampler ---------------------------------------------------------------------------------------------
+  b, cap = shapes.rollout_rows, shapes.capacity
+  cache_shardings = cache_lib.cache_shardings(model_cfg, b, cap, mesh)
+  kv = (b, t.num_key_value_heads, cap, t.head_dim)
+  cache = cache_lib.KVCache(
+    k=tuple(_sds(kv, dtype, s) for s in cache_shardings.k),
+    v=tuple(_sds(kv, dtype, s) for s in cache_shardings.v),
+    lengths=_sds((b,), jnp.int32, cache_shardings.lengths),
+    next_pos=_sds((b,), jnp.int32, cache_shardings.next_pos),
+  )
+
+  def extend_args(n_tokens: int, grid, n_patches: int):
+    i32 = jnp.int32
+    pixel_values = _sds((n_patches, model_cfg.vision.patch_dim), jnp.float32, rep)
+    plan = abstract_plan((grid,), n_patches, model_cfg.vision, rep)
+    # Host arrays (numpy in `Sampler.extend`) enter the jitted call uncommitted: replicated over the mesh.
+    return (
+      graphdef,
+      cache_shardings,
+      state,
+      cache,
+      _sds((b, n_tokens), i32, rep),
+      _sds((b,), i32, rep),
+      _sds((3, b, n_tokens), i32, rep),
+      _sds((b,), i32, rep),
+      pixel_values,
+      plan,
+    )
+
+  prefill = None
+  if "prefill" in wanted:
+    prefill_args = extend_args(shapes.prompt_tokens, shapes.prompt_grid, shapes.prefill_patches)
+    prefill = run("prefill", sampler_lib._extend, prefill_args, described["prefill"])
+  if "crop" in wanted:
+    run(
+      "crop",
+      sampler_lib._extend,
+      extend_args(shapes.crop_tokens, shapes.crop_grid, shapes.crop_patches),
+      described["crop"],
+    )
+  if "decode" in wanted:
+    logits_sharding = (
+      prefill.compiled.output_shardings[1]
+      if prefill is not None and prefill.compiled is not None
+      else shd.logical_to_sharding(("batch", None), (b, t.vocab_size), mesh)
+    )
+    params = agent_config(config).sampling
+    steps = shapes.decode_steps
+    keys = jax.eval_shape(lambda: sampler_lib.row_keys(0, b))
+    i32 = jnp.int32
+    args = (
+      graphdef,
+      cache_shardings,
+      params,
+      steps,
+      False,
+      state,
+      cache,
+      _sds((b, t.vocab_size), jnp.float32, logits_sharding),
+      _sds(keys.shape, keys.dtype, rep),
+      _sds((b,), i32, rep),
+      _sds((2,), i32, rep),
+      _sds((2,), i32, rep),
+      _sds((b, steps), i32, rep),
+    )
+    res = run("decode", sampler_lib._decode, args, described["decode"])
+    if res.status == "ok":
+      res.note = "cost analysis: one pass of the while loop (one token step)"
+  return {
+    "topology": slice_.name,
+    "topology_string": slice_.topology,
+    "chips": slice_.num_chips,
+    "generation": chip.generation,
+    "mesh": {k: int(v) for k, v in mesh.shape.items()},
+    "hbm_bytes_per_chip": chip.hbm_bytes,
+    "peak_flops_per_chip": chip.peak_flops,
+    "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
+    "cost_analysis": "per chip",
+    "model": {
+      "source": source,
+      "decoder_layers": t.num_hidden_layers,
+      "decoder_layers_full": base_cfg.text.num_hidden_layers,
+      "vision_depth": model_cfg.vision.depth,
+      "parameters": n_params,
+      "dtype": dtype.name,
+      "attention_impl": config.model.attention_impl,
+      "layers_override": layers,
+      "vision_layers_override": vision_layers,
+    },
+    "shapes": dataclasses.asdict(shapes),
+    "functions": [results[name].to_json() for name in FUNCTIONS if name in results],
+  }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+def _gib(n: float) -> str:
+  return f"{n / GiB:.2f}"
+
+
+def format_table(report: dict) -> str:
+  """The per-function table (bytes in GiB per chip; FLOPs and bytes accessed per chip, as XLA reports them)."""
+  m = report["model"]
+  layers = f"{m['decoder_layers']} of {m['decoder_layers_full']} decoder layers" + (
+    " (--layers: a reduced model)" if m["layers_override"] else ""
+  )
+  head = (
+    f"{report['topology']} ({report['topology_string']}): {report['chips']} chips, mesh {report['mesh']}, HBM "
+    f"{_gib(report['hbm_bytes_per_chip'])} GiB/chip; {m['source']}, {layers}, vision depth {m['vision_depth']}, "
+    f"{m['parameters'] / 1e9:.3f}B parameters, {m['dtype']}, attention {m['attention_impl']}\n"
+    "All figures PER CHIP (XLA's memory and cost analyses of an SPMD program are per chip). GiB; peak = arguments"
+    " + outputs + temporaries + code - aliased (donated); roofline = max(FLOPs / peak FLOP/s, bytes / HBM B/s)."
+  )
+  cols = (
+    "function",
+    "args",
+    "out",
+    "temp",
+    "code",
+    "alias",
+    "peak",
+    "%HBM",
+    "fits",
+    "TFLOP",
+    "GB acc.",
+    "roofline",
+    "compile",
+  )
+  rows = []
+  for f in report["functions"]:
+    failed = f["status"] in ("error", "skipped")
+    peak = f["peak_bytes_per_chip"]
+    rows.append(
+      (
+        f["name"],
+        *(
+          ("-",) * 5
+          if f["status"] != "ok"
+          else tuple(_gib(f[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes", "alias_bytes"))
+        ),
+        "-" if failed else _gib(peak) + (" (OOM)" if f["status"] == "oom" else ""),
+        "-" if failed else f"{100 * peak / report['hbm_bytes_per_chip']:.0f}%",
+        "ERROR" if failed else ("yes" if f["fits"] else "NO"),
+        "-" if f["status"] != "ok" else f"{f['flops'] / 1e12:.3f}",
+        "-" if f["status"] != "ok" else f"{f['bytes_accessed'] / 1e9:.2f}",
+        "-" if f["status"] != "ok" else _seconds(f["roofline_s"]),
+        f"{f['compile_s']:.0f} s",
+      )
+    )
+  widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+
+  def line(r):
+    return "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
+
+  out = [head, line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
+  for f in report["functions"]:
+    out.append(f"  {f['name']}: {f['shapes']}" + (f"; {f['note']}" if f["note"] else ""))
+    if f["error"] and f["status"] != "oom":
+      out.append(f"    {f['error'].splitlines()[0][:500]}")
+  return "\n".join(out)
+
+
+def _seconds(s: float) -> str:
+  return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def failed(report: dict) -> bool:
+  return any(not f["fits"] or f["status"] != "ok" for f in report["functions"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program: importing it defines none, so
+  several CLI modules can live in one process (the tests import them)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  global _CONFIG, _FLAGS
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :variant)")
+  flags.DEFINE_string("topology", None, f"slice name ({', '.join(SLICES)}) or a libtpu topology such as v5p:2x2x1")
+  flags.DEFINE_string("json", None, "write the report as JSON to this file")
+  flags.DEFINE_list("functions", list(FUNCTIONS), f"subset to compile, comma-separated: {','.join(FUNCTIONS)}")
+  flags.DEFINE_integer("layers", None, "compile with this many decoder layers (quick iteration; labelled)")
+  flags.DEFINE_integer("vision_layers", None, "compile with this many vision blocks (quick iteration; labelled)")
+  flags.DEFINE_string(
+    "model",
+    None,
+    f"model shape: a size ({', '.join(MODEL_PRESETS)}) or an HF dir/config.json; "
+    "default from the config (model.checkpoint, model.tiny, model.size)",
+  )
+  flags.DEFINE_integer("patches_per_row", None, "image patches per learner row (default: prompt image + crops)")
+  flags.DEFINE_integer("crop_px", 448, "side in pixels of the square crop of a zoom (before smart_resize)")
+  flags.DEFINE_integer("rollout_rows", None, "sampler rows (default data.batch_size x rollout.group_size)")
+  flags.mark_flags_as_required(["config", "topology"])
+  _FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  f = _FLAGS
+  try:
+    slice_ = parse_slice(f.topology)
+    report = compile_step(
+      _CONFIG.value,
+      slice_,
+      functions=[x.strip() for x in f.functions if x.strip()],
+      model=f.model,
+      layers=f.layers,
+      vision_layers=f.vision_layers,
+      patches_per_row=f.patches_per_row,
+      crop_px=f.crop_px,
+      rollout_rows=f.rollout_rows,
+    )
+  except ValueError as e:  # a bad topology / mesh / function name: said before anything compiles
+    sys.exit(f"aot: {e}")
+  report["config"] = f["config"].config_filename if hasattr(f["config"], "config_filename") else ""
+  print(format_table(report), flush=True)
+  if f.json:
+    with open(f.json, "w") as fh:
+      json.dump(report, fh, indent=2)
+    print(f"wrote {f.json}", flush=True)
+  sys.exit(1 if failed(report) else 0)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
