@@ -794,6 +794,34 @@ def format_table(report: dict) -> str:
   return "\n".join(out)
 
 
+def markdown_table(report: dict) -> str:
+  """The report as a Markdown table (for docs): per function and chip, GiB, TFLOP, GB accessed, roofline."""
+  m = report["model"]
+  lines = [
+    f"`{report.get('command', '')}`: {report['topology']} ({report['chips']} chips, mesh "
+    f"{report['mesh']}, {_gib(report['hbm_bytes_per_chip'])} GiB HBM per chip), {m['source']}, "
+    f"{m['decoder_layers']} decoder layers, {m['parameters'] / 1e9:.3f}B parameters {m['dtype']}, attention "
+    f"{m['attention_impl']}. Per chip; compiled, not run on hardware.",
+    "",
+    "| function | shapes | peak GiB | % HBM | fits | TFLOP | GB accessed | roofline | Mosaic kernels |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for f in report["functions"]:
+    ok = f["status"] == "ok"
+    if f["status"] == "error":
+      peak, pct, fits = "-", "-", "compile error"
+    else:
+      peak = _gib(f["peak_bytes_per_chip"]) + ("" if ok else " (compiler)")
+      pct = f"{100 * f['peak_bytes_per_chip'] / report['hbm_bytes_per_chip']:.0f}%"
+      fits = "yes" if f["fits"] else "**no**"
+    cost = f"{f['flops'] / 1e12:.3f} | {f['bytes_accessed'] / 1e9:.2f} | {_seconds(f['roofline_s'])}"
+    lines.append(
+      f"| {f['name']} | {f['shapes']} | {peak} | {pct} | {fits} | {cost if ok else '- | - | -'} | "
+      f"{f.get('mosaic_kernels', 0) if ok else '-'} |"
+    )
+  return "\n".join(lines)
+
+
 def _seconds(s: float) -> str:
   return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -815,6 +843,7 @@ def _define_flags() -> None:
   _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :variant)")
   flags.DEFINE_string("topology", None, f"slice name ({', '.join(SLICES)}) or a libtpu topology such as v5p:2x2x1")
   flags.DEFINE_string("json", None, "write the report as JSON to this file")
+  flags.DEFINE_string("markdown", None, "write the table as Markdown to this file (docs/tpu_7b.md's tables)")
   flags.DEFINE_list("functions", list(FUNCTIONS), f"subset to compile, comma-separated: {','.join(FUNCTIONS)}")
   flags.DEFINE_integer("layers", None, "compile with this many decoder layers (quick iteration; labelled)")
   flags.DEFINE_integer("vision_layers", None, "compile with this many vision blocks (quick iteration; labelled)")
@@ -850,11 +879,14 @@ def main(argv) -> None:
   except ValueError as e:  # a bad topology / mesh / function name: said before anything compiles
     sys.exit(f"aot: {e}")
   report["config"] = f["config"].config_filename if hasattr(f["config"], "config_filename") else ""
+  skip = ("--json", "--markdown")  # where the output went is not part of what was compiled
+  report["command"] = " ".join(["python -m deepeyes_jax.aot"] + [a for a in sys.argv[1:] if not a.startswith(skip)])
   print(format_table(report), flush=True)
-  if f.json:
-    with open(f.json, "w") as fh:
-      json.dump(report, fh, indent=2)
-    print(f"wrote {f.json}", flush=True)
+  for path, text in ((f.json, lambda: json.dumps(report, indent=2)), (f.markdown, lambda: markdown_table(report))):
+    if path:
+      with open(path, "w") as fh:
+        fh.write(text() + "\n")
+      print(f"wrote {path}", flush=True)
   sys.exit(1 if failed(report) else 0)
 
 

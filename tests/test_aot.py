@@ -142,10 +142,10 @@ mesh = Mesh(mesh_utils.create_device_mesh((1, 2, 2), devices), ("data", "fsdp", 
 sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 bf, i32, rows = jnp.bfloat16, jnp.int32, P("fsdp")
 
-def self_attn(t, h, kh, d, causal, span, grad):
+def self_attn(t, h, kh, d, causal, grad):
   def f(q, k, v, seg):
     out = lambda q, k, v: attention.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=seg,
-      kv_positions=seg, causal=causal, impl="pallas", segment_span=span)
+      kv_positions=seg, causal=causal, impl="pallas")
     if grad:
       return jax.grad(lambda *a: out(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
     return out(q, k, v)
@@ -161,9 +161,9 @@ def cache_attn(t, s, h, kh, d):
   return f, (sds((2, t, h, d), bf, rows), kv, kv, q_ids, k_ids, q_ids, k_ids)
 
 cases = {
-  "packed rows fwd+bwd (28/4 heads, d 128)": self_attn(1024, 28, 4, 128, True, 0, True),
-  "vision windows fwd+bwd (16 heads, d 80, span 64)": self_attn(1024, 16, 16, 80, False, 64, True),
-  "vision full attention fwd (d 80)": self_attn(640, 16, 16, 80, False, 0, False),
+  "packed rows fwd+bwd (splash; 28/4 heads, d 128)": self_attn(1024, 28, 4, 128, True, True),
+  "vision segments fwd+bwd (16 heads, d 80)": self_attn(1024, 16, 16, 80, False, True),
+  "vision segments fwd (d 80, 640 patches)": self_attn(640, 16, 16, 80, False, False),
   "prefill against the cache (T 512, C 2048)": cache_attn(512, 2048, 28, 4, 128),
   "decode (T 1, C 4096)": cache_attn(1, 4096, 28, 4, 128),
 }

@@ -62,20 +62,19 @@ def test_packed_causal_training_rows(d):
   np.testing.assert_allclose(out[0, -1, 0], v[0, :, 0].mean(0), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("span", [0, 64])
-def test_vision_windows_head_dim_80(span):
-  """The vision tower's attention: one packed sequence of windows (contiguous runs <= 64 patches) of two images,
-  non-causal, head_dim 80, padding at the end; with `segment_span` splash skips the blocks outside the band."""
+@pytest.mark.parametrize("n, lengths", [(400, [64, 64, 40, 64, 64, 64, 16]), (1100, [64] * 8 + [300, 180, 80])])
+def test_vision_windows_and_images_head_dim_80(n, lengths):
+  """The vision tower's attention: one packed sequence of segments (8x8-patch windows, or whole images), non-causal,
+  head_dim 80, padding at the end. 1100 patches: 5 row blocks x 3 key blocks, most pairs skipped."""
   rng = np.random.default_rng(1)
-  n, h, d = 400, 2, 80
-  seg = jnp.asarray(_segments([64, 64, 40, 64, 64, 64, 16], n))[None]
+  h, d = 2, 80
+  seg = jnp.asarray(_segments(lengths, n))[None]
   q, ct = _normal(rng, 1, n, h, d), _normal(rng, 1, n, h, d)
   k, v = _normal(rng, 1, n, h, d), _normal(rng, 1, n, h, d)
-  ours = lambda q, k, v: tpu_attention.tpu_attention(
-    q, k, v, q_segment_ids=seg, kv_segment_ids=seg, segment_span=span, interpret=True
-  )
+  ours = lambda q, k, v: tpu_attention.tpu_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, interpret=True)
   ref = lambda q, k, v: attn.xla_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
-  _compare(ours, ref, q, k, v, ct)
+  out = _compare(ours, ref, q, k, v, ct)
+  np.testing.assert_allclose(out[0, -1, 1], v[0, :, 1].mean(0), rtol=1e-5, atol=1e-6)  # padding: mean of values
 
 
 def _cache(rng, b, kh, s, d, lengths):
@@ -130,9 +129,13 @@ def test_visible_ranges_skip_blocks_past_the_length():
   s = 2048
   kseg = jnp.asarray((np.arange(s)[None] < np.array([[5], [1501], [0]])).astype(np.int32))
   kpos = jnp.asarray(np.broadcast_to(np.arange(s, dtype=np.int32), (3, s)))
-  lo, hi = tpu_attention._visible_ranges(qseg, qpos, kseg, kpos, 8, 512, True)
+  vis = tpu_attention._visibility(qseg, qpos, kseg, kpos, 8, 512, True)  # (3 rows, 1 row block, 4 key blocks)
+  lo, hi = tpu_attention._ranges(vis)
   assert np.asarray(lo)[:, 0].tolist()[:2] == [0, 0]
   assert np.asarray(hi)[:, 0].tolist() == [1, 3, np.asarray(lo)[2, 0]]  # row 2 sees nothing: an empty range
+  # The dK/dV kernel walks the transpose: key block 3 of row 1 (slots 1536..) is seen by no row block.
+  lo_t, hi_t = tpu_attention._ranges(vis.transpose(0, 2, 1))
+  assert np.asarray(hi_t - lo_t)[1].tolist() == [1, 1, 1, 0]
 
 
 def test_pallas_impl_routes_to_tpu_kernels_when_compiling_for_tpu(monkeypatch):
@@ -156,11 +159,21 @@ def test_pallas_impl_routes_to_tpu_kernels_when_compiling_for_tpu(monkeypatch):
   assert platform.target_platform() == "cpu"
 
 
-def test_self_attention_path_rejects_a_different_kv_sequence():
-  q = jnp.zeros((1, 8, 2, 64))
-  k = jnp.zeros((1, 16, 2, 64))
-  with pytest.raises(ValueError, match="self-attention"):
-    tpu_attention.tpu_attention(q, k, k, interpret=True)
+def test_queries_against_another_sequence_native_layout():
+  """Neither self-attention nor a heads-major cache: T = 40 queries at slots 260.. against S = 300 keys given as
+  (B, S, K, D), causal by slot, GQA 4:1 (our kernels, the keys transposed to heads-major)."""
+  rng = np.random.default_rng(5)
+  b, t, s, h, kh, d = 2, 40, 300, 4, 1, 64
+  q, ct = _normal(rng, b, t, h, d), _normal(rng, b, t, h, d)
+  k, v = _normal(rng, b, s, kh, d), _normal(rng, b, s, kh, d)
+  qpos = jnp.asarray(np.broadcast_to(260 + np.arange(t, dtype=np.int32), (b, t)))
+  kpos = jnp.asarray(np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)))
+  kseg = jnp.asarray((np.arange(s)[None] < np.array([[300], [150]])).astype(np.int32))
+  qseg = jnp.ones((b, t), jnp.int32)
+  meta = dict(q_segment_ids=qseg, kv_segment_ids=kseg, q_positions=qpos, kv_positions=kpos, causal=True)
+  ours = lambda q, k, v: tpu_attention.tpu_attention(q, k, v, interpret=True, **meta)
+  ref = lambda q, k, v: attn.xla_attention(q, k, v, **meta)
+  _compare(ours, ref, q, k, v, ct)
 
 
 def test_model_forward_with_tpu_kernels_equals_xla():

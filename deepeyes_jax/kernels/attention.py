@@ -53,7 +53,6 @@ def attention(
   scale: float | None = None,
   impl: str = "xla",
   kv_heads_major: bool = False,
-  segment_span: int = 0,
 ) -> jax.Array:
   """Grouped-query attention.
 
@@ -65,8 +64,6 @@ def attention(
     q_segment_ids: (B, T) int32, kv_segment_ids: (B, S) int32; None means one segment with no padding.
     q_positions: (B, T) int32, kv_positions: (B, S) int32 token slots; required when `causal`.
     scale: logit scale, default D ** -0.5.
-    segment_span: > 0 promises that segments are contiguous runs of at most this many tokens (the vision tower's
-      windows and images), so a kernel may skip keys farther away (TPU: splash's local mask). 0 = no promise.
   Returns:
     (B, T, H, D) in q's dtype. Rows with no visible key return the mean of all values (finite, never NaN).
   """
@@ -82,7 +79,7 @@ def attention(
   if impl == "xla":
     return xla_attention(q, k, v, kv_heads_major=kv_heads_major, **kw)
   if impl == "pallas":
-    return pallas_attention(q, k, v, kv_heads_major=kv_heads_major, segment_span=segment_span, **kw)
+    return pallas_attention(q, k, v, kv_heads_major=kv_heads_major, **kw)
   if impl == "cudnn":
     if kv_heads_major:  # cuDNN takes (B, S, K, D) only
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)

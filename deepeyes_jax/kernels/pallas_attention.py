@@ -613,14 +613,13 @@ def pallas_attention(
   block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
   interpret: bool | None = None,
   kv_heads_major: bool = False,
-  segment_span: int = 0,
 ) -> jax.Array:
   """`attention.attention` semantics with Pallas kernels (differentiable; see the module docstring).
 
   The kernels follow the platform the program is compiled for (`platform.target_platform()`): TPU gets
   `tpu_attention` (Mosaic), GPU and CPU the flash kernels of this module (Triton; interpret mode on CPU).
   `interpret` None: interpret mode when the devices that run the program are not the target's (CPU). `block_sizes`
-  applies to this module's kernels; `segment_span` to the TPU path (see `attention.attention`). `kv_heads_major`:
+  applies to this module's kernels. `kv_heads_major`:
   k, v are (B, K, S, D) (the KV cache's layout), read in place by the forward kernels.
   """
   b, t, h, d = q.shape
@@ -645,7 +644,7 @@ def pallas_attention(
   target = platform.target_platform()
   if target == "tpu":
     interp = platform.executing_platform() != "tpu" if interpret is None else bool(interpret)
-    return tpu_attention.tpu_attention(q, k, v, segment_span=segment_span, interpret=interp, **meta)
+    return tpu_attention.tpu_attention(q, k, v, interpret=interp, **meta)
   return _flash_attention(q, k, v, block_sizes=block_sizes, interpret=interpret, target=target, **meta)
 
 

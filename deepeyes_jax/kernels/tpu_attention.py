@@ -1,32 +1,37 @@
-"""Attention on TPU (Mosaic) for the `attention.attention` interface: two kernels, one per shape class.
+"""Attention on TPU (Mosaic) for the `attention.attention` interface: jax's splash attention for causal
+self-attention, our own kernels for everything else.
 
 Semantics are those of `attention.xla_attention` (the reference): a query sees a key iff both carry the same non-zero
 segment id and, when `causal`, kv_position <= q_position; softmax in fp32; a row that sees no key returns the mean of
 all S values (its gradient: d v += d out / S).
 
-**Self-attention** (q and kv are the same sequence: packed training rows, a prefill without cache, the vision
-tower's windows and images): jax's own splash attention (`pallas.ops.tpu.splash_attention`), forward and backward,
-with q/kv segment ids and GQA (the G query heads of a KV head share its K/V blocks). Splash's causal mask is by index,
-so this path requires what every caller here has: positions that increase along the row within a segment (slot
-numbers; packed rows and prefills use arange). Padding tokens (segment 0) are the only rows that see no key (a real
-token always sees itself); splash lets them see each other, and the wrapper replaces their output by the mean of
-the values, the reference's convention. T is padded to a multiple of the block (128-512) with segment 0.
+**Causal self-attention** (q and kv are the same sequence: packed training rows, a prefill without a cache): jax's
+splash attention (`pallas.ops.tpu.splash_attention`), forward and backward, with q/kv segment ids and GQA (the G
+query heads of a KV head share its K/V blocks). Splash's causal mask is by index, so this path relies on what every
+caller here has: positions that increase along each segment (token slots; packed rows and prefills use arange).
+Padding tokens (segment 0) are the only rows that see no key (a real token sees itself); splash lets them see each
+other, and the wrapper replaces their output by the mean of the values, the reference's convention. T is padded to
+a multiple of the block (128-512) with segment 0.
 
-**Cache** (queries at per-row offsets against a heads-major (B, K, C, D) KV cache: extend and decode): our own
-Mosaic kernel. Splash needs a static mask (a per-row offset is not one), and jax's ragged paged attention needs a
-paged cache in its own layout (the rollout engine's pages will bring that). Layout as in `pallas_attention`: the
-G query heads of a KV head are folded into the rows, (B, K, T * G, D), so decode has G rows per program and the
-cache is read once for all heads of the group. Grid (B, K, row blocks, key blocks) with fp32 accumulators in VMEM
-scratch; the key blocks a row block can see (segments, causality) are computed on the host side of the kernel
-from per-block summaries and scalar-prefetched: blocks outside [lo, hi) are neither fetched (the index map clamps
-to the range, and Pallas skips the copy of a repeated block) nor computed. Rows that see no key (padded query
-tokens, inactive decode rows) are fixed up after the kernel with the mean of the values, read by a second small
-kernel only for the batch rows that have such a row. Gradients of this path come from the XLA reference (the
-learner never differentiates through a KV cache).
+**Segment attention** (`segment_attention`: queries at per-row offsets against the heads-major (B, K, C, D) KV cache,
+i.e. extend and decode, and the vision tower's windows and images, whose layout changes with every batch): our own
+kernels, forward, dQ and dK/dV (FlashAttention-2 style). Splash precomputes its mask's block structure in numpy from
+a static mask: per-row cache offsets are not static, and a static mask over a micro-batch's packed image patches
+(millions of them for the 7B recipe) takes splash hours to process. jax's ragged paged attention needs a paged cache
+in its own layout (the rollout engine's pages will bring that). Layout as in `pallas_attention`: the G query heads
+of a KV head are folded into the rows, (B, K, T * G, D), so decode has G rows per program and the cache is read
+once for all heads of the group. Grids (B, K, row blocks, key blocks) (forward, dQ) and (B, K, key blocks, row
+blocks) (dK/dV) with fp32 accumulators in VMEM scratch; which blocks of the inner axis an outer block can see
+(segments, causality) is computed from per-block summaries of the ids and scalar-prefetched: blocks outside
+[lo, hi) are neither fetched (the index map clamps to the range, and Pallas skips the copy of a repeated block) nor
+computed, so windows cost O(N window), a ragged cache O(length), not O(N^2) / O(capacity). Row statistics (lse,
+delta) and ids are stored lane-major (1, n) and turned into columns in the kernel (a (n, 1) array would take a
+128-lane tile per 8 rows in HBM). Rows that see no key (padded query tokens, inactive decode rows) are fixed up
+after the kernel with the mean of the values, read by a second small kernel only for the batch rows that have one.
 
 Both paths run per shard: under a mesh (`platform.target_mesh()`) the kernels are wrapped in `shard_map` with rows
-over (data, fsdp) and heads over tensor where those divide, because a Pallas call is opaque to the SPMD
-partitioner (it would be replicated, i.e. every chip would compute every row).
+over (data, fsdp) and heads over tensor where those divide, because a Pallas call is opaque to the SPMD partitioner
+(it would be replicated, i.e. every chip would compute every row).
 
 On CPU the kernels run in Pallas' TPU interpret mode (`interpret=True`, `pltpu.InterpretParams`): what the tests
 use; `pallas_attention` picks it when TPU kernels are asked for (`platform.compiling_for("tpu")`) on CPU devices.
@@ -34,6 +39,7 @@ use; `pallas_attention` picks it when TPU kernels are asked for (`platform.compi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,7 +50,6 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from deepeyes_jax.kernels import blocks, platform
-from deepeyes_jax.kernels.reference import xla_attention
 from deepeyes_jax.parallel import sharding as shd
 
 MASK_VALUE = -1e30
@@ -96,14 +101,10 @@ def _interpret(interpret: bool):
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(heads: int, n: int, block: int, causal: bool, span: int, interpret: bool):
-  if causal:
-    one = splash.CausalMask((n, n))
-  elif span:  # segments are contiguous runs of <= span tokens: keys farther than span - 1 are never visible
-    one = splash.LocalMask((n, n), window_size=(span - 1, span - 1), offset=0)
-  else:
-    one = splash.FullMask((n, n))
-  mask = splash.MultiHeadMask([one for _ in range(heads)])
+def _splash_kernel(heads: int, n: int, block: int, interpret: bool):
+  # The mask is static: splash precomputes its block structure in numpy at trace time (cheap for a causal mask;
+  # a data-dependent layout such as the vision tower's images is what `segment_attention` is for).
+  mask = splash.MultiHeadMask([splash.CausalMask((n, n)) for _ in range(heads)])
   b = block
   sizes = splash.BlockSizes(
     block_q=b,
@@ -122,20 +123,16 @@ def _splash_kernel(heads: int, n: int, block: int, causal: bool, span: int, inte
     )
 
 
-def splash_self_attention(
-  q, k, v, segment_ids, *, causal: bool, scale: float, segment_span: int = 0, interpret: bool = False
-):
-  """q (B, T, H, D), k/v (B, T, K, D), segment_ids (B, T) int32 (0 = padding) -> (B, T, H, D) in q's dtype.
-
-  `segment_span` > 0 (non-causal only): segments are contiguous runs of at most that many tokens, so splash skips
-  the key blocks outside the band (the vision tower's windows: O(N span) instead of O(N^2))."""
+def splash_causal_attention(q, k, v, segment_ids, *, scale: float, interpret: bool = False):
+  """Causal self-attention of packed rows: q (B, T, H, D), k/v (B, T, K, D), segment_ids (B, T) int32 (0 =
+  padding) -> (B, T, H, D) in q's dtype. Causality by index (positions must increase along each segment)."""
 
   def local(q, k, v, seg):
     b, t, h, d = q.shape
     kh = k.shape[2]
     block = _splash_block(t)
     n = _round_up(t, block)
-    kernel = _splash_kernel(h, n, block, bool(causal), int(segment_span), bool(interpret))
+    kernel = _splash_kernel(h, n, block, bool(interpret))
     # Splash wants (heads, T, D) per sequence; it does not scale the logits.
     qh = _pad_axis((q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3), 2, n)
     kh_, vh = (_pad_axis(x.transpose(0, 2, 1, 3), 2, n) for x in (k, v))
@@ -156,29 +153,30 @@ def splash_self_attention(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Cache attention: our Mosaic kernel
+# Segment attention: our Mosaic kernels (forward, dQ, dK/dV)
 # ------------------------------------------------------------------------------------------------------------------
-def _cache_kernel(
-  lo_ref,
-  hi_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  qseg_ref,
-  qpos_ref,
-  kseg_ref,
-  kpos_ref,
-  o_ref,
-  seen_ref,
-  m_scr,
-  l_scr,
-  acc_scr,
-  seen_scr,
-  *,
-  scale: float,
-  causal: bool,
-  num_kb: int,
-):
+def _col(ref):
+  """A lane-major (1, n) block of ids or row statistics (dense in HBM) as the (n, 1) column a mask needs."""
+  return jnp.broadcast_to(ref[...], (SUBLANES, ref.shape[-1])).T[:, :1]
+
+
+def _row(x):
+  """(n, 1) -> (1, n): a column of row statistics stored lane-major."""
+  return jnp.broadcast_to(x, (x.shape[0], LANES)).T[:1, :]
+
+
+def _dot_nt(a, b):  # a @ b.T, fp32 accumulation
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):  # a @ b
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _fwd_kernel(
+  lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr,
+  *, scale: float, causal: bool, num_kb: int,
+):  # fmt: skip
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
   @pl.when(j == 0)
@@ -186,41 +184,82 @@ def _cache_kernel(
     m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
-    seen_scr[...] = jnp.zeros(seen_scr.shape, jnp.float32)
 
   @pl.when((j >= lo_ref[b, i]) & (j < hi_ref[b, i]))
   def _compute():
-    q = q_ref[...]
-    k = k_ref[...]
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    # The rows' ids arrive lane-major (1, bq) (dense in HBM); the mask wants them as a (bq, 1) column.
-    col = lambda ref: jnp.broadcast_to(ref[...], (SUBLANES, ref.shape[-1])).T[:, :1]
-    qs, ks = col(qseg_ref), kseg_ref[...]  # (bq, 1), (1, bk)
-    mask = (qs == ks) & (ks != 0)
+    mask = (_col(qseg_ref) == kseg_ref[...]) & (kseg_ref[...] != 0)  # (bq, bk)
     if causal:
-      mask = mask & (kpos_ref[...] <= col(qpos_ref))
-    s = jnp.where(mask, s, MASK_VALUE)
+      mask = mask & (kpos_ref[...] <= _col(qpos_ref))
+    s = jnp.where(mask, _dot_nt(q_ref[...], k_ref[...]) * scale, MASK_VALUE)
     m_prev = m_scr[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
-    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)  # masked keys add nothing, even to a row that saw no key yet
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=-1, keepdims=True)
-    v = v_ref[...]
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    acc_scr[...] = alpha * acc_scr[...] + pv
+    acc_scr[...] = alpha * acc_scr[...] + _dot_nn(p.astype(v_ref.dtype), v_ref[...])
     m_scr[...] = m_new
-    # Visible keys per row, counted lane-major ((8, bq) = ones @ mask.T) so that the result is stored densely
-    # (a (bq, 1) column would take a 128-lane tile per 8 rows in HBM).
-    ones = jnp.ones((SUBLANES, mask.shape[1]), jnp.float32)
-    seen_scr[...] += jax.lax.dot_general(
-      ones, mask.astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
 
   @pl.when(j == num_kb - 1)
   def _finish():
     denom = l_scr[...]
-    o_ref[...] = (acc_scr[...] / jnp.where(denom == 0.0, 1.0, denom)).astype(o_ref.dtype)
-    seen_ref[...] = seen_scr[0:1, :]
+    empty = denom == 0.0
+    o_ref[...] = (acc_scr[...] / jnp.where(empty, 1.0, denom)).astype(o_ref.dtype)
+    lse_ref[...] = _row(jnp.where(empty, -jnp.inf, m_scr[...] + jnp.log(jnp.where(empty, 1.0, denom))))
+
+
+def _dq_kernel(
+  lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, dq_ref,
+  acc_scr, *, scale: float, causal: bool, num_kb: int,
+):  # fmt: skip
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  @pl.when((j >= lo_ref[b, i]) & (j < hi_ref[b, i]))
+  def _compute():
+    mask = (_col(qseg_ref) == kseg_ref[...]) & (kseg_ref[...] != 0)
+    if causal:
+      mask = mask & (kpos_ref[...] <= _col(qpos_ref))
+    k = k_ref[...]
+    p = jnp.where(mask, jnp.exp(_dot_nt(q_ref[...], k) * scale - _col(lse_ref)), 0.0)
+    ds = p * (_dot_nt(do_ref[...], v_ref[...]) - _col(delta_ref))
+    acc_scr[...] += _dot_nn(ds.astype(k.dtype), k)
+
+  @pl.when(j == num_kb - 1)
+  def _finish():
+    dq_ref[...] = (acc_scr[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+  lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, qpos_ref, kseg_ref, kpos_ref, dk_ref,
+  dv_ref, dk_scr, dv_scr, *, scale: float, causal: bool, num_rb: int,
+):  # fmt: skip
+  # Transposed orientation (keys x rows): the rows' lse / delta / ids broadcast along sublanes as stored.
+  b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+  @pl.when(i == 0)
+  def _init():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  @pl.when((i >= lo_ref[b, j]) & (i < hi_ref[b, j]))
+  def _compute():
+    ks = _col(kseg_ref)  # (bk, 1)
+    mask = (ks == qseg_ref[...]) & (ks != 0)  # (bk, bq)
+    if causal:
+      mask = mask & (_col(kpos_ref) <= qpos_ref[...])
+    q, do = q_ref[...], do_ref[...]
+    pt = jnp.where(mask, jnp.exp(_dot_nt(k_ref[...], q) * scale - lse_ref[...]), 0.0)
+    dv_scr[...] += _dot_nn(pt.astype(do.dtype), do)
+    dst = pt * (_dot_nt(v_ref[...], do) - delta_ref[...])
+    dk_scr[...] += _dot_nn(dst.astype(q.dtype), q)
+
+  @pl.when(i == num_rb - 1)
+  def _finish():
+    dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
 def _vsum_kernel(need_ref, v_ref, o_ref):
@@ -235,134 +274,220 @@ def _vsum_kernel(need_ref, v_ref, o_ref):
     o_ref[...] += jnp.sum(v_ref[...].astype(jnp.float32), axis=0, keepdims=True)
 
 
-def _visible_ranges(qseg_r, qpos_r, kseg, kpos, bq: int, bk: int, causal: bool):
-  """[lo, hi) key blocks each row block may see: (B, num row blocks) int32 each (lo = hi when none)."""
+def _visibility(qseg_r, qpos_r, kseg, kpos, bq: int, bk: int, causal: bool):
+  """(B, row blocks, key blocks) bool: which key blocks a row block may see (from the blocks' id summaries)."""
   qmin, qmax, _, qpmax = blocks.block_summaries(qseg_r, qpos_r, bq)
   kmin, kmax, kpmin, _ = blocks.block_summaries(kseg, kpos, bk)
   vis = (kmin[:, None, :] <= qmax[:, :, None]) & (kmax[:, None, :] >= qmin[:, :, None])
   if causal:
     vis = vis & (kpmin[:, None, :] <= qpmax[:, :, None])
-  nk = kmin.shape[1]
-  idx = jnp.arange(nk, dtype=jnp.int32)
-  lo = jnp.min(jnp.where(vis, idx, nk), -1).astype(jnp.int32)
+  return vis
+
+
+def _ranges(vis):
+  """[lo, hi) of the True entries along the last axis, int32 (lo = hi when none): the loop of a kernel program.
+  Visible blocks form one contiguous run for every mask here (segments are contiguous, causality is monotone)."""
+  n = vis.shape[-1]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  lo = jnp.min(jnp.where(vis, idx, n), -1).astype(jnp.int32)
   hi = jnp.max(jnp.where(vis, idx + 1, 0), -1).astype(jnp.int32)
   return lo, jnp.maximum(hi, lo)
 
 
-def _cache_forward(q, k, v, qseg, kseg, qpos, kpos, *, causal: bool, scale: float, interpret: bool):
-  """q (B, T, H, D); k, v (B, K, S, D) heads-major; ids (B, T) / (B, S) int32 -> (B, T, H, D)."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static sizes of one call: rows = T * G query rows per KV head (row t * G + j = token t, head k * G + j)."""
+
+  causal: bool
+  scale: float
+  interpret: bool
+  groups: int
+  rows: int
+  bq: int
+  bk: int
+  rows_pad: int
+  s: int
+  s_pad: int
+
+  @property
+  def grid_rows(self) -> int:
+    return self.rows_pad // self.bq
+
+  @property
+  def grid_keys(self) -> int:
+    return self.s_pad // self.bk
+
+
+def _make_plan(q, k, causal, scale, interpret) -> _Plan:
   b, t, h, d = q.shape
   kh, s = k.shape[1], k.shape[2]
-  g = h // kh
-  rows = t * g
-  bq = min(256, _round_up(rows, SUBLANES))
-  rows_pad = _round_up(rows, bq)
+  rows = t * (h // kh)
+  bq = min(256, _round_up(rows, SUBLANES))  # lane-major row vectors: a multiple of 128, or all rows
   bk = min(512, _round_up(s, LANES))
-  s_pad = _round_up(s, bk)
-  num_rb, num_kb = rows_pad // bq, s_pad // bk
-
-  qr = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, d)
-  qr = _pad_axis(qr, 2, rows_pad)
-  kp, vp = _pad_axis(k, 2, s_pad), _pad_axis(v, 2, s_pad)
-  qseg_r = _pad_axis(jnp.repeat(qseg, g, axis=1), 1, rows_pad)  # row t * G + j carries token t's ids
-  qpos_r = _pad_axis(jnp.repeat(qpos, g, axis=1), 1, rows_pad)
-  kseg_p, kpos_p = _pad_axis(kseg, 1, s_pad), _pad_axis(kpos, 1, s_pad)
-  lo, hi = _visible_ranges(qseg_r, qpos_r, kseg_p, kpos_p, bq, bk, causal)
-
-  def kv_block(bi, hi_, i, j, lo_ref, hi_ref):
-    # Outside [lo, hi) keep pointing at a block of the range: no new copy is issued for a repeated block index.
-    last = jnp.maximum(hi_ref[bi, i] - 1, lo_ref[bi, i])
-    return jnp.minimum(jnp.clip(j, lo_ref[bi, i], last), num_kb - 1)
-
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i, 0))
-  kv_spec = pl.BlockSpec(
-    (None, None, bk, d), lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, kv_block(bi, hh, i, j, lo_r, hi_r), 0)
+  return _Plan(
+    bool(causal), float(scale), bool(interpret), h // kh, rows, bq, bk, _round_up(rows, bq), s, _round_up(s, bk)
   )
-  qmeta_spec = pl.BlockSpec((None, 1, bq), lambda bi, hh, i, j, lo_r, hi_r: (bi, 0, i))
-  kmeta_spec = pl.BlockSpec((None, 1, bk), lambda bi, hh, i, j, lo_r, hi_r: (bi, 0, kv_block(bi, hh, i, j, lo_r, hi_r)))
-  seen_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, 0, i))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=2,
-    grid=(b, kh, num_rb, num_kb),
-    in_specs=[q_spec, kv_spec, kv_spec, qmeta_spec, qmeta_spec, kmeta_spec, kmeta_spec],
-    out_specs=[q_spec, seen_spec],
-    scratch_shapes=[
-      pltpu.VMEM((bq, 1), jnp.float32),
-      pltpu.VMEM((bq, 1), jnp.float32),
-      pltpu.VMEM((bq, d), jnp.float32),
-      pltpu.VMEM((SUBLANES, bq), jnp.float32),
-    ],
-  )
-  out, seen = pl.pallas_call(
-    functools.partial(_cache_kernel, scale=float(scale), causal=bool(causal), num_kb=num_kb),
-    grid_spec=grid_spec,
-    out_shape=[
-      jax.ShapeDtypeStruct((b, kh, rows_pad, d), q.dtype),
-      jax.ShapeDtypeStruct((b, kh, 1, rows_pad), jnp.float32),
-    ],
+
+
+def _clamped(j, lo, hi, n: int):
+  """Block index j kept inside [lo, hi): outside its range a program keeps pointing at a block it reads anyway
+  (no new copy is issued for a repeated block index)."""
+  return jnp.minimum(jnp.clip(j, lo, jnp.maximum(hi - 1, lo)), n - 1)
+
+
+def _layout(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
+  """Rows (B, K, rows_pad, D), padded heads-major K/V, lane-major ids (B, 1, n) and the visibility matrix."""
+  b, t, h, d = q.shape
+  kh = k.shape[1]
+  qr = q.reshape(b, t, kh, plan.groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, plan.rows, d)
+  qr = _pad_axis(qr, 2, plan.rows_pad)
+  kp, vp = _pad_axis(k, 2, plan.s_pad), _pad_axis(v, 2, plan.s_pad)
+  rid = lambda x: _pad_axis(jnp.repeat(x, plan.groups, axis=1), 1, plan.rows_pad)  # noqa: E731
+  qseg_r, qpos_r = rid(qseg), rid(qpos)
+  kseg_p, kpos_p = _pad_axis(kseg, 1, plan.s_pad), _pad_axis(kpos, 1, plan.s_pad)
+  vis = _visibility(qseg_r, qpos_r, kseg_p, kpos_p, plan.bq, plan.bk, plan.causal)
+  ids = tuple(x[:, None, :] for x in (qseg_r, qpos_r, kseg_p, kpos_p))
+  return qr, kp, vp, ids, vis
+
+
+def _from_rows(x, t: int, plan: _Plan):
+  b, kh, _, d = x.shape
+  x = x[:, :, : plan.rows].reshape(b, kh, t, plan.groups, d)
+  return x.transpose(0, 2, 1, 3, 4).reshape(b, t, kh * plan.groups, d)
+
+
+def _call(kernel, plan: _Plan, grid, in_specs, out_specs, out_shape, scratch, name, *args):
+  return pl.pallas_call(
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+    ),
+    out_shape=out_shape,
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-    interpret=_interpret(interpret),
-    name="deepeyes_tpu_cache_attention",
-  )(lo, hi, qr, kp, vp, qseg_r[:, None, :], qpos_r[:, None, :], kseg_p[:, None, :], kpos_p[:, None, :])
+    interpret=_interpret(plan.interpret),
+    name=name,
+  )(*args)
 
+
+def _specs(plan: _Plan, d: int, rows_outer: bool):
+  """BlockSpecs of (rows, K/V, row vectors, key vectors) for a grid (B, K, outer, inner) whose inner axis walks
+  key blocks (rows_outer) or row blocks, clamped to the scalar-prefetched visible range of the outer block."""
+  bq, bk = plan.bq, plan.bk
+  if rows_outer:
+    r_idx = lambda b, i, j, lo, hi: i  # noqa: E731
+    k_idx = lambda b, i, j, lo, hi: _clamped(j, lo[b, i], hi[b, i], plan.grid_keys)  # noqa: E731
+  else:
+    r_idx = lambda b, j, i, lo, hi: _clamped(i, lo[b, j], hi[b, j], plan.grid_rows)  # noqa: E731
+    k_idx = lambda b, j, i, lo, hi: j  # noqa: E731
+  rows = pl.BlockSpec((None, None, bq, d), lambda b, h, x, y, lo, hi: (b, h, r_idx(b, x, y, lo, hi), 0))
+  keys = pl.BlockSpec((None, None, bk, d), lambda b, h, x, y, lo, hi: (b, h, k_idx(b, x, y, lo, hi), 0))
+  row_vec = pl.BlockSpec((None, None, 1, bq), lambda b, h, x, y, lo, hi: (b, h, 0, r_idx(b, x, y, lo, hi)))
+  row_ids = pl.BlockSpec((None, 1, bq), lambda b, h, x, y, lo, hi: (b, 0, r_idx(b, x, y, lo, hi)))
+  key_ids = pl.BlockSpec((None, 1, bk), lambda b, h, x, y, lo, hi: (b, 0, k_idx(b, x, y, lo, hi)))
+  return rows, keys, row_vec, row_ids, key_ids
+
+
+def _forward(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
+  """Returns (out (B, T, H, D), residuals for the backward)."""
+  b, t, h, d = q.shape
+  kh = k.shape[1]
+  qr, kp, vp, ids, vis = _layout(q, k, v, qseg, kseg, qpos, kpos, plan)
+  lo, hi = _ranges(vis)
+  rows, keys, row_vec, row_ids, key_ids = _specs(plan, d, rows_outer=True)
+  kernel = functools.partial(_fwd_kernel, scale=plan.scale, causal=plan.causal, num_kb=plan.grid_keys)
+  o_rows, lse = _call(
+    kernel, plan, (b, kh, plan.grid_rows, plan.grid_keys),
+    [rows, keys, keys, row_ids, row_ids, key_ids, key_ids], [rows, row_vec],
+    [jax.ShapeDtypeStruct(qr.shape, q.dtype), jax.ShapeDtypeStruct((b, kh, 1, plan.rows_pad), jnp.float32)],
+    [pltpu.VMEM((plan.bq, 1), jnp.float32)] * 2 + [pltpu.VMEM((plan.bq, d), jnp.float32)],
+    "deepeyes_tpu_attention_fwd", lo, hi, qr, kp, vp, *ids,
+  )  # fmt: skip
   # Rows that saw no key: the mean of the S values of their KV head, summed only for the batch rows that need it.
-  empty = (seen[:, :, 0] == 0.0)[:, :, :rows]  # (B, K, rows)
+  empty = jnp.isneginf(lse[:, :, 0, : plan.rows])  # (B, K, rows)
   need = jnp.any(empty, axis=(1, 2)).astype(jnp.int32)
   vsum = pl.pallas_call(
     _vsum_kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
-      grid=(b, kh, num_kb),
-      in_specs=[pl.BlockSpec((None, None, bk, d), lambda bi, hh, j, nd: (bi, hh, j * nd[bi], 0))],
+      grid=(b, kh, plan.grid_keys),
+      in_specs=[pl.BlockSpec((None, None, plan.bk, d), lambda bi, hh, j, nd: (bi, hh, j * nd[bi], 0))],
       out_specs=pl.BlockSpec((None, None, 1, d), lambda bi, hh, j, nd: (bi, hh, 0, 0)),
     ),
     out_shape=jax.ShapeDtypeStruct((b, kh, 1, d), jnp.float32),
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-    interpret=_interpret(interpret),
+    interpret=_interpret(plan.interpret),
     name="deepeyes_tpu_value_sum",
   )(need, vp)
-  out = out[:, :, :rows]
-  out = jnp.where(empty[..., None], (vsum / s).astype(out.dtype), out)
-  return out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+  out = o_rows[:, :, : plan.rows]
+  out = jnp.where(empty[..., None], (vsum / plan.s).astype(out.dtype), out)
+  return _from_rows(out, t, plan), (qr, kp, vp, ids, vis, o_rows, lse)
 
 
-def cache_attention(q, k, v, qseg, kseg, qpos, kpos, *, causal: bool, scale: float, interpret: bool = False):
-  """q (B, T, H, D) against a heads-major cache k, v (B, K, S, D) -> (B, T, H, D); differentiable (through the
-  XLA reference)."""
-  return _cache_attention(q, k, v, qseg, kseg, qpos, kpos, bool(causal), float(scale), bool(interpret))
+def _backward(plan: _Plan, t: int, res, dout):
+  qr, kp, vp, ids, vis, o_rows, lse = res
+  b, kh, _, d = qr.shape
+  h = kh * plan.groups
+  do = dout.astype(qr.dtype).reshape(b, t, kh, plan.groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, plan.rows, d)
+  do = _pad_axis(do, 2, plan.rows_pad)
+  delta = jnp.sum(do.astype(jnp.float32) * o_rows.astype(jnp.float32), axis=-1)[:, :, None, :]  # (B, K, 1, R)
+  empty = jnp.isneginf(lse)
+  lse_safe = jnp.where(empty, 0.0, lse)
+
+  lo, hi = _ranges(vis)
+  rows, keys, row_vec, row_ids, key_ids = _specs(plan, d, rows_outer=True)
+  dq = _call(
+    functools.partial(_dq_kernel, scale=plan.scale, causal=plan.causal, num_kb=plan.grid_keys), plan,
+    (b, kh, plan.grid_rows, plan.grid_keys),
+    [rows, keys, keys, rows, row_vec, row_vec, row_ids, row_ids, key_ids, key_ids], rows,
+    jax.ShapeDtypeStruct(qr.shape, qr.dtype), [pltpu.VMEM((plan.bq, d), jnp.float32)],
+    "deepeyes_tpu_attention_dq", lo, hi, qr, kp, vp, do, lse_safe, delta, *ids,
+  )  # fmt: skip
+
+  lo_t, hi_t = _ranges(vis.transpose(0, 2, 1))
+  rows, keys, row_vec, row_ids, key_ids = _specs(plan, d, rows_outer=False)
+  dk, dv = _call(
+    functools.partial(_dkv_kernel, scale=plan.scale, causal=plan.causal, num_rb=plan.grid_rows), plan,
+    (b, kh, plan.grid_keys, plan.grid_rows),
+    [rows, keys, keys, rows, row_vec, row_vec, row_ids, row_ids, key_ids, key_ids], [keys, keys],
+    [jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
+    [pltpu.VMEM((plan.bk, d), jnp.float32), pltpu.VMEM((plan.bk, d), jnp.float32)],
+    "deepeyes_tpu_attention_dkv", lo_t, hi_t, qr, kp, vp, do, lse_safe, delta, *ids,
+  )  # fmt: skip
+  # Rows that saw no key output mean(v): every key of their KV head gets d out / S from each of them.
+  dv_empty = jnp.sum(jnp.where(empty[:, :, 0, :, None], do.astype(jnp.float32), 0.0), axis=2) / plan.s  # (B, K, D)
+  dv = dv[:, :, : plan.s].astype(jnp.float32) + dv_empty[:, :, None]
+  del h
+  return _from_rows(dq, t, plan), dk[:, :, : plan.s], dv.astype(vp.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _cache_attention(q, k, v, qseg, kseg, qpos, kpos, causal, scale, interpret):
-  fwd = functools.partial(_cache_forward, causal=causal, scale=scale, interpret=interpret)
-  fn = _per_shard(fwd, q.shape[0], k.shape[1], ("q", "kvh", "kvh", "row", "row", "row", "row"), "q")
-  return fn(q, k, v, qseg, kseg, qpos, kpos)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
+  return _forward(q, k, v, qseg, kseg, qpos, kpos, plan)[0]
 
 
-def _cache_attention_fwd(q, k, v, qseg, kseg, qpos, kpos, causal, scale, interpret):
-  out = _cache_attention(q, k, v, qseg, kseg, qpos, kpos, causal, scale, interpret)
-  return out, (q, k, v, qseg, kseg, qpos, kpos)
+def _flash_fwd(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
+  out, res = _forward(q, k, v, qseg, kseg, qpos, kpos, plan)
+  return out, (res, q.shape[1])
 
 
-def _cache_attention_bwd(causal, scale, interpret, res, dout):
-  q, k, v, qseg, kseg, qpos, kpos = res
-  ref = lambda q, k, v: xla_attention(
-    q,
-    k,
-    v,
-    q_segment_ids=qseg,
-    kv_segment_ids=kseg,
-    q_positions=qpos,
-    kv_positions=kpos,
-    causal=causal,
-    scale=scale,
-    kv_heads_major=True,
-  )
-  dq, dk, dv = jax.vjp(ref, q, k, v)[1](dout)
+def _flash_bwd(plan: _Plan, saved, dout):
+  res, t = saved
+  dq, dk, dv = _backward(plan, t, res, dout)
   return dq, dk, dv, None, None, None, None
 
 
-_cache_attention.defvjp(_cache_attention_fwd, _cache_attention_bwd)
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def segment_attention(q, k, v, qseg, kseg, qpos, kpos, *, causal: bool, scale: float, interpret: bool = False):
+  """q (B, T, H, D) against heads-major k, v (B, K, S, D); ids (B, T) / (B, S) int32 -> (B, T, H, D), with a
+  gradient (our dQ and dK/dV kernels). General segments and slot causality; any T and S."""
+
+  def local(q, k, v, qseg, kseg, qpos, kpos):
+    return _flash(q, k, v, qseg, kseg, qpos, kpos, _make_plan(q, k, causal, scale, interpret))
+
+  fn = _per_shard(local, q.shape[0], k.shape[1], ("q", "kvh", "kvh", "row", "row", "row", "row"), "q")
+  return fn(q, k, v, qseg, kseg, qpos, kpos)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -380,28 +505,24 @@ def tpu_attention(
   causal: bool = False,
   scale: float | None = None,
   kv_heads_major: bool = False,
-  segment_span: int = 0,
   interpret: bool = False,
 ):
-  """`attention.attention` on TPU. A heads-major `k`/`v` is a KV cache (extend, decode: our kernel); otherwise q and
-  kv must be the same sequence (T == S, one segment-id vector and one position vector for both, positions increasing
-  along each segment): self-attention through splash."""
+  """`attention.attention` on TPU: causal self-attention (q and k/v the same sequence: T == S, the same segment-id
+  and position arrays for both) through splash; everything else (a heads-major KV cache: extend and decode; the
+  vision tower's non-causal segments) through `segment_attention`."""
   b, t, h, d = q.shape
   scale = float(d**-0.5 if scale is None else scale)
   if causal and (q_positions is None or kv_positions is None):
     raise ValueError("causal attention needs q_positions and kv_positions")
   dtype = jnp.result_type(q, k, v)
   q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-  if kv_heads_major:
-    ids = blocks.dense_ids(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, b, t, k.shape[2])
-    qseg, kseg, qpos, kpos = ids
-    return cache_attention(q, k, v, qseg, kseg, qpos, kpos, causal=causal, scale=scale, interpret=interpret)
-  if k.shape[1] != t or q_segment_ids is not kv_segment_ids or (causal and q_positions is not kv_positions):
-    raise ValueError(
-      "TPU attention without a KV cache is self-attention: q and k/v must be the same sequence (T == S, the same "
-      f"segment-id and position arrays for both); got T={t}, S={k.shape[1]}. Pass the cache heads-major "
-      "(kv_heads_major=True) for queries at offsets into a cache."
-    )
-  seg = jnp.ones((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
-  span = 0 if causal else int(segment_span)
-  return splash_self_attention(q, k, v, seg, causal=causal, scale=scale, segment_span=span, interpret=interpret)
+  self_attention = (
+    not kv_heads_major and k.shape[1] == t and q_segment_ids is kv_segment_ids and q_positions is kv_positions
+  )
+  if causal and self_attention:
+    seg = jnp.ones((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
+    return splash_causal_attention(q, k, v, seg, scale=scale, interpret=interpret)
+  if not kv_heads_major:  # (B, S, K, D) -> the kernels' heads-major layout
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  ids = blocks.dense_ids(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, b, t, k.shape[2])
+  return segment_attention(q, k, v, *ids, causal=causal, scale=scale, interpret=interpret)

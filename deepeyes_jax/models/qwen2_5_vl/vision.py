@@ -165,9 +165,7 @@ class VisionAttention(nnx.Module):
       out = segment_local_attention(q, k, v, segment_ids, span)
     else:
       seg = segment_ids[None]
-      out = attention(
-        q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=impl, segment_span=span
-      )[0]
+      out = attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=impl)[0]
     return self.proj(out.reshape(n, d))
 
 
