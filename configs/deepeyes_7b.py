@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # HF directory: config.json + safetensors
   c.model.tokenizer = ml_collections.config_dict.placeholder(str)  # default: model.checkpoint
   c.model.dtype = "bfloat16"  # parameter and compute dtype; AdamW moments and gradients follow it (docs/tpu_7b.md)
-  c.model.attention_impl = "xla"  # "xla" | "pallas" | "cudnn" | "auto" (deepeyes_jax/kernels/attention.py)
+  c.model.attention_impl = "auto"  # "auto" (Pallas on GPU and TPU, XLA on CPU) | "xla" | "pallas" | "cudnn"
   c.model.size = size  # Qwen2.5-VL shape `python -m deepeyes_jax.aot` compiles when model.checkpoint is unset
 
   c.data = ml_collections.ConfigDict()

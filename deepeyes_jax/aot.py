@@ -860,6 +860,19 @@ def _define_flags() -> None:
   _FLAGS = flags.FLAGS
 
 
+def command_line(args: Sequence[str]) -> str:
+  """The command that compiled a report, without where its output went (--json / --markdown and their values)."""
+  kept, skip_next = [], False
+  for a in args:
+    if skip_next:
+      skip_next = False
+    elif a in ("--json", "--markdown"):
+      skip_next = True
+    elif not a.startswith(("--json=", "--markdown=")):
+      kept.append(a)
+  return " ".join(["python -m deepeyes_jax.aot", *kept])
+
+
 def main(argv) -> None:
   del argv
   f = _FLAGS
@@ -879,8 +892,7 @@ def main(argv) -> None:
   except ValueError as e:  # a bad topology / mesh / function name: said before anything compiles
     sys.exit(f"aot: {e}")
   report["config"] = f["config"].config_filename if hasattr(f["config"], "config_filename") else ""
-  skip = ("--json", "--markdown")  # where the output went is not part of what was compiled
-  report["command"] = " ".join(["python -m deepeyes_jax.aot"] + [a for a in sys.argv[1:] if not a.startswith(skip)])
+  report["command"] = command_line(sys.argv[1:])
   print(format_table(report), flush=True)
   for path, text in ((f.json, lambda: json.dumps(report, indent=2)), (f.markdown, lambda: markdown_table(report))):
     if path:

@@ -104,6 +104,11 @@ def test_slice_names():
       aot.parse_slice(bad)
 
 
+def test_command_line_leaves_out_where_the_output_went():
+  args = ["--config=c.py", "--topology", "v5p-64", "--json", "/tmp/a.json", "--markdown=/tmp/a.md", "--layers=2"]
+  assert aot.command_line(args) == "python -m deepeyes_jax.aot --config=c.py --topology v5p-64 --layers=2"
+
+
 def test_mesh_must_match_the_slice():
   devices = [object()] * 32  # the check comes before any device is looked at
   for mesh, match in [

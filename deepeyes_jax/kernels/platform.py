@@ -8,6 +8,10 @@ The answer, first match wins:
 1. an explicit `compiling_for(...)` context (the AOT tool wraps its lowering in one);
 2. the devices of the mesh set with `jax.set_mesh` (or a legacy `with mesh:` block);
 3. the default backend: with no mesh in scope, a jitted function runs on the default devices.
+
+Enter a context before the first trace of the functions it is meant for: jax caches a jitted function's trace by
+its arguments' types and shardings, not by this context. A TPU mesh's shardings differ from any CPU trace's, and the
+trainer's and sampler's calls always trace under `scope(their mesh)`, so the two never meet in practice.
 """
 
 from __future__ import annotations

@@ -23,15 +23,15 @@ from deepeyes_jax.rl.held_out import zoom_ious
 
 log = logging.getLogger(__name__)
 
-# Peak dense bf16 FLOP/s per device (SPEC.md section 3). CPU: measured fp32 matmul rate of the CI machine kind.
+# Peak dense bf16 FLOP/s per device (docs/reference figures in docs/tpu_7b.md). CPU: measured fp32 matmul rate of the
+# CI machine kind. Keys are generations; `DEVICE_KINDS` maps a device's `device_kind` to them.
 PEAK_FLOPS = {
   "h100": 989e12,
   "h200": 989e12,
   "v5p": 459e12,
   "v5e": 197e12,
-  "v5 lite": 197e12,
   "v6e": 918e12,
-  "v4": 275e12,  # Google's published TPU v4 bf16 peak (not in SPEC.md)
+  "v4": 275e12,  # Google's published TPU v4 bf16 peak
   "cpu": 3e11,
 }
 # Peak HBM bandwidth per device, bytes/s (vendor figures): the memory side of a roofline (`python -m deepeyes_jax.aot`).
@@ -40,18 +40,35 @@ PEAK_HBM_BANDWIDTH = {
   "h200": 4.8e12,
   "v5p": 2.76e12,
   "v5e": 0.82e12,
-  "v5 lite": 0.82e12,
   "v6e": 1.64e12,
   "v4": 1.2e12,
 }
+# `device_kind` (lower case) -> generation, first match wins: TPUs report "TPU v5" (v5p), "TPU v5 lite" (v5e),
+# "TPU v6 lite" (v6e), "TPU v4"; GPUs e.g. "NVIDIA H100 80GB HBM3".
+DEVICE_KINDS = (
+  ("h100", "h100"),
+  ("h200", "h200"),
+  ("v5 lite", "v5e"),
+  ("v5e", "v5e"),
+  ("v5p", "v5p"),
+  ("tpu v5", "v5p"),
+  ("v6 lite", "v6e"),
+  ("v6e", "v6e"),
+  ("tpu v4", "v4"),
+)
+
+
+def device_generation(device: jax.Device) -> str | None:
+  kind = device.device_kind.lower()
+  return next((gen for key, gen in DEVICE_KINDS if key in kind), None)
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float:
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  for k, v in PEAK_FLOPS.items():
-    if k in kind:
-      return v
-  return PEAK_FLOPS["cpu"] if jax.default_backend() == "cpu" else float("nan")
+  device = device or jax.devices()[0]
+  gen = device_generation(device)
+  if gen is not None:
+    return PEAK_FLOPS[gen]
+  return PEAK_FLOPS["cpu"] if device.platform == "cpu" else float("nan")
 
 
 class JsonlWriter(metric_writers.MetricWriter):
