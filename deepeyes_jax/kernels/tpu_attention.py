@@ -426,7 +426,6 @@ def _forward(q, k, v, qseg, kseg, qpos, kpos, plan: _Plan):
 def _backward(plan: _Plan, t: int, res, dout):
   qr, kp, vp, ids, vis, o_rows, lse = res
   b, kh, _, d = qr.shape
-  h = kh * plan.groups
   do = dout.astype(qr.dtype).reshape(b, t, kh, plan.groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, plan.rows, d)
   do = _pad_axis(do, 2, plan.rows_pad)
   delta = jnp.sum(do.astype(jnp.float32) * o_rows.astype(jnp.float32), axis=-1)[:, :, None, :]  # (B, K, 1, R)
@@ -456,7 +455,6 @@ def _backward(plan: _Plan, t: int, res, dout):
   # Rows that saw no key output mean(v): every key of their KV head gets d out / S from each of them.
   dv_empty = jnp.sum(jnp.where(empty[:, :, 0, :, None], do.astype(jnp.float32), 0.0), axis=2) / plan.s  # (B, K, D)
   dv = dv[:, :, : plan.s].astype(jnp.float32) + dv_empty[:, :, None]
-  del h
   return _from_rows(dq, t, plan), dk[:, :, : plan.s], dv.astype(vp.dtype)
 
 
