@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from etils import epath
+
 from deepeyes_jax.agent.rollout import Task
 from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
 from deepeyes_jax.data.benchmarks import BenchmarkItem, LoadReport
@@ -70,15 +72,15 @@ class EvalSettings:
 # Resume
 
 
-def read_done(out_dir: str) -> dict[str, dict]:
+def read_done(out_dir: str | os.PathLike) -> dict[str, dict]:
   """Per-item results already written (item id -> record). Drops a torn last line (killed mid-write) from the file
   and the trajectories of items that have no result line."""
-  path = os.path.join(out_dir, RESULTS)
+  path = epath.Path(out_dir) / RESULTS
   done: dict[str, dict] = {}
-  if not os.path.exists(path):
+  if not path.exists():
     return done
   good, torn = [], 0
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       try:
         rec = json.loads(line)
@@ -89,9 +91,9 @@ def read_done(out_dir: str) -> dict[str, dict]:
   if torn:
     log.warning("%s: dropping %d unreadable line(s) (a run killed mid-write)", path, torn)
     _rewrite(path, good)
-  traj_path = os.path.join(out_dir, TRAJECTORIES)
-  if os.path.exists(traj_path):
-    with open(traj_path) as f:
+  traj_path = epath.Path(out_dir) / TRAJECTORIES
+  if traj_path.exists():
+    with traj_path.open() as f:
       lines = f.readlines()
     keep = []
     for line in lines:
@@ -105,26 +107,26 @@ def read_done(out_dir: str) -> dict[str, dict]:
   return done
 
 
-def _rewrite(path: str, lines: list[str]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(lines)
-  os.replace(tmp, path)
+def _rewrite(path: epath.Path, lines: list[str]) -> None:
+  tmp = epath.Path(f"{path}.tmp")
+  tmp.write_text("".join(lines))
+  # Local: os.replace, atomic. gs://: the best epath offers, a rename that is a server-side copy then a delete; the
+  # copy makes the new object appear whole (object writes are atomic), a kill before the delete leaves the .tmp
+  # behind (overwritten by the next rewrite).
+  tmp.replace(path)
 
 
-def _check_settings(out_dir: str, settings: EvalSettings) -> None:
-  path = os.path.join(out_dir, "run_config.json")
+def _check_settings(out_dir: str | os.PathLike, settings: EvalSettings) -> None:
+  path = epath.Path(out_dir) / "run_config.json"
   pinned = settings.pinned()
-  if os.path.exists(path):
-    with open(path) as f:
-      before = json.load(f)
+  if path.exists():
+    before = json.loads(path.read_text())
     diff = {k: (before.get(k), v) for k, v in pinned.items() if before.get(k) != v}
     if diff:
       changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
       raise ValueError(f"{out_dir} holds an evaluation with other settings ({changes}); use another output directory")
   else:
-    with open(path, "w") as f:
-      json.dump(pinned, f, indent=2)
+    path.write_text(json.dumps(pinned, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def make_task(item: BenchmarkItem, shown: scoring.Shown) -> Task:
 def evaluate(
   items: Sequence[BenchmarkItem],
   rollout_fn: RolloutFn,
-  out_dir: str,
+  out_dir: str | os.PathLike,
   settings: EvalSettings,
   *,
   tokenizer=None,
@@ -156,8 +158,9 @@ def evaluate(
   """Evaluates ``items`` (resuming from ``out_dir``); returns the summary (also written to ``out_dir``).
 
   ``tokenizer`` decodes each response for DeepEyes-format items (scored by their reward function); ``write``:
-  False on every process but the first of a multi-process run (all run the same batches; one writes)."""
-  os.makedirs(out_dir, exist_ok=True)
+  False on every process but the first of a multi-process run (all run the same batches; one writes). ``out_dir``:
+  local or a URL epath handles (gs://bucket/eval/...)."""
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   if write:
     _check_settings(out_dir, settings)
   done = read_done(out_dir)
@@ -180,10 +183,8 @@ def evaluate(
       os.kill(os.getpid(), signal.SIGKILL)
   summary = summarize([done[i] for i in ids if i in done], settings, load_report)
   if write:
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-      f.write(summary_markdown(summary))
+    (epath.Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    (epath.Path(out_dir) / "summary.md").write_text(summary_markdown(summary))
   return summary
 
 
@@ -208,11 +209,15 @@ def _run_batch(batch, rollout_fn, out_dir, settings, tokenizer, judge, write) ->
   if write:
     if settings.save_trajectories and trajs:
       save_trajectories(trajs, out_dir, filename=TRAJECTORIES)
-    with open(os.path.join(out_dir, RESULTS), "a") as f:  # results last: a result line means "done"
-      for rec in records:
-        f.write(json.dumps(rec) + "\n")
+    with (epath.Path(out_dir) / RESULTS).open("a") as f:  # results last: a result line means "done"
+      f.write("".join(json.dumps(rec) + "\n" for rec in records))
       f.flush()
-      os.fsync(f.fileno())
+      try:
+        fd = f.fileno()
+      except (AttributeError, OSError):  # gs://: no descriptor (TF's GFile has no fileno); close() uploads the file
+        fd = None
+      if fd is not None:
+        os.fsync(fd)
   return records
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import grain
@@ -22,6 +23,15 @@ log = logging.getLogger(__name__)
 # checkpoint (model.checkpoint, whose config.json describes the architecture) from it.
 TRAIN_CONFIG_FILE = "train_config.json"
 
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")  # a URL scheme: gs://bucket/..., s3://...
+
+
+def normalize_directory(directory: str | os.PathLike) -> str:
+  """A local `directory` made absolute (orbax wants absolute paths); a URL (`gs://bucket/run/checkpoints`) unchanged:
+  `os.path.abspath` would turn it into `$PWD/gs:/bucket/run/checkpoints`, a local directory."""
+  directory = os.fspath(directory)
+  return directory if _URL.match(directory) else os.path.abspath(directory)
+
 
 class Checkpointer:
   def __init__(
@@ -33,7 +43,7 @@ class Checkpointer:
     save_interval_steps: int = 1,
     async_save: bool = True,
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = normalize_directory(directory)  # orbax takes a str or epath path: local or gs://
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       keep_period=keep_period,

@@ -8,6 +8,7 @@ core dependencies (see docs/training.md for the reasoning). Only process 0 write
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 from deepeyes_jax.agent.trajectory import Trajectory
 from deepeyes_jax.rl.held_out import zoom_ious
@@ -77,13 +79,16 @@ class JsonlWriter(metric_writers.MetricWriter):
   `resume_step`: the checkpoint a run resumes from. Rows of later steps were logged by the killed run after its last
   durable checkpoint (an asynchronous save still in flight at a SIGKILL is lost) and are about to be redone: they
   are moved to `<path>.discarded` so that metrics.jsonl has one row per step, and nothing logged is thrown away.
+  `path`: local or a URL epath handles (gs://bucket/run/metrics.jsonl).
   """
 
-  def __init__(self, path: str, resume_step: int | None = None):
+  def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
     self.path = path
-    if resume_step is not None and os.path.exists(path):
+    if resume_step is not None and epath.Path(path).exists():
       _drop_rows_after(path, resume_step)
-    self._f = open(path, "a")
+    # Entered, not just opened: epath's TensorFlow backend (gs:// when TF is installed) returns a context manager.
+    self._stack = contextlib.ExitStack()
+    self._f = self._stack.enter_context(epath.Path(path).open("a"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step)}
@@ -119,12 +124,13 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._f.flush()
 
   def close(self):
-    self._f.close()
+    self._stack.close()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
+def _drop_rows_after(path: str | os.PathLike, step: int) -> None:
+  path = epath.Path(path)
   keep, drop = [], []
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       try:
         later = int(json.loads(line)["step"]) > step
@@ -132,13 +138,17 @@ def _drop_rows_after(path: str, step: int) -> None:
         later = True
       (drop if later else keep).append(line if line.endswith("\n") else line + "\n")
   if drop:
-    with open(path + ".discarded", "a") as f:
-      f.writelines(drop)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
-    log.warning("%s: moved %d rows logged after step %d (not checkpointed) to %s.discarded", path, len(drop), step, path)
+    with epath.Path(f"{path}.discarded").open("a") as f:
+      f.write("".join(drop))  # one write: TF's GFile (epath's gs:// backend) has no writelines
+    tmp = epath.Path(f"{path}.tmp")
+    tmp.write_text("".join(keep))
+    # Local: os.replace, atomic. gs://: the best epath offers, a rename that is a server-side copy then a delete; the
+    # copy makes the new object appear whole (object writes are atomic), a kill before the delete leaves the .tmp
+    # behind (overwritten by the next rewrite).
+    tmp.replace(path)
+    log.warning(
+      "%s: moved %d rows logged after step %d (not checkpointed) to %s.discarded", path, len(drop), step, path
+    )
 
 
 def make_writer(workdir: str, resume_step: int | None = None) -> metric_writers.MetricWriter:
@@ -147,11 +157,14 @@ def make_writer(workdir: str, resume_step: int | None = None) -> metric_writers.
   `resume_step`: see `JsonlWriter`."""
   if jax.process_index() != 0:
     return metric_writers.LoggingWriter()
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   return metric_writers.MultiWriter(
     [
-      metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),
+      # A str path: the TensorBoard summary writer does its own I/O (TensorFlow's file systems, gs:// included); it
+      # is not covered by the tests on a non-local file system (tests/test_workdir_paths.py).
+      metric_writers.create_default_writer(str(workdir / "tensorboard"), asynchronous=False),
+      JsonlWriter(workdir / "metrics.jsonl", resume_step),
     ]
   )
 
@@ -224,7 +237,8 @@ class Progress:
       skills = "".join(f" {k.removeprefix('skills/')} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("skills/"))
       return (
         f"step {step}/{self.total} | warm start | nll {m['train/nll']:.4f} | tokens/traj "
-        f"{m.get('length/total', 0):.0f} | {pace:.1f} s/step | ETA {eta_text}" + (f" | skills:{skills}" if skills else "")
+        f"{m.get('length/total', 0):.0f} | {pace:.1f} s/step | ETA {eta_text}"
+        + (f" | skills:{skills}" if skills else "")
       )
     return (
       f"step {step}/{self.total} | reward {m.get('reward/mean', 0):.3f} | acc {m.get('accuracy', 0):.3f} | "

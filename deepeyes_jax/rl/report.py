@@ -1,5 +1,6 @@
 """The run report: `report.png` (curves over training steps) and `report.html` (curves, held-out evaluation table,
-rendered trajectories), written to the workdir at the end of training (`config.log.report`).
+rendered trajectories), written to the workdir at the end of training (`config.log.report`). Paths go through
+`etils.epath`: the workdir may be local or gs://.
 
 Curves come from `metrics.jsonl` (one line per step, what the TensorBoard logs hold too): the warm-start loss (and
 its `skills/*` probes), then
@@ -16,6 +17,7 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,9 +35,9 @@ PANELS = (
 )
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str | os.PathLike) -> list[dict]:
   rows = []
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for line in f:
       line = line.strip()
       if line:
@@ -43,7 +45,7 @@ def read_metrics(path: str) -> list[dict]:
   return rows
 
 
-def plot(rows: Sequence[dict], out_png: str, *, warmstart_steps: int = 0) -> None:
+def plot(rows: Sequence[dict], out_png: str | os.PathLike, *, warmstart_steps: int = 0) -> None:
   fig, axes = plt.subplots(2, 3, figsize=(15, 8))
   for ax, (title, key, eval_key) in zip(axes.flat, PANELS):
     pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -71,7 +73,8 @@ def plot(rows: Sequence[dict], out_png: str, *, warmstart_steps: int = 0) -> Non
       ax.legend(fontsize=8)
   fig.suptitle("warm start (left of the dotted line), then GRPO")
   fig.tight_layout()
-  fig.savefig(out_png, dpi=90)
+  with epath.Path(out_png).open("wb") as f:  # a file object: matplotlib writes local paths only
+    fig.savefig(f, format="png", dpi=90)
   plt.close(fig)
 
 
@@ -89,7 +92,7 @@ def _table(final_eval: dict) -> str:
 
 
 def write_report(
-  workdir: str,
+  workdir: str | os.PathLike,
   final_eval: dict,
   trajectories: Sequence[Trajectory] = (),
   *,
@@ -97,11 +100,11 @@ def write_report(
   title: str = "deepeyes_jax run",
 ) -> str:
   """Writes report.png, report.html and trajectories/*.png in `workdir`; returns the HTML path."""
-  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  png = os.path.join(workdir, "report.png")
-  plot(rows, png, warmstart_steps=warmstart_steps)
-  tdir = os.path.join(workdir, "report_trajectories")
-  os.makedirs(tdir, exist_ok=True)
+  workdir = epath.Path(workdir)
+  rows = read_metrics(workdir / "metrics.jsonl")
+  plot(rows, workdir / "report.png", warmstart_steps=warmstart_steps)
+  tdir = workdir / "report_trajectories"
+  tdir.mkdir(parents=True, exist_ok=True)
   parts = [
     "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>",
     "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{font-size:13px}"
@@ -116,13 +119,12 @@ def write_report(
     box = t.metadata.get("target_box")
     box = json.loads(box) if isinstance(box, str) else box
     fig = render.zoom_figure(t, height=360, target_box=box)
-    name = f"trajectory_{k:02d}.png"
-    fig.save(os.path.join(tdir, name))
-    with open(os.path.join(tdir, f"trajectory_{k:02d}.html"), "w") as f:
-      f.write(render.trajectory_html(t, fig))
+    png = render.png_bytes(fig)  # the bytes fig.save(path) writes
+    (tdir / f"trajectory_{k:02d}.png").write_bytes(png)
+    (tdir / f"trajectory_{k:02d}.html").write_text(render.trajectory_html(t, fig))
     verdict = "correct" if t.metadata.get("correct") else "wrong"
     q = t.metadata.get("question", "")
-    img64 = base64.b64encode(render.png_bytes(fig)).decode()
+    img64 = base64.b64encode(png).decode()
     parts.append(
       f"<h3>{html.escape(q)} &mdash; answer {html.escape(str(t.answer))} "
       f"(truth {html.escape(str(t.metadata.get('ground_truth')))}, {verdict})</h3>"
@@ -130,7 +132,6 @@ def write_report(
       + "".join(f"<pre>{html.escape(turn.text)}</pre>" for turn in t.turns)
     )
   parts.append("</body></html>")
-  out = os.path.join(workdir, "report.html")
-  with open(out, "w") as f:
-    f.write("\n".join(parts))
-  return out
+  out = workdir / "report.html"
+  out.write_text("\n".join(parts))
+  return str(out)
