@@ -1,5 +1,7 @@
 """The batched zoom-agent rollout engine: token-exact trajectories, row independence, limits, serialisation, infer."""
 
+import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -95,6 +97,77 @@ def test_sampled_rollout_is_token_exact_and_rows_are_independent(tiny_vlm, agent
   replay = _replay_logprobs(model, batch[0])
   act = np.flatnonzero(batch[0].action_mask)
   np.testing.assert_allclose(batch[0].logprobs[act], replay[act - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_rollout_does_not_depend_on_the_chunking(agent, caplog):
+  sampler, tok = agent
+  tasks = [_task("c0", 11), _task("c1", 12, size=(200, 300)), _task("c2", 13, size=(260, 260))]
+  base = AgentConfig(sampling=rules.SamplingParams(1.0), max_tokens_per_turn=64, max_total_tokens=1024, **SMALL)
+  # Some rows zoom in their first turn (forced), then sample: crops and extends run per chunk too.
+  zoom = [ZOOM.format(box="[10, 20, 150, 120]")]
+  scripts = [zoom, [], [], zoom, zoom, []]
+  runs = {}
+  for m in (0, 2, 3, 4):  # 3 rounds down to 1 group of 2 rows; 4 -> chunks of 4 + 2 rows
+    cfg = dataclasses.replace(base, max_concurrent_rows=m)
+    with caplog.at_level(logging.INFO, logger="deepeyes_jax.agent.rollout"):
+      caplog.clear()
+      runs[m] = run_rollouts(sampler, tok, tasks, group_size=2, config=cfg, seed=21, scripted_turns=scripts)
+    chunk_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rollout chunk")]
+    per_group = ["1/3: rows 0-1", "2/3: rows 2-3", "3/3: rows 4-5"]
+    expected = {0: ["1/1: rows 0-5"], 2: per_group, 3: per_group, 4: ["1/2: rows 0-3", "2/2: rows 4-5"]}[m]
+    assert chunk_lines == ["rollout chunk " + e for e in expected]
+  ref = runs[0]
+  assert [t.uid for t in ref] == [f"c{i}/{g}" for i in range(3) for g in range(2)]
+  assert not np.array_equal(ref[1].token_ids, ref[2].token_ids)  # sampled, not greedy
+  assert all(len(ref[r].turns) >= 2 and len(ref[r].images) == 2 for r in (0, 3, 4))  # sampled after the crop
+  for m in (2, 3, 4):
+    assert [t.uid for t in runs[m]] == [t.uid for t in ref]
+    for a, b in zip(runs[m], ref):
+      np.testing.assert_array_equal(a.token_ids, b.token_ids)
+      np.testing.assert_array_equal(a.action_mask, b.action_mask)
+      np.testing.assert_array_equal(a.position_ids, b.position_ids)
+      np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+      assert (a.stop_reason, a.answer, a.turns, a.tool_calls) == (b.stop_reason, b.answer, b.turns, b.tool_calls)
+
+
+def test_chunked_rollout_reports_global_rows_to_on_turn(agent):
+  sampler, tok = agent
+  scripts = [
+    [ZOOM.format(box="[10, 20, 150, 120]"), ANSWER],
+    [ANSWER],
+    [BAD_JSON, ANSWER],
+    [ZOOM.format(box="[0, 0, 100, 100]"), ZOOM.format(box="[50, 50, 200, 150]"), ANSWER],
+  ]
+  tasks = [_task("o0", 1), _task("o1", 2)]
+  seen = {}
+  for m in (0, 2):
+    calls = []
+    cfg = AgentConfig(sampling=rules.GREEDY, max_total_tokens=2048, max_concurrent_rows=m, **SMALL)
+    trajs = run_rollouts(
+      sampler, tok, tasks, group_size=2, config=cfg, scripted_turns=scripts, on_turn=lambda *a: calls.append(a)
+    )
+    expected = [(r, n + 1) for r, s in enumerate(scripts) for n in range(len(s))]
+    assert sorted((row, n) for row, n, _, _ in calls) == expected
+    for row, n, turn, _ in calls:
+      assert turn.text == scripts[row][n - 1]  # scripted_turns is indexed by global row
+      assert trajs[row].turns[n - 1] == turn
+    seen[m] = sorted((row, n, turn.text) for row, n, turn, _ in calls)
+  assert seen[0] == seen[2]
+
+
+def test_max_concurrent_rows_is_validated_and_read_from_configs():
+  with pytest.raises(ValueError, match="max_concurrent_rows"):
+    AgentConfig(max_concurrent_rows=-1)
+  from deepeyes_jax.config_reference import ROOT, load_module
+  from deepeyes_jax.rl.trainer import agent_config
+
+  deepeyes_7b = load_module(ROOT / "configs" / "deepeyes_7b.py")
+
+  assert agent_config(deepeyes_7b.get_config()).max_concurrent_rows == 512
+  assert agent_config(deepeyes_7b.get_config("size=tiny")).max_concurrent_rows == 0
+  old = deepeyes_7b.get_config()
+  del old.rollout.max_concurrent_rows  # a config written before the field existed: all rows at once
+  assert agent_config(old).max_concurrent_rows == 0
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Batched multi-turn zoom rollouts on top of the sampler's `extend` / `decode`.
 
-A batch of tasks x G samples runs in one KV cache. Each round: `decode` generates one assistant turn for every
+A batch of tasks x G samples runs in one KV cache (or, with `max_concurrent_rows`, in consecutive chunks of whole
+groups, each in its own cache). Each round: `decode` generates one assistant turn for every
 active row (finished rows have budget 0); then, on the host, each finished turn is parsed with the DeepEyes rules
 (`protocol.execute_turn`): an answer or no tool call ends the row; a tool call produces an observation (an error
 text, or the crop of the original image), which is tokenised, its crop preprocessed, and appended to that row's
@@ -44,6 +45,9 @@ class AgentConfig:
   min_pixels: int = improc.MIN_PIXELS  # for the question image and the crops
   max_pixels: int = improc.MAX_PIXELS
   sampling: rules.SamplingParams = rules.SamplingParams(temperature=1.0)
+  # Rows (task x sample) rolled out at once, each chunk in its own KV cache, one after the other; rounded down to
+  # whole GRPO groups (at least one group). Bounds the cache at this many rows x max_total_tokens. 0 = all rows.
+  max_concurrent_rows: int = 0
 
   def __post_init__(self):
     if self.coordinate_frame not in ("original", "resized"):
@@ -51,6 +55,8 @@ class AgentConfig:
     for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "max_images"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.max_concurrent_rows < 0:
+      raise ValueError(f"max_concurrent_rows must be >= 0 (0 = all rows at once), got {self.max_concurrent_rows}")
 
 
 @dataclasses.dataclass
@@ -114,24 +120,71 @@ def run_rollouts(
 ) -> list[Trajectory]:
   """Rolls out every task `group_size` times. Returns trajectories in (task, sample) order.
 
+  The rows run in consecutive chunks of whole groups (`config.max_concurrent_rows`, 0 = all in one chunk), each
+  chunk in its own KV cache, one after the other. The result does not depend on the chunking: a row's PRNG key
+  comes from (seed, task id, sample index), and a row never affects the others of its batch.
+
   Args:
     scripted_turns: optional, per row, the text of each assistant turn to force instead of sampling (a scripted
       policy for tests and demos; the model still scores every token, so log-probs stay real).
     on_turn: called after each finished turn with (row index, turn number, turn, tool record) — live printing.
+      The row index is that of the whole rollout, (task index) * group_size + sample index, whatever the chunk.
   """
   cfg = sampler.config
-  im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
   rows, chunks = _prompt_rows(tokenizer, tasks, group_size, config, cfg)
   b = len(rows)
   if scripted_turns is not None and len(scripted_turns) != b:
     raise ValueError(f"scripted_turns has {len(scripted_turns)} rows, the rollout has {b}")
   capacity = config.max_total_tokens
-  for r, row in enumerate(rows):
+  for row in rows:
     if row.prompt_length >= capacity:
       raise ValueError(
         f"task {row.task.task_id!r}: prompt of {row.prompt_length} tokens (image included) leaves no room in "
         f"max_total_tokens={capacity}"
       )
+  if config.max_concurrent_rows:
+    g = max(group_size, 1)
+    per_chunk = max(1, config.max_concurrent_rows // g) * g  # whole groups: a chunk never splits a GRPO group
+  else:
+    per_chunk = max(b, 1)
+  starts = range(0, b, per_chunk)
+  for i, start in enumerate(starts):
+    stop = min(start + per_chunk, b)
+    log.info("rollout chunk %d/%d: rows %d-%d", i + 1, len(starts), start, stop - 1)
+    _rollout_rows(
+      sampler,
+      tokenizer,
+      rows[start:stop],
+      chunks[start:stop],
+      config=config,
+      seed=seed,
+      row_offset=start,
+      scripted_turns=None if scripted_turns is None else scripted_turns[start:stop],
+      on_turn=on_turn,
+    )
+  return [_finish(row, config, cfg.image_token_id, cfg.vision.spatial_merge_size) for row in rows]
+
+
+def _rollout_rows(
+  sampler: Sampler,
+  tokenizer,
+  rows: list[_Row],
+  chunks: list[Chunk],
+  *,
+  config: AgentConfig,
+  seed: int,
+  row_offset: int,
+  scripted_turns: Sequence[Sequence[str]] | None,
+  on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None,
+) -> None:
+  """Rolls out `rows` (whose prompts are `chunks`) in one KV cache of len(rows) rows, updating them in place.
+
+  `row_offset` is the global index of rows[0] (what `on_turn` receives); `scripted_turns` is this chunk's slice.
+  """
+  cfg = sampler.config
+  im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
+  b = len(rows)
+  capacity = config.max_total_tokens
   keys = row_keys(seed, [row_seed_id(r.task.task_id, r.sample_index) for r in rows])
   cache, logits = sampler.extend(sampler.init_cache(b, capacity), chunks)
 
@@ -165,12 +218,10 @@ def run_rollouts(
         row, turn, toks, out.logprobs[r], out.stop_reason[r], config, tokenizer, cfg.image_token_id, capacity
       )
       if on_turn is not None:
-        on_turn(r, turn, t, record)
+        on_turn(row_offset + r, turn, t, record)
     if all(r.stop_reason is not None for r in rows):
       break
     cache, logits = sampler.extend(cache, next_chunks)
-
-  return [_finish(row, config, cfg.image_token_id, cfg.vision.spatial_merge_size) for row in rows]
 
 
 def demonstrate(
