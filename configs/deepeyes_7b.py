@@ -31,7 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # HF directory: config.json + safetensors
   c.model.tokenizer = ml_collections.config_dict.placeholder(str)  # default: model.checkpoint
-  c.model.dtype = "bfloat16"  # parameter and compute dtype; AdamW moments and gradients follow it (docs/tpu_7b.md)
+  c.model.dtype = "bfloat16"  # compute dtype (activations, KV cache, the sampler's weights)
+  c.model.param_dtype = "float32"  # stored parameters, gradients and AdamW moments: lr 1e-6 steps survive rounding
+  c.model.remat = "full"  # per-layer rematerialisation in the learner: "none" | "full" | "dots" (docs/tpu_7b.md)
+  c.model.scan_layers = True  # one lax.scan per stack of layers: compile time independent of depth
   c.model.attention_impl = "auto"  # "auto" (Pallas on GPU and TPU, XLA on CPU) | "xla" | "pallas" | "cudnn"
   c.model.size = size  # Qwen2.5-VL shape `python -m deepeyes_jax.aot` compiles when model.checkpoint is unset
 
@@ -48,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.max_total_tokens = 8192 + 20480  # prompt + response
   c.rollout.max_prompt_tokens = 8192  # prompt budget, image included: sizes the AOT prefill (rollouts do not cut)
   c.rollout.max_images = 5  # original + crops
+  c.rollout.max_concurrent_rows = 512  # rows rolled out at once (whole groups): bounds the KV cache; 0 = all rows
+  c.rollout.weight_layout = "tensor_parallel"  # sampler's weights: compute dtype, tensor-sharded only | "learner"
   c.rollout.temperature = 1.0  # sampling temperature of the rollouts
   c.rollout.top_p = 1.0  # nucleus mass (1.0 = off)
   c.rollout.top_k = 0  # 0 = off
@@ -118,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_prompt_tokens = 512
     c.rollout.max_turns = 3
     c.rollout.max_pixels = 48 * 28 * 28
+    c.rollout.max_concurrent_rows = 0
     c.rl.min_row_len = 256
     c.rl.micro_batch_rows = 2
     c.rl.logits_chunk = 128

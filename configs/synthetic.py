@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model.checkpoint = ""  # empty: make the tiny model below in WORKDIR/base_model
   c.model.dtype = "float32"
+  c.model.param_dtype = ""  # "" = dtype (configs/deepeyes_7b.py keeps float32 masters for bfloat16 compute)
+  c.model.remat = "none"  # per-layer rematerialisation: "none" | "full" | "dots"; the tiny model needs none
+  c.model.scan_layers = False  # True: one lax.scan per stack of layers (compile time independent of depth)
   c.model.size = "tiny"  # the shape class; the AOT tool, like the trainer, builds model.tiny below
   c.model.tiny = ml_collections.ConfigDict()
   c.model.tiny.vocab_size = 768  # regular BPE tokens (+22 Qwen added tokens)
@@ -98,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.max_total_tokens = 512
   c.rollout.max_prompt_tokens = 256  # short system prompt + question + the 36 tokens of the global view
   c.rollout.max_images = 3
+  c.rollout.max_concurrent_rows = 0  # rows rolled out at once (whole groups): bounds the KV cache; 0 = all rows
+  c.rollout.weight_layout = "tensor_parallel"  # sampler's weights: compute dtype, tensor-sharded only | "learner"
   c.rollout.coordinate_frame = "resized"  # boxes in the 168 x 168 frame the model sees (data/synthetic.py)
   c.rollout.min_pixels = 4 * 28 * 28
   c.rollout.max_pixels = 170 * 170  # = data.synthetic.GLOBAL_MAX_PIXELS: 6 x 6 vision tokens

@@ -136,6 +136,63 @@ def test_out_of_memory_message_parsing():
   assert aot.parse_oom("INVALID_ARGUMENT: shapes do not match") is None
 
 
+def test_collective_traffic_counts_each_collective_by_its_result():
+  hlo = """
+  %all-gather.3 = bf16[3584,18944]{1,0} all-gather(bf16[112,18944]{1,0} %p), dimensions={0}
+  %ag-start = (bf16[16,8]{1,0}, bf16[512,8]{1,0}) all-gather-start(bf16[16,8]{1,0} %x), dimensions={0}
+  %ag-done = bf16[512,8]{1,0} all-gather-done((bf16[16,8]{1,0}, bf16[512,8]{1,0}) %ag-start)
+  %all-reduce.1 = f32[32,152064]{1,0} all-reduce(f32[32,152064]{1,0} %y), to_apply=%add
+  %rs = f32[4]{0} reduce-scatter(f32[128]{0} %z), dimensions={0}
+  %cp-start = (f32[2,2]{1,0}, f32[2,2]{1,0}, u32[], u32[]) collective-permute-start(f32[2,2]{1,0} %w)
+  %fusion.1 = bf16[8]{0} fusion(bf16[8]{0} %q), kind=kLoop, calls=%all-gather-like
+  """
+  count, nbytes = aot.collective_traffic(hlo)
+  assert count == 5
+  # results: 3584x18944 bf16 + 512x8 bf16 + 32x152064 f32 + 4 f32 + the permute's 2x2 f32 (not its scalars)
+  assert nbytes == 3584 * 18944 * 2 + 512 * 8 * 2 + 32 * 152064 * 4 + 4 * 4 + 2 * 2 * 4
+  assert aot.collective_traffic("%add = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)") == (0, 0)
+
+
+def _projection_report(**model):
+  return {
+    "functions": [
+      {"name": n, "status": "ok", "fits": True, "roofline_s": t}
+      for n, t in (("grad", 2.0), ("opt_apply", 0.5), ("prefill", 3.0), ("crop", 0.25), ("decode", 0.001))
+    ],
+    "chips": 32,
+    "peak_flops_per_chip": 1e14,
+    "shapes": {
+      "rollout_rows": 512, "rollout_chunks": 8, "row_len": 32768, "micro_rows": 32, "prompt_tokens": 8192,
+      "prompt_grid": [1, 64, 64], "crop_grid": [1, 32, 32],
+    },
+    "model": {
+      "text_matmul_params": 7e9, "vision_params": 0, "decoder_layers": 0, "hidden": 3584, "vision_hidden": 0,
+      "vision_depth": 32, "vision_full_blocks": 4, "vision_window_patches": 64, "remat": "full", **model,
+    },
+  }  # fmt: skip
+
+
+def test_step_projection_counts_model_flops_and_compiled_decode_steps():
+  a = aot.StepAssumptions(tokens_per_trajectory=8192, turns=3, decode_steps_per_turn=1000)
+  p = aot.project_step(_projection_report(), a)
+  assert p["trajectories"] == 4096 and p["learner_rows"] == 1024 and p["learner_micro_steps"] == 32
+  # No attention, no vision: 8 N T per trajectory under full remat (forward, recomputed forward, 2x backward).
+  assert p["learner_tflop"] == pytest.approx(4096 * 8 * 7e9 * 8192 / 1e12)
+  assert p["learner_s"] == pytest.approx(p["learner_tflop"] * 1e12 / (32 * 1e14) + 0.5)
+  assert p["decode_s"] == pytest.approx(8 * 3 * 1000 * 0.001)  # the compiled step x steps x turns x chunks
+  assert p["step_s"] == pytest.approx(p["rollout_s"] + p["learner_s"])
+  no_remat = aot.project_step(_projection_report(remat="none"), a)
+  assert no_remat["learner_tflop"] == pytest.approx(p["learner_tflop"] * 3 / 4)
+  # Attention is quadratic in the trajectory: doubling the tokens more than doubles the learner's FLOPs.
+  with_attention = _projection_report(decoder_layers=28)
+  short = aot.project_step(with_attention, a)
+  long = aot.project_step(with_attention, aot.StepAssumptions(16384, 3, 1000))
+  assert long["learner_tflop"] > 2 * short["learner_tflop"]
+  failed = _projection_report()
+  failed["functions"][0]["status"] = "oom"
+  assert aot.project_step(failed) is None
+
+
 _LOWER_KERNELS = r"""
 import jax, jax.numpy as jnp
 from jax.experimental import mesh_utils, topologies

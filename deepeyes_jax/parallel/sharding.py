@@ -23,9 +23,17 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-  # activations
+  # activations (`constrain`): rows over data x fsdp, the feature axis whole (FSDP gathers weights, not
+  # activations), heads / MLP columns / vocabulary over tensor as their weights are; between layers the residual
+  # stream's tokens are split over tensor too (sequence parallelism: what a remat'ed layer keeps is 1/tensor of
+  # it; XLA gathers the tokens before the projections and scatters them after)
   "batch": ("data", "fsdp"),
   "length": None,
+  "act_length": "tensor",
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
   # text decoder parameters
   "vocab": "tensor",
   "embed": "fsdp",
@@ -97,6 +105,23 @@ def variable_sharding(variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedShardin
   """NamedSharding for an `nnx.Variable` (or abstract one) from its `out_sharding` logical names."""
   names = getattr(variable, "out_sharding", None)
   return logical_to_sharding(names, variable.shape, mesh, rules)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """Pins an activation inside jit to the sharding its logical axis `names` give on the mesh the program is
+  compiled for (`kernels.platform.target_mesh()`, set by `platform.scope(mesh)` around the trainer's and sampler's
+  calls); unchanged outside a mesh scope or on one device.
+
+  Why: without constraints XLA propagates the parameters' FSDP sharding (the hidden size over fsdp) into the
+  activations and keeps every row on every chip (the 7B learner then needs TiBs per chip); pinning rows to
+  data x fsdp keeps each chip's rows on that chip, the weights being all-gathered layer by layer instead.
+  """
+  from deepeyes_jax.kernels import platform  # the compile target; kernels import nothing from here
+
+  mesh = platform.target_mesh()
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_sharding(names, x.shape, mesh, rules))
 
 
 def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):

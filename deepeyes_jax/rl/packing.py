@@ -17,14 +17,15 @@ import numpy as np
 
 from deepeyes_jax.agent.trajectory import Trajectory
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
-from deepeyes_jax.models.qwen2_5_vl.vision import VisionPlan, make_vision_plan
+from deepeyes_jax.models.qwen2_5_vl.vision import VisionPlan, make_row_plans, row_patches
 from deepeyes_jax.sampling.sampler import bucket
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PackedBatch:
-  """Training rows. R rows of L tokens; P image patches (bucketed)."""
+  """Training rows. R rows of L tokens; each row's images in the row layout (`models.qwen2_5_vl.vision`): P patches
+  per row (the longest row's, bucketed), so the images shard with their rows."""
 
   tokens: np.ndarray  # (R, L) int32
   segment_ids: np.ndarray  # (R, L) int32, 0 = padding
@@ -33,8 +34,8 @@ class PackedBatch:
   loss_mask: np.ndarray  # (R, L) float32, 1 at action tokens
   old_logprobs: np.ndarray  # (R, L) float32 behaviour log-probs at action tokens
   advantages: np.ndarray  # (R, L) float32 the trajectory's advantage at its action tokens
-  pixel_values: np.ndarray | None  # (P, 1176) float32
-  plan: VisionPlan | None
+  pixel_values: np.ndarray | None  # (R, P, 1176) float32, zero-padded per row
+  plan: VisionPlan | None  # (R, ...) arrays (`make_row_plans`)
 
   @property
   def num_rows(self) -> int:
@@ -85,7 +86,8 @@ def pack(
   mask = np.zeros(shape, np.float32)
   old = np.zeros(shape, np.float32)
   adv = np.zeros(shape, np.float32)
-  pvs, grids = [], []
+  pvs: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
+  grids: list[list[np.ndarray]] = [[] for _ in range(n_rows)]
   for r, members in enumerate(rows):
     off = 0
     for s, i in enumerate(members, start=1):
@@ -98,15 +100,14 @@ def pack(
       mask[r, sl] = t.action_mask
       old[r, sl] = t.logprobs
       adv[r, sl] = advantages[i] * t.action_mask
-      pvs += t.get_pixel_values()
-      grids += list(t.grids)
+      pvs[r] += t.get_pixel_values()
+      grids[r] += list(t.grids)
       off += n
   positions = np.broadcast_to(np.arange(row_len, dtype=np.int32), shape).copy()
   pixel_values = plan = None
-  if pvs:
-    flat = np.concatenate(pvs)
-    p = bucket(len(flat), min_patch_bucket)
-    pixel_values = np.zeros((p, flat.shape[1]), np.float32)
-    pixel_values[: len(flat)] = flat
-    plan = make_vision_plan(np.stack(grids), vision, pad_to=p)
+  most = max(sum(len(p) for p in row) for row in pvs)
+  if most:
+    p = bucket(most, min_patch_bucket)
+    pixel_values = row_patches(pvs, p, vision.patch_dim)
+    plan = make_row_plans(grids, vision, pad_to=p)
   return PackedBatch(tokens, seg, positions, pos_ids, mask, old, adv, pixel_values, plan)

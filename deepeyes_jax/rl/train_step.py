@@ -2,7 +2,7 @@
 
     learner = Learner(model, LearnerConfig(...), mesh=mesh)
     metrics = learner.update(micro_batches)          # one optimizer step over all micro-batches
-    sampler.state = learner.state                     # the sampler reads the new parameters, no copy
+    sampler.state = learner.state                     # laid out for sampling (sampler.sampling_layout)
 
 Gradient accumulation: every micro-batch's loss is normalised by the token count of the whole mini-batch, so
 the summed gradient is exactly the token mean over the mini-batch. A non-finite loss or gradient leaves the
@@ -107,12 +107,15 @@ def token_logprobs(
   c = min(chunk, n)
   pad = (-n) % c
   h_prev = jnp.pad(h_prev, ((0, 0), (0, pad), (0, 0))).reshape(r, -1, c, d).transpose(1, 0, 2, 3)
+  h_prev = shd.constrain(h_prev, (None, "batch", None, "act_embed"))  # (chunks, R, c, D): rows stay on their chips
   targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(r, -1, c).transpose(1, 0, 2)
 
   @jax.checkpoint
   def one(args):
     hc, tc = args
-    logits = model.logits(hc)  # (R, c, V) fp32
+    # (R, c, V) fp32, rows over data x fsdp and the vocabulary over tensor as the lm_head's: unconstrained, XLA
+    # contracted over the FSDP-sharded hidden size and materialised every row's partial logits on every chip.
+    logits = shd.constrain(model.logits(shd.constrain(hc, ("batch", None, "act_embed"))), ("batch", None, "act_vocab"))
     logp_all = jax.nn.log_softmax(logits, -1)
     lp = jnp.take_along_axis(logp_all, tc[..., None], -1)[..., 0]
     ent = -(jnp.exp(logp_all) * logp_all).sum(-1) if with_entropy else jnp.zeros_like(lp)
@@ -182,7 +185,7 @@ def learner_fns(graphdef, state, cfg: LearnerConfig) -> LearnerFns:
     tx=tx,
     schedule=schedule,
     init=jax.jit(tx.init, out_shardings=opt_state_shardings(tx, state)),
-    grad=jax.jit(functools.partial(_grad_impl, graphdef=graphdef, cfg=cfg)),
+    grad=jax.jit(functools.partial(_grad_impl, graphdef=graphdef, cfg=cfg, shardings=_shardings(state))),
     apply=jax.jit(functools.partial(_apply_impl, tx=tx), donate_argnums=(0, 1)),
   )
 
@@ -212,8 +215,20 @@ def opt_state_shardings(tx: optax.GradientTransformation, state):
   )
 
 
-def _grad_impl(state, batch, denominator, *, graphdef, cfg):
+def _shardings(state):
+  """The parameters' shardings (a tree like `state`), or None when its leaves carry none."""
+  leaves = jax.tree.leaves(state)
+  if not leaves or any(getattr(x, "sharding", None) is None for x in leaves):
+    return None
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def _grad_impl(state, batch, denominator, *, graphdef, cfg, shardings=None):
   (_, aux), grads = jax.value_and_grad(_loss, has_aux=True)(state, graphdef, batch, denominator, cfg)
+  if shardings is not None:
+    # Each gradient sharded as its parameter: XLA otherwise may return some (e.g. those of scanned layers, which
+    # flow back through the stacking) replicated, a full fp32 copy of the model on every chip.
+    grads = jax.lax.with_sharding_constraint(grads, shardings)
   return grads, aux
 
 
@@ -229,18 +244,15 @@ def _apply_impl(state, opt_state, grads, loss, *, tx):
 
 
 def batch_shardings(batch: PackedBatch, mesh: Mesh) -> PackedBatch:
-  """NamedShardings of a micro-batch (arrays or ShapeDtypeStructs) on the mesh: rows over (data, fsdp), images
-  replicated (the vision tower sees every image of the micro-batch)."""
+  """NamedShardings of a micro-batch (arrays or ShapeDtypeStructs) on the mesh: rows over (data, fsdp), each row's
+  images (the row layout, (R, ...) arrays) with their row: a chip runs the vision tower on its rows' images only."""
   rows = NamedSharding(mesh, shd.logical_to_spec(("batch", None), batch.tokens.shape, mesh))
   row_axes = rows.spec[0]
 
   def sharding(path, _):
-    name = path[0].name
-    if name == "position_ids":
+    if path[0].name == "position_ids":
       return NamedSharding(mesh, P(None, row_axes))
-    if name in ("pixel_values", "plan"):
-      return NamedSharding(mesh, P())
-    return rows
+    return NamedSharding(mesh, P(row_axes))  # (R, ...): tokens, masks, pixel values, plan arrays
 
   return jax.tree_util.tree_map_with_path(sharding, batch)
 
@@ -322,5 +334,6 @@ def _logprobs_jit(graphdef, chunk, replicated, state, batch):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _predict_jit(graphdef, replicated, state, batch):
   model = nnx.merge(graphdef, state)
-  pred = jnp.argmax(model.logits(hidden_states(model, batch)), -1).astype(jnp.int32)  # (R, L, V) logits: a probe on small batches only
+  # (R, L, V) logits at once: a probe on small batches only
+  pred = jnp.argmax(model.logits(hidden_states(model, batch)), -1).astype(jnp.int32)
   return pred if replicated is None else jax.lax.with_sharding_constraint(pred, replicated)

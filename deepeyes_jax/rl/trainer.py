@@ -28,6 +28,7 @@ from etils import epath
 from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
 from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl.layers import check_remat
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.rl import grpo
 from deepeyes_jax.rl import rewards as rewards_lib
@@ -37,7 +38,7 @@ from deepeyes_jax.rl.packing import assign_rows, pack
 from deepeyes_jax.rl.train_step import Learner, LearnerConfig
 from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.generate import load_tokenizer
-from deepeyes_jax.sampling.sampler import Sampler, bucket
+from deepeyes_jax.sampling.sampler import WEIGHT_LAYOUTS, Sampler, bucket
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,34 @@ def model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return out
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict:
+  """The model's precision and execution options from `config.model`, validated (before anything loads):
+  dtype (compute), param_dtype (stored parameters and optimizer moments; "" = dtype), remat, scan_layers; also
+  checks `config.rollout.weight_layout` (the sampler's copy of the weights)."""
+  m = config.model
+  try:
+    dtype = jnp.dtype(m.dtype)
+    param_dtype = jnp.dtype(m.get("param_dtype") or m.dtype)
+  except TypeError as e:
+    raise ValueError(f"config.model.dtype / param_dtype: {e}") from None
+  remat = m.get("remat", "none")
+  check_remat(remat)
+  layout = config.rollout.get("weight_layout", "tensor_parallel") if "rollout" in config else "tensor_parallel"
+  if layout not in WEIGHT_LAYOUTS:
+    raise ValueError(f"config.rollout.weight_layout={layout!r}: must be one of {', '.join(WEIGHT_LAYOUTS)}")
+  return dict(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=bool(m.get("scan_layers", False)))
+
+
 def load_model(config: ml_collections.ConfigDict, mesh, checkpoint: str | None = None) -> qvl.Qwen25VL:
-  dtype = jnp.dtype(config.model.dtype)
-  return qvl.from_pretrained(
-    checkpoint or config.model.checkpoint, dtype=dtype, mesh=mesh, attention_impl=config.model.attention_impl
+  opts = model_options(config)
+  model = qvl.from_pretrained(
+    checkpoint or config.model.checkpoint,
+    dtype=opts["dtype"],
+    param_dtype=opts["param_dtype"],
+    mesh=mesh,
+    attention_impl=config.model.attention_impl,
   )
+  return model.set_remat(opts["remat"], opts["scan_layers"])
 
 
 def scene_config(config: ml_collections.ConfigDict):
@@ -124,6 +148,7 @@ def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
     min_pixels=r.min_pixels,
     max_pixels=r.max_pixels,
     sampling=params,
+    max_concurrent_rows=r.get("max_concurrent_rows", 0),  # absent from older configs: all rows at once
   )
 
 
@@ -271,8 +296,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """
   from deepeyes_jax.data.pipeline import make_train_iterator
 
+  model_options(config)  # a bad dtype / remat policy fails here, before anything loads or compiles
   maybe_init_distributed()
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # workdir paths go through epath: local or gs://
   if jax.process_index() == 0:  # what `python -m deepeyes_jax.export` needs to turn a checkpoint into an HF model
     (epath.Path(workdir) / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))  # epath: gs:// too
   m = config.mesh
@@ -283,7 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpoint = model_dir(config, workdir)
   model = load_model(config, mesh, checkpoint)
   tokenizer = load_tokenizer(config.model.tokenizer or checkpoint)
-  sampler = Sampler(model, mesh=mesh)
+  sampler = Sampler(model, mesh=mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
   agent_cfg = agent_config(config)
   judge = make_judge(config, workdir)
   for module in filter(None, config.reward.plugins.split(",")):
@@ -312,7 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   data_iter, data_stats = iterator(config.data.batch_size, config.seed)
   ws_iter = iterator(ws.batch_size, config.seed + 1)[0] if warm_steps else None
   ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    epath.Path(workdir) / "checkpoints",
     max_to_keep=config.checkpoint.max_to_keep,
     keep_period=config.checkpoint.keep_period,
     async_save=config.checkpoint.async_save,
@@ -416,7 +442,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if config.log.save_trajectories_every and (step + 1) % config.log.save_trajectories_every == 0:
         save_trajectories(
           trajs[: config.log.num_saved_trajectories],
-          os.path.join(workdir, "rollouts"),
+          epath.Path(workdir) / "rollouts",
           filename=f"step_{step + 1:06d}.jsonl",
         )
     _save(ckpt, step + 1, learner, data_iter, config, warm_steps)
@@ -478,7 +504,11 @@ class SkillProbe:
     self.packed = {}
     for mode in self.MODES:
       trajs = warmstart.demonstrations(
-        examples, [mode] * n, demonstrator=ws.demonstrator, tokenizer=tokenizer, agent_config=agent_cfg,
+        examples,
+        [mode] * n,
+        demonstrator=ws.demonstrator,
+        tokenizer=tokenizer,
+        agent_config=agent_cfg,
         model_config=model_cfg,
       )
       self.packed[mode] = minibatches(trajs, np.zeros(n, np.float32), probe_cfg, model_cfg.vision, learner)[0]
@@ -528,7 +558,7 @@ class HeldOut:
     self.agent_cfg = agent_cfg
     ev = config.get("eval")
     self.n = ev.num_questions if ev else 0
-    self.dir = os.path.join(workdir, "eval")
+    self.dir = epath.Path(workdir) / "eval"
     self.trajectories: list[Trajectory] = []
 
   def _tasks(self) -> list[Task]:
@@ -547,10 +577,9 @@ class HeldOut:
 
     if not self.n:
       return None
-    path = os.path.join(self.dir, f"{name}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
+    path = self.dir / f"{name}.json"
+    if path.exists():
+      return json.loads(path.read_text())
     chief = jax.process_index() == 0
     if chief:
       print(f"held-out evaluation of the {name} checkpoint (step {step}) on {self.n} questions", flush=True)
@@ -578,29 +607,29 @@ class HeldOut:
     self.writer.write_scalars(step, {f"eval/{k}": v for k, v in result["tool"].items() if k != "step"})
     self.writer.write_scalars(step, {f"eval_no_tool/{k}": v for k, v in result["no_tool"].items() if k != "step"})
     if chief:
-      os.makedirs(self.dir, exist_ok=True)
-      with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-      os.replace(path + ".tmp", path)
+      self.dir.mkdir(parents=True, exist_ok=True)
+      tmp = epath.Path(f"{path}.tmp")
+      tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+      # Local: os.replace, atomic. gs://: the best epath offers, a rename that is a server-side copy then a delete
+      # (the copy makes the new object appear whole; a kill before the delete leaves the .tmp behind).
+      tmp.replace(path)
       if name == "final":
-        save_trajectories(self.trajectories, os.path.join(self.dir, "final_trajectories"))
+        save_trajectories(self.trajectories, self.dir / "final_trajectories")
     return result
 
   def write_final(self, warm_steps: int) -> None:
     """`final_eval.json` (warm-start and final checkpoints, with and without the tool) and the report."""
     checkpoints = {}
     for name in ("warmstart", "final"):
-      path = os.path.join(self.dir, f"{name}.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          checkpoints[name] = json.load(f)
+      path = self.dir / f"{name}.json"
+      if path.exists():
+        checkpoints[name] = json.loads(path.read_text())
     out = {"eval_data": self.config.eval.data, "num_questions": self.n, "seed": self.config.seed}
     out["checkpoints"] = checkpoints
     if "warmstart" in checkpoints and "final" in checkpoints:
       gain = checkpoints["final"]["tool"]["accuracy"] - checkpoints["warmstart"]["tool"]["accuracy"]
       out["rl_gain_points"] = round(100 * gain, 2)
-    with open(os.path.join(self.workdir, "final_eval.json"), "w") as f:
-      json.dump(out, f, indent=2, sort_keys=True)
+    (epath.Path(self.workdir) / "final_eval.json").write_text(json.dumps(out, indent=2, sort_keys=True))
     print("final_eval.json: " + json.dumps(checkpoints_table(checkpoints)), flush=True)
     if self.config.log.get("report"):
       from deepeyes_jax.rl.report import write_report

@@ -12,6 +12,15 @@ position exactly as `get_rope_index` over the whole sequence would), the vision 
 shape buckets (powers of two) so that compilations stay few; each new shape signature is logged.
 Device work: one jitted call per `extend`, one `lax.while_loop` per `decode`; the cache is donated through both.
 
+Weights: `sampler.state = learner.state` lays the parameters out for sampling once per rollout phase
+(`sampling_layout`): cast to the compute dtype (fp32 master weights are read as bf16) and, on a mesh, sharded only
+over `tensor` (heads, MLP columns, vocabulary) and replicated over data x fsdp, so a decode step reads its chip's
+weights in place instead of all-gathering every layer's FSDP shards at every token. `weight_layout="learner"`
+keeps the learner's layout (no copy; for models too large to replicate).
+
+Images are passed in the row layout (each row's images with its row, `models.qwen2_5_vl.vision`), so on a mesh
+each chip runs the vision tower on its own rows' images.
+
 Rows are independent: each row has its own PRNG key (token i of a row is drawn with fold_in(key, slot)), its own
 budget and stop state, so a row's output does not depend on the other rows of the batch.
 """
@@ -34,7 +43,8 @@ from deepeyes_jax.kernels import platform
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
 from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
 from deepeyes_jax.models.qwen2_5_vl.text import CacheView
-from deepeyes_jax.models.qwen2_5_vl.vision import make_vision_plan
+from deepeyes_jax.models.qwen2_5_vl.vision import make_row_plans, row_patches
+from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.cache import KVCache, cache_shardings, constrain, init_cache
 
@@ -75,8 +85,41 @@ def row_keys(seed: int, rows: Sequence[int] | int) -> jax.Array:
   return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.uint32))
 
 
+# The sampling layout: no FSDP (a decode step would all-gather every weight), tensor parallelism as in training.
+SAMPLING_RULES = {**shd.DEFAULT_RULES, "embed": None, "vision_embed": None, "merger_in": None}
+WEIGHT_LAYOUTS = ("tensor_parallel", "learner")
+
+
+def sampling_shardings(state, mesh: Mesh | None, layout: str = "tensor_parallel"):
+  """NamedShardings of the sampler's copy of `state` (a tree of nnx Variables), or None without a mesh."""
+  if mesh is None:
+    return None
+  rules_ = SAMPLING_RULES if layout == "tensor_parallel" else shd.DEFAULT_RULES
+  return jax.tree.map(
+    lambda v: shd.variable_sharding(v, mesh, rules_), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+
+
+def sampling_layout(state, dtype, mesh: Mesh | None, layout: str = "tensor_parallel"):
+  """The parameters as the sampler reads them: floating-point leaves cast to the compute `dtype`, laid out by
+  `sampling_shardings`. Returns `state` itself (no copy) when that changes nothing."""
+  if layout not in WEIGHT_LAYOUTS:
+    raise ValueError(f"weight_layout {layout!r}: must be one of {', '.join(WEIGHT_LAYOUTS)}")
+  leaves = jax.tree.leaves(state)
+  same_dtype = all(not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype for x in leaves)
+  shardings = sampling_shardings(state, mesh, layout)
+  same_layout = shardings is None or all(
+    getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim)
+    for x, s in zip(leaves, jax.tree.leaves(shardings))
+  )
+  if same_dtype and same_layout:
+    return state
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=shardings)(state)
+
+
 class Sampler:
-  """Split-once sampler over a `Qwen25VL` (parameters are read, never copied)."""
+  """Split-once sampler over a `Qwen25VL`; `state` holds the weights in the sampling layout (`sampling_layout`)."""
 
   def __init__(
     self,
@@ -86,17 +129,29 @@ class Sampler:
     min_token_bucket: int = 16,
     min_patch_bucket: int = 256,
     min_step_bucket: int = 16,
+    weight_layout: str = "tensor_parallel",
   ):
     self.config = model.config
     self.dtype = model.dtype
-    self.graphdef, self.state = nnx.split(model)
     self.mesh = mesh
+    self.weight_layout = weight_layout
+    self.graphdef, state = nnx.split(model)
+    self.state = state
     self.min_token_bucket, self.min_patch_bucket, self.min_step_bucket = (
       min_token_bucket,
       min_patch_bucket,
       min_step_bucket,
     )
     self.signatures: set[tuple] = set()
+
+  @property
+  def state(self):
+    return self._state
+
+  @state.setter
+  def state(self, state) -> None:
+    """New weights (e.g. `learner.state` after an update): laid out for sampling once, here."""
+    self._state = sampling_layout(state, self.dtype, self.mesh, self.weight_layout)
 
   # --- bookkeeping ---------------------------------------------------------------------------------------
   @property
@@ -155,8 +210,8 @@ class Sampler:
         new_next[r] = nxt
       rows_ids.append(ids)
       rows_pos.append(pos)
-      pvs += [np.asarray(p, np.float32) for p, _ in images]
-      grids += row_grids
+      pvs.append([np.asarray(p, np.float32) for p, _ in images])
+      grids.append(row_grids)
     counts = np.array([len(x) for x in rows_ids], np.int32)
     if counts.max() == 0:
       raise ValueError("extend: every chunk is empty (an empty prompt?)")
@@ -172,12 +227,14 @@ class Sampler:
       position_ids[:, r, : len(ids)] = pos
     pixel_values = plan = None
     n_patches = 0
-    if pvs:
-      n_patches = bucket(sum(len(p) for p in pvs), self.min_patch_bucket)
-      pixel_values = np.zeros((n_patches, cfg.vision.patch_dim), np.float32)
-      flat = np.concatenate(pvs)
-      pixel_values[: len(flat)] = flat
-      plan = make_vision_plan(np.stack(grids), cfg.vision, pad_to=n_patches)
+    most = max(sum(len(p) for p in row) for row in pvs)
+    if most:  # the row layout: (B, n_patches, 1176), each row's images with its row
+      n_patches = bucket(most, self.min_patch_bucket)
+      pixel_values = row_patches(pvs, n_patches, cfg.vision.patch_dim)
+      plan = make_row_plans(grids, cfg.vision, pad_to=n_patches)
+      if self.mesh is not None:  # each row's images on the chips of its row
+        rows_sharding = shd.logical_to_sharding(("batch",), (b,), self.mesh)  # the leading (row) axis
+        pixel_values, plan = jax.device_put((pixel_values, plan), rows_sharding)
     self._note(("extend", b, cap, n, n_patches))
     with platform.scope(self.mesh):
       cache, logits = _extend(
@@ -293,7 +350,7 @@ def _run(model, cache: KVCache, tokens, counts, position_ids, new_next, pixel_va
     pixel_values,
     plan,
   )
-  logits = jnp.where((counts > 0)[:, None], logits, 0.0)
+  logits = shd.constrain(jnp.where((counts > 0)[:, None], logits, 0.0), ("batch", None))  # (B, V): rows sharded
   return KVCache(ks, vs, new_lengths, new_next), logits
 
 

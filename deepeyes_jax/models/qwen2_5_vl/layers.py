@@ -4,18 +4,27 @@ Dense layers are our `Linear` (weight stored (out, in), torch's layout; see its 
 the vision tower's fused qkv an `nnx.Einsum`, all with logical-axis metadata. RMSNorm is our own because the
 reference normalises in fp32, casts back to the input dtype and only then multiplies by the weight
 (`nnx.RMSNorm` multiplies before the cast, which drifts in bf16).
+
+Precision: every module has a compute `dtype` and a `param_dtype` (default: the compute dtype). Parameters are stored
+in `param_dtype` and cast to `dtype` where they are used, so fp32 master weights with bf16 compute give exactly the
+bf16 model's activations while an AdamW step of lr 1e-6 still changes the stored weights (bf16 weights of magnitude
+~0.02 have a spacing of ~1e-4: such a step rounds back to the same bf16 value).
+
+Layer stacks run through `run_stack`: per-layer rematerialisation (`REMAT_POLICIES`) and, optionally, one `lax.scan`
+over the stacked layer parameters, so compile time does not grow with depth.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from deepeyes_jax.kernels import platform
+from deepeyes_jax.parallel import sharding as shd
 
 INIT_STD = 0.02
 
@@ -63,42 +72,113 @@ class Linear(nnx.Module):
   transposed. The product itself is `matmul_out_in` (for few rows on CPU, a (dout, M) result: faster again).
   """
 
-  def __init__(self, din: int, dout: int, names: Sequence[str | None], *, bias: bool, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    din: int,
+    dout: int,
+    names: Sequence[str | None],
+    *,
+    bias: bool,
+    dtype,
+    rngs: nnx.Rngs,
+    param_dtype=None,
+  ):
     init = nnx.initializers.normal(INIT_STD)
-    self.weight = nnx.Param(init(rngs.params(), (dout, din), dtype), **axes(names[1], names[0]))
-    self.bias = nnx.Param(init(rngs.params(), (dout,), dtype), **axes(names[1])) if bias else nnx.data(None)
+    pdtype = param_dtype or dtype
+    self.dtype = dtype
+    self.weight = nnx.Param(init(rngs.params(), (dout, din), pdtype), **axes(names[1], names[0]))
+    self.bias = nnx.Param(init(rngs.params(), (dout,), pdtype), **axes(names[1])) if bias else nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x (..., din) -> (..., dout) in the weight's dtype."""
-    w = self.weight[...]
+    """x (..., din) -> (..., dout) in the compute dtype."""
+    w = self.weight[...].astype(self.dtype)
     y = matmul_out_in(x.astype(w.dtype), w)
-    return y if self.bias is None else y + self.bias[...]
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
   """y = weight * cast(x * rsqrt(mean(x^2) + eps), x.dtype), the statistics in fp32."""
 
-  def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None = None):
+  def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None = None, param_dtype=None):
     del rngs
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), **axes("norm"))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype or dtype), **axes("norm"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * y.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)); the vision tower uses biases, the text decoder does not."""
 
-  def __init__(self, dim: int, hidden: int, *, bias: bool, embed_axis: str, mlp_axis: str, dtype, rngs: nnx.Rngs):
-    self.gate_proj = Linear(dim, hidden, (embed_axis, mlp_axis), bias=bias, dtype=dtype, rngs=rngs)
-    self.up_proj = Linear(dim, hidden, (embed_axis, mlp_axis), bias=bias, dtype=dtype, rngs=rngs)
-    self.down_proj = Linear(hidden, dim, (mlp_axis, embed_axis), bias=bias, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    *,
+    bias: bool,
+    embed_axis: str,
+    mlp_axis: str,
+    dtype,
+    rngs: nnx.Rngs,
+    param_dtype=None,
+    act_axes: tuple[str | None, ...] = ("batch", None, "act_mlp"),
+  ):
+    kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear(dim, hidden, (embed_axis, mlp_axis), **kw)
+    self.up_proj = Linear(dim, hidden, (embed_axis, mlp_axis), **kw)
+    self.down_proj = Linear(hidden, dim, (mlp_axis, embed_axis), **kw)
+    self.act_axes = act_axes  # logical axes of the (..., hidden) intermediate: columns over tensor, rows kept
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(shd.constrain(h, self.act_axes[-h.ndim :]))
+
+
+# Per-layer rematerialisation: what a layer keeps for its backward pass. "none" keeps everything (fastest, most
+# memory), "full" only the layer's input (the layer is recomputed in the backward pass), "dots" the outputs of its
+# matmuls without a batch dimension (the projections; attention and elementwise ops are recomputed).
+REMAT_POLICIES: dict[str, Callable | None] = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(policy: str) -> str:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy!r}: must be one of {', '.join(REMAT_POLICIES)}")
+  return policy
+
+
+def run_stack(modules: Sequence[nnx.Module], fn: Callable, x, *, remat: str = "none", scan: bool = False):
+  """x -> fn(modules[n-1], ... fn(modules[0], x)): a stack of identically structured layers.
+
+  `remat` (see `REMAT_POLICIES`) wraps each layer in `jax.checkpoint`. `scan` stacks the layers' parameters (a
+  copy of them, (n, ...) per parameter) and runs one `lax.scan`: the layer is traced and compiled once whatever
+  the depth (a 64-layer model compiles as fast as a 2-layer one); gradients flow back through the stacking to
+  each layer's own parameters, so the parameter layout (and the checkpoint) is the same either way.
+  """
+  if not modules:
+    return x
+  policy = REMAT_POLICIES[check_remat(remat)]
+  graphdef = nnx.graphdef(modules[0])
+
+  def body(state, carry):
+    return fn(nnx.merge(graphdef, state), carry)
+
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+  states = [nnx.state(m) for m in modules]
+  if not scan or len(modules) == 1:
+    for state in states:
+      x = body(state, x)
+    return x
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  x, _ = jax.lax.scan(lambda carry, state: (body(state, carry), None), x, stacked)
+  return x
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -17,26 +17,29 @@ import numpy as np
 from flax import nnx
 
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import Linear, matmul_out_in
+from deepeyes_jax.models.qwen2_5_vl.layers import Linear, check_remat, matmul_out_in
 from deepeyes_jax.models.qwen2_5_vl.rope import get_rope_index, mrope_cos_sin
-from deepeyes_jax.models.qwen2_5_vl.text import Attention, CacheView, TextDecoder
+from deepeyes_jax.models.qwen2_5_vl.text import HIDDEN, Attention, CacheView, TextDecoder
 from deepeyes_jax.models.qwen2_5_vl.vision import VisionAttention, VisionPlan, VisionTower, make_vision_plan
+from deepeyes_jax.parallel.sharding import constrain
 
 
 class Qwen25VL(nnx.Module):
-  """Qwen2_5_VLForConditionalGeneration in Flax NNX. Parameters and compute in `dtype`."""
+  """Qwen2_5_VLForConditionalGeneration in Flax NNX. Compute in `dtype`; parameters stored in `param_dtype`
+  (default `dtype`; fp32 master weights with bf16 compute: see `layers`)."""
 
-  def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, param_dtype=None):
     self.config = config
     self.dtype = dtype
-    self.visual = VisionTower(config.vision, dtype=dtype, rngs=rngs)
-    self.language_model = TextDecoder(config.text, dtype=dtype, rngs=rngs)
+    self.param_dtype = param_dtype or dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.visual = VisionTower(config.vision, rngs=rngs, **kw)
+    self.language_model = TextDecoder(config.text, rngs=rngs, **kw)
     if config.tie_word_embeddings:
       self.lm_head = nnx.data(None)
     else:
-      self.lm_head = Linear(
-        config.text.hidden_size, config.text.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs
-      )
+      t = config.text
+      self.lm_head = Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, **kw)
 
   def set_attention_impl(self, impl: str) -> "Qwen25VL":
     """Selects the attention implementation of every vision and decoder attention layer ("xla", "pallas", ...,
@@ -46,20 +49,37 @@ class Qwen25VL(nnx.Module):
         module.attention_impl = impl
     return self
 
+  def set_remat(self, policy: str = "none", scan_layers: bool = False) -> "Qwen25VL":
+    """How the cache-free forward (training, log-probs) runs the decoder layers and vision blocks: per-layer
+    rematerialisation `policy` ("none" | "full" | "dots", `layers.REMAT_POLICIES`) and whether each stack of layers
+    runs as one `lax.scan` (compile time independent of depth). Static attributes, as `set_attention_impl`."""
+    check_remat(policy)
+    for module in (self.language_model, self.visual):
+      module.remat, module.scan_layers = policy, bool(scan_layers)
+    return self
+
   # --- pieces -------------------------------------------------------------------------------------------
   def image_features(self, pixel_values: jax.Array, plan: VisionPlan) -> jax.Array:
-    """(N, 1176) patches of all images -> (N/4, hidden) features in placeholder order."""
+    """(N, 1176) patches of all images -> (N/4, hidden) features in placeholder order; in the row layout
+    (R, N, 1176) -> (R, N/4, hidden), each row's images' features in its placeholder order."""
     return self.visual(pixel_values, plan)
 
   def embed(self, input_ids: jax.Array, image_features: jax.Array | None = None) -> jax.Array:
-    """Token embeddings (B, S, D); the k-th `<|image_pad|>` (row-major over the batch) gets image_features[k]."""
-    x = self.language_model.embed_tokens(input_ids)
+    """Token embeddings (B, S, D); the k-th `<|image_pad|>` (row-major over the batch) gets image_features[k], or
+    with row-layout features (B, F, D) the k-th `<|image_pad|>` of row b gets image_features[b, k]."""
+    x = constrain(self.language_model.embed_tokens(input_ids), HIDDEN)
     if image_features is None:
       return x
     is_img = input_ids == self.config.image_token_id
-    k = jnp.cumsum(is_img.reshape(-1)) - 1
-    feats = image_features.astype(x.dtype)[jnp.clip(k, 0, image_features.shape[0] - 1)]
-    return jnp.where(is_img[..., None], feats.reshape(x.shape), x)
+    feats = image_features.astype(x.dtype)
+    if feats.ndim == 3:
+      k = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
+      rows = ("batch", None, None)  # a per-row gather: rows pinned to their chips on both sides
+      feats = constrain(jnp.take_along_axis(constrain(feats, rows), k[..., None], axis=1), rows)
+    else:
+      k = jnp.cumsum(is_img.reshape(-1)) - 1
+      feats = feats[jnp.clip(k, 0, feats.shape[0] - 1)].reshape(x.shape)
+    return jnp.where(is_img[..., None], feats, x)
 
   def rope(self, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = self.config.text
@@ -73,7 +93,7 @@ class Qwen25VL(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states (B, S, D) -> logits (B, S, V) fp32."""
     if self.lm_head is None:
-      table = self.language_model.embed_tokens.embedding[...]  # (V, D): tied, the same product as lm_head's
+      table = self.language_model.embed_tokens.embedding[...].astype(self.dtype)  # (V, D): tied, as lm_head's
       out = matmul_out_in(hidden.astype(table.dtype), table)
     else:
       out = self.lm_head(hidden)
@@ -207,14 +227,14 @@ def _jit_forward(graphdef, state, inputs):
   return nnx.merge(graphdef, state).forward(**inputs)
 
 
-def init_random(config: Qwen25VLConfig, *, dtype=jnp.float32, seed: int = 0) -> Qwen25VL:
+def init_random(config: Qwen25VLConfig, *, dtype=jnp.float32, seed: int = 0, param_dtype=None) -> Qwen25VL:
   """A randomly initialised model (normal(0.02) weights, unit norms) for tests and benchmarks."""
-  return Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(seed))
+  return Qwen25VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(config: Qwen25VLConfig, *, dtype=jnp.float32) -> Qwen25VL:
+def abstract_model(config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None) -> Qwen25VL:
   """The model with ShapeDtypeStruct leaves: no memory is allocated (`nnx.eval_shape`)."""
-  return nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
 
 
 def param_count(model: Qwen25VL) -> int:

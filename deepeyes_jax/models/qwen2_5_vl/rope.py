@@ -123,7 +123,7 @@ def get_rope_index(
 # Vision 2D RoPE
 # --------------------------------------------------------------------------------------------------------------
 def vision_cos_sin(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos/sin (N, head_dim) fp32 for patch positions pos_hw (N, 2) = (row, col).
+  """cos/sin (..., N, head_dim) fp32 for patch positions pos_hw (..., N, 2) = (row, col).
 
   head_dim/4 frequencies per axis; the angle vector is [h*f | w*f], duplicated to head_dim (rotate_half
   convention). Always fp32: the reference applies vision RoPE in fp32 whatever the model dtype.
@@ -131,7 +131,7 @@ def vision_cos_sin(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.
   dim = head_dim // 2
   inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))  # (head_dim/4,)
   pos = pos_hw.astype(jnp.float32)
-  fh = pos[:, 0:1] * inv_freq
-  fw = pos[:, 1:2] * inv_freq
+  fh = pos[..., 0:1] * inv_freq
+  fw = pos[..., 1:2] * inv_freq
   emb = jnp.concatenate([fh, fw, fh, fw], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)

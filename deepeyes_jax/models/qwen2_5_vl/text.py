@@ -10,7 +10,12 @@ from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
-from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, Linear, RMSNorm, SwiGLU, apply_rope, axes
+from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, Linear, RMSNorm, SwiGLU, apply_rope, axes, run_stack
+from deepeyes_jax.parallel.sharding import constrain
+
+# (B, S, D) residual stream: rows over data x fsdp, tokens over tensor (sequence parallel), whole vectors
+HIDDEN = ("batch", "act_length", "act_embed")
+HEADS = ("batch", None, "act_heads", None)  # (B, S, H, head_dim): heads over tensor
 
 
 @jax.tree_util.register_dataclass
@@ -31,19 +36,20 @@ class CacheView:
 class Attention(nnx.Module):
   attention_impl = "xla"  # see Qwen25VL.set_attention_impl
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, param_dtype=None):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), bias=True, dtype=dtype, rngs=rngs)
-    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs)
-    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, dtype=dtype, rngs=rngs)
-    self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, dtype=dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "heads"), bias=True, **kw)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
+    self.o_proj = Linear(self.num_heads * hd, d, ("heads", "embed"), bias=False, **kw)
 
   def project_kv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x (B, S, D) -> rotated keys and values, each (B, S, K, head_dim)."""
     b, s, _ = x.shape
-    k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    k = constrain(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), HEADS)
+    v = constrain(self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), HEADS)
     return apply_rope(k, cos, sin), v
 
   def __call__(
@@ -63,7 +69,7 @@ class Attention(nnx.Module):
     `view`), the new keys/values are written at `view.write_index` and the queries attend over the whole cache.
     """
     b, s, _ = x.shape
-    q = apply_rope(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+    q = apply_rope(constrain(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), HEADS), cos, sin)
     k, v = self.project_kv(x, cos, sin)
     if kv is None:
       kv_seg, kv_pos = segment_ids, positions
@@ -86,47 +92,55 @@ class Attention(nnx.Module):
       impl=self.attention_impl,
       kv_heads_major=kv is not None,
     )
-    return self.o_proj(out.reshape(b, s, -1)), (None if kv is None else (k, v))
+    out = constrain(out, HEADS).reshape(b, s, -1)
+    return constrain(self.o_proj(out), HIDDEN), (None if kv is None else (k, v))
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-    self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, param_dtype=None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.self_attn = Attention(cfg, rngs=rngs, **kw)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = SwiGLU(
-      cfg.hidden_size, cfg.intermediate_size, bias=False, embed_axis="embed", mlp_axis="mlp", dtype=dtype, rngs=rngs
+      cfg.hidden_size, cfg.intermediate_size, bias=False, embed_axis="embed", mlp_axis="mlp", rngs=rngs, **kw
     )
 
   def __call__(self, x, cos, sin, segment_ids, positions, kv=None, view=None):
+    x = constrain(x, HIDDEN)
     h, kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, positions, kv, view)
     x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    return constrain(x + self.mlp(self.post_attention_layernorm(x)), HIDDEN), kv
 
 
 class TextDecoder(nnx.Module):
   """Embedding table, decoder layers and final norm (the lm_head lives on the top-level model)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+  # How the cache-free forward (training, log-probs) runs its layers; see Qwen25VL.set_remat / `run_stack`.
+  remat = "none"
+  scan_layers = False
+
+  def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, param_dtype=None):
     self.config = cfg
     self.embed_tokens = nnx.Embed(
       cfg.vocab_size,
       cfg.hidden_size,
       dtype=dtype,
-      param_dtype=dtype,
+      param_dtype=param_dtype or dtype,
       embedding_init=nnx.initializers.normal(INIT_STD),
       embedding_metadata=axes("vocab", "embed"),
       rngs=rngs,
     )
-    self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
   def __call__(
     self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, positions: jax.Array
   ) -> jax.Array:
     """Input embeddings (B, S, D) -> final-normed hidden states (B, S, D)."""
-    for layer in self.layers:
-      x, _ = layer(x, cos, sin, segment_ids, positions)
+    layer_fn = lambda layer, h: layer(h, cos, sin, segment_ids, positions)[0]  # noqa: E731
+    x = run_stack(list(self.layers), layer_fn, constrain(x, HIDDEN), remat=self.remat, scan=self.scan_layers)
     return self.norm(x)
 
   def extend(self, x, cos, sin, segment_ids, positions, ks, vs, view: CacheView):

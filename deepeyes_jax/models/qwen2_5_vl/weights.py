@@ -170,22 +170,24 @@ def from_pretrained(
   mesh: Mesh | None = None,
   rules=shd.DEFAULT_RULES,
   attention_impl: str = "xla",
+  param_dtype=None,
 ) -> Qwen25VL:
   """Loads an HF Qwen2.5-VL checkpoint directory (config.json + safetensors) into a `Qwen25VL`.
 
   Args:
     hf_dir: directory with config.json and model.safetensors or model.safetensors.index.json + shards.
-    dtype: parameter and compute dtype (tensors are cast while loading).
+    dtype: compute dtype, and the parameters' dtype unless `param_dtype` is given (tensors are cast while
+      loading to the parameters' dtype; e.g. float32 master weights for bfloat16 compute).
     mesh: shard parameters over this mesh with the logical-axis `rules`; None puts them on the default device.
     attention_impl: "xla" (the reference) or a kernel of `deepeyes_jax.kernels.attention`.
   """
   hf_dir = os.fspath(hf_dir)
   config = Qwen25VLConfig.from_json_file(hf_dir)
-  model = abstract_model(config, dtype=dtype)
+  model = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
   graphdef, state = nnx.split(model)
   flat = dict(nnx.to_flat_state(state))
   kmap = key_map(config)
-  np_dtype = np.dtype(jnp.dtype(dtype))
+  np_dtype = np.dtype(jnp.dtype(param_dtype or dtype))
   loaded: dict[Path, jax.Array] = {}
   seen: dict[str, str] = {}
   t0, nbytes = time.time(), 0
@@ -286,7 +288,7 @@ def save_pretrained(model: Qwen25VL, out_dir: str | os.PathLike, max_shard_bytes
   elif os.path.exists(os.path.join(out_dir, SAFE_INDEX)):
     os.remove(os.path.join(out_dir, SAFE_INDEX))  # a stale index would shadow the single file
   cfg = model.config.to_hf_dict()
-  cfg["dtype"] = str(jnp.dtype(model.dtype))
+  cfg["dtype"] = str(jnp.dtype(model.param_dtype))  # the dtype of the tensors written
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
   log.info("saved %.2f GB in %d file(s) to %s", total / 1e9, n, out_dir)
