@@ -819,7 +819,7 @@ def format_table(report: dict) -> str:
   head = (
     f"{report['topology']} ({report['topology_string']}): {report['chips']} chips, mesh {report['mesh']}, HBM "
     f"{_gib(report['hbm_bytes_per_chip'])} GiB/chip; {m['source']}, {layers}, vision depth {m['vision_depth']}, "
-    f"{m['parameters'] / 1e9:.3f}B parameters, {_precision(m)}, attention {m['attention_impl']}\n"
+    f"{m['parameters'] / 1e9:.3f}B parameters ({_precision(m)}), attention {m['attention_impl']}\n"
     "All figures PER CHIP (XLA's memory and cost analyses of an SPMD program are per chip). GiB; peak = arguments"
     " + outputs + temporaries + code - aliased (donated); roofline = max(FLOPs / peak FLOP/s, bytes / HBM B/s)."
   )
@@ -880,7 +880,7 @@ def markdown_table(report: dict) -> str:
   lines = [
     f"`{report.get('command', '')}`: {report['topology']} ({report['chips']} chips, mesh "
     f"{report['mesh']}, {_gib(report['hbm_bytes_per_chip'])} GiB HBM per chip), {m['source']}, "
-    f"{m['decoder_layers']} decoder layers, {m['parameters'] / 1e9:.3f}B parameters {_precision(m)}, attention "
+    f"{m['decoder_layers']} decoder layers, {m['parameters'] / 1e9:.3f}B parameters ({_precision(m)}), attention "
     f"{m['attention_impl']}. Per chip; compiled, not run on hardware.",
     "",
     "| function | shapes | peak GiB | % HBM | fits | TFLOP | GB accessed | roofline | collectives (GB) | "
