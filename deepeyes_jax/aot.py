@@ -63,7 +63,13 @@ from deepeyes_jax.processing import image as improc
 from deepeyes_jax.rl.metrics import PEAK_FLOPS, PEAK_HBM_BANDWIDTH
 from deepeyes_jax.rl.packing import PackedBatch, pack
 from deepeyes_jax.rl.train_step import batch_shardings, learner_fns, opt_state_shardings
-from deepeyes_jax.rl.trainer import agent_config, learner_config, micro_batch_num_rows, model_options
+from deepeyes_jax.rl.trainer import (
+  agent_config,
+  learner_config,
+  micro_batch_num_rows,
+  model_options,
+  rows_per_micro_batch,
+)
 from deepeyes_jax.sampling import cache as cache_lib
 from deepeyes_jax.sampling import sampler as sampler_lib
 
@@ -336,6 +342,7 @@ class StepShapes:
   learner_patches: int  # patches per row (the row layout), bucketed as `pack` does
   rollout_rows: int  # rows the sampler runs at once (rollout.max_concurrent_rows, else the whole rollout batch)
   rollout_chunks: int  # sampler calls per step: the rollout batch / rollout_rows
+  total_rows: int  # trajectories per step: data.batch_size x rollout.group_size
   capacity: int  # KV cache slots per row
   prompt_tokens: int  # prefill token bucket
   prompt_grid: tuple[int, int, int]
@@ -391,7 +398,8 @@ def step_shapes(
   else:  # --patches_per_row: one image of about that many patches (0: text only)
     grids = (image_grid(patches_per_row // merge**2, merge),) if patches_per_row else ()
   row_patches = sum(map(per_image, grids))
-  micro_rows = micro_batch_num_rows(rl.micro_batch_rows, max(1, rl.micro_batch_rows), mesh)
+  per = rows_per_micro_batch(rl.micro_batch_rows, mesh)
+  micro_rows = micro_batch_num_rows(per, per, mesh)
   total_rows = config.data.batch_size * r.group_size
   concurrent = r.get("max_concurrent_rows", 0)
   if concurrent:  # whole groups, as run_rollouts chunks them
@@ -406,6 +414,7 @@ def step_shapes(
     learner_patches=bucket(row_patches, min_patches) if row_patches else 0,
     rollout_rows=rows,
     rollout_chunks=-(-total_rows // rows),
+    total_rows=total_rows,
     capacity=capacity,
     prompt_tokens=bucket(prompt, min_tok),
     prompt_grid=p_grid,
@@ -485,6 +494,7 @@ class Result:
   mosaic_kernels: int = 0  # Pallas TPU (Mosaic) calls in the compiled program: the attention kernels
   collectives: int = 0  # cross-chip collectives in the program text (`collective_traffic`)
   collective_bytes: int = 0  # their result bytes per chip; a loop body's collectives count once
+  resident_bytes: int = 0  # per chip, arrays that stay in HBM during the call without being its arguments
   error: str = ""
   note: str = ""
   compiled: Any = dataclasses.field(default=None, repr=False)
@@ -595,7 +605,7 @@ _DTYPE_BYTES = {
   "f64": 8,
 }
 _COLLECTIVE = re.compile(
-  r"=\s*(?P<type>\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
+  r"=\s*(?P<type>\(.*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
   r"(?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?P<start>-start)?\("
 )
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
@@ -607,15 +617,36 @@ def collective_traffic(hlo_text: str) -> tuple[int, int]:
   are each op's result on one chip, a measure of what the chip receives. Static: an op inside a loop body counts
   once, so a decode program's figure is per token step, and a scanned layer stack's is per layer."""
   count = total = 0
-  for m in _COLLECTIVE.finditer(hlo_text):
-    sizes = [
-      math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
-      for dtype, dims in _SHAPE.findall(m.group("type"))
-    ]
+  for m in _COLLECTIVE.finditer(re.sub(r"/\*.*?\*/", "", hlo_text)):  # XLA writes /*index=5*/ into long tuples
+    kind = m.group("type")
+    if m.group("start") and m.group("op") != "all-reduce":
+      # all-gather-start / collective-permute-start / ...: (operands, results, context...): the results' element.
+      parts = _top_level(kind)
+      kind = parts[1] if len(parts) > 1 else kind
     count += 1
-    # An async start returns (operands, results, context scalars): its largest array is the result.
-    total += max(sizes, default=0) if m.group("start") else sum(sizes)
+    total += sum(
+      math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+      for dtype, dims in _SHAPE.findall(kind)
+    )
   return count, total
+
+
+def _top_level(tuple_text: str) -> list[str]:
+  """The top-level elements of an HLO tuple type "(a, (b, c), d)"."""
+  inner, parts, depth, start = tuple_text.strip()[1:-1], [], 0, 0
+  for i, ch in enumerate(inner):
+    depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      parts.append(inner[start:i])
+      start = i + 1
+  return parts + [inner[start:]]
+
+
+def chip_bytes(tree, shardings=None) -> int:
+  """Bytes per chip of a tree of (abstract) arrays: each leaf's shard under its sharding (or `shardings`)."""
+  leaves = jax.tree.leaves(tree)
+  shards = jax.tree.leaves(shardings) if shardings is not None else [x.sharding for x in leaves]
+  return sum(int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize for x, sh in zip(leaves, shards))
 
 
 def _replicated(mesh):
@@ -672,11 +703,22 @@ def compile_step(
   wanted = set(functions)
 
   def run(name: str, jitted, args, shapes_text: str = "") -> Result:
-    results[name] = compile_function(Result(name, DESCRIPTIONS[name], shapes_text), jitted, args, mesh, chip)
-    return results[name]
+    res = compile_function(Result(name, DESCRIPTIONS[name], shapes_text), jitted, args, mesh, chip)
+    # What the trainer holds in HBM beside the call's arguments: during a gradient micro-step the AdamW moments and
+    # the gradients summed so far; during the rollout the learner's parameters and moments (the sampler's copy is
+    # an argument; `Sampler.release` frees it before the learner step).
+    res.resident_bytes = resident.get(name, 0)
+    if res.status == "ok":
+      res.fits = res.peak_bytes_per_chip + res.resident_bytes <= chip.hbm_bytes
+    results[name] = res
+    return res
 
   # --- learner ---------------------------------------------------------------------------------------------
   fns = learner_fns(graphdef, state, learner_config(config))
+  opt_bytes = chip_bytes(jax.eval_shape(fns.init, state), opt_state_shardings(fns.tx, state))
+  param_bytes = chip_bytes(state)
+  resident = {"grad": opt_bytes + param_bytes, "prefill": opt_bytes + param_bytes}
+  resident["crop"] = resident["decode"] = resident["prefill"]
   grad = None
   if "opt_init" in wanted:
     run("opt_init", fns.init, (state,), f"{n_params / 1e9:.3f}B parameters")
@@ -821,7 +863,9 @@ def format_table(report: dict) -> str:
     f"{_gib(report['hbm_bytes_per_chip'])} GiB/chip; {m['source']}, {layers}, vision depth {m['vision_depth']}, "
     f"{m['parameters'] / 1e9:.3f}B parameters ({_precision(m)}), attention {m['attention_impl']}\n"
     "All figures PER CHIP (XLA's memory and cost analyses of an SPMD program are per chip). GiB; peak = arguments"
-    " + outputs + temporaries + code - aliased (donated); roofline = max(FLOPs / peak FLOP/s, bytes / HBM B/s)."
+    " + outputs + temporaries + code - aliased (donated); resident = what the trainer keeps in HBM beside the"
+    " arguments (AdamW moments, summed gradients, the learner's parameters during the rollout); %HBM and fits count"
+    " peak + resident; roofline = max(FLOPs / peak FLOP/s, bytes / HBM B/s)."
   )
   cols = (
     "function",
@@ -831,6 +875,7 @@ def format_table(report: dict) -> str:
     "code",
     "alias",
     "peak",
+    "resid.",
     "%HBM",
     "fits",
     "TFLOP",
@@ -852,7 +897,8 @@ def format_table(report: dict) -> str:
           else tuple(_gib(f[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes", "alias_bytes"))
         ),
         "-" if failed else _gib(peak) + (" (OOM)" if f["status"] == "oom" else ""),
-        "-" if failed else f"{100 * peak / report['hbm_bytes_per_chip']:.0f}%",
+        _gib(f.get("resident_bytes", 0)),
+        "-" if failed else f"{100 * (peak + f.get('resident_bytes', 0)) / report['hbm_bytes_per_chip']:.0f}%",
         "ERROR" if failed else ("yes" if f["fits"] else "NO"),
         "-" if f["status"] != "ok" else f"{f['flops'] / 1e12:.3f}",
         "-" if f["status"] != "ok" else f"{f['bytes_accessed'] / 1e9:.2f}",
@@ -883,9 +929,9 @@ def markdown_table(report: dict) -> str:
     f"{m['decoder_layers']} decoder layers, {m['parameters'] / 1e9:.3f}B parameters ({_precision(m)}), attention "
     f"{m['attention_impl']}. Per chip; compiled, not run on hardware.",
     "",
-    "| function | shapes | peak GiB | % HBM | fits | TFLOP | GB accessed | roofline | collectives (GB) | "
-    "Mosaic kernels |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| function | shapes | peak GiB | resident GiB | % HBM | fits | TFLOP | GB accessed | roofline | "
+    "collectives (GB) | Mosaic kernels |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for f in report["functions"]:
     ok = f["status"] == "ok"
@@ -893,14 +939,16 @@ def markdown_table(report: dict) -> str:
       peak, pct, fits = "-", "-", "compile error"
     else:
       peak = _gib(f["peak_bytes_per_chip"]) + ("" if ok else " (compiler)")
-      pct = f"{100 * f['peak_bytes_per_chip'] / report['hbm_bytes_per_chip']:.0f}%"
+      held = f["peak_bytes_per_chip"] + f.get("resident_bytes", 0)
+      pct = f"{100 * held / report['hbm_bytes_per_chip']:.0f}%"
       fits = "yes" if f["fits"] else "**no**"
     cost = (
       f"{f['flops'] / 1e12:.3f} | {f['bytes_accessed'] / 1e9:.2f} | {_seconds(f['roofline_s'])} | "
       f"{f.get('collectives', 0)} ({f.get('collective_bytes', 0) / 1e9:.2f})"
     )
     lines.append(
-      f"| {f['name']} | {f['shapes']} | {peak} | {pct} | {fits} | {cost if ok else '- | - | - | -'} | "
+      f"| {f['name']} | {f['shapes']} | {peak} | {_gib(f.get('resident_bytes', 0))} | {pct} | {fits} | "
+      f"{cost if ok else '- | - | - | -'} | "
       f"{f.get('mosaic_kernels', 0) if ok else '-'} |"
     )
   if "projection" in report:
@@ -932,6 +980,7 @@ class StepAssumptions:
   tokens_per_trajectory: int = 6000
   turns: int = 3
   decode_steps_per_turn: int = 1024
+  image_tokens: int = 2048  # the prompt image's tokens (4 patches each), at most the compiled prompt image's
 
 
 def flop_counts(state, cfg: qvl.Qwen25VLConfig) -> dict:
@@ -949,6 +998,7 @@ def flop_counts(state, cfg: qvl.Qwen25VLConfig) -> dict:
   window = (v.window_size // v.patch_size) ** 2
   return {
     "text_matmul_params": n["text"],
+    "lm_head_params": cfg.text.vocab_size * cfg.text.hidden_size,
     "vision_params": n["vision"],
     "hidden": cfg.text.num_attention_heads * cfg.text.head_dim,
     "vision_hidden": v.hidden_size,
@@ -980,20 +1030,27 @@ def project_step(report: dict, assumptions: StepAssumptions = StepAssumptions())
     return None
   sh, m, a = report["shapes"], report["model"], assumptions
   peak = report["chips"] * report["peak_flops_per_chip"]
-  trajectories = sh["rollout_rows"] * sh["rollout_chunks"]
+  trajectories = sh.get("total_rows", sh["rollout_rows"] * sh["rollout_chunks"])
   t = a.tokens_per_trajectory
-  text_fwd = lambda n, ctx: 2 * m["text_matmul_params"] * n + 4 * m["decoder_layers"] * m["hidden"] * n * ctx  # noqa: E731
-  prompt_patches, crop_patches = math.prod(sh["prompt_grid"]), math.prod(sh["crop_grid"])
-  prompt_tokens = min(t, sh["prompt_tokens"])
+  text = m["text_matmul_params"]
+
+  def text_fwd(n, ctx, head=True):  # n tokens attending to ctx keys each; the lm_head on every token or none
+    params = text if head else text - m.get("lm_head_params", 0)
+    return 2 * params * n + 4 * m["decoder_layers"] * m["hidden"] * n * ctx
+
+  prompt_patches = 4 * min(a.image_tokens, math.prod(sh["prompt_grid"]) // 4)
+  crop_patches = math.prod(sh["crop_grid"])
+  prompt_tokens = min(t, prompt_patches // 4 + PROMPT_TEXT_TOKENS)
   crop_tokens = crop_patches // 4 + OBSERVATION_TEXT_TOKENS
   # A causal sequence of T tokens attends to T / 2 keys on average.
   traj_fwd = text_fwd(t, t / 2) + _vision_flops(prompt_patches, m) + (a.turns - 1) * _vision_flops(crop_patches, m)
   passes = 4 if m.get("remat", "none") != "none" else 3  # forward, backward (2x), recomputed forward
   learner_flops = trajectories * passes * traj_fwd
+  # Extends compute logits at each row's last token only.
   rollout_flops = trajectories * (
-    text_fwd(prompt_tokens, prompt_tokens / 2)
+    text_fwd(prompt_tokens, prompt_tokens / 2, head=False)
     + _vision_flops(prompt_patches, m)
-    + (a.turns - 1) * (text_fwd(crop_tokens, t / 2) + _vision_flops(crop_patches, m))
+    + (a.turns - 1) * (text_fwd(crop_tokens, t / 2, head=False) + _vision_flops(crop_patches, m))
   )
   decode_s = sh["rollout_chunks"] * a.turns * a.decode_steps_per_turn * f["decode"]["roofline_s"]
   rows = math.ceil(trajectories * t / sh["row_len"])
@@ -1061,6 +1118,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("tokens_per_trajectory", defaults.tokens_per_trajectory, "projection: tokens per trajectory")
   flags.DEFINE_integer("turns_per_trajectory", defaults.turns, "projection: assistant turns per trajectory")
   flags.DEFINE_integer("decode_steps_per_turn", defaults.decode_steps_per_turn, "projection: steps per decode call")
+  flags.DEFINE_integer("image_tokens", defaults.image_tokens, "projection: tokens of the prompt image")
   flags.mark_flags_as_required(["config", "topology"])
   _FLAGS = flags.FLAGS
 
@@ -1099,7 +1157,8 @@ def main(argv) -> None:
   report["config"] = f["config"].config_filename if hasattr(f["config"], "config_filename") else ""
   report["command"] = command_line(sys.argv[1:])
   report["projection"] = project_step(
-    report, StepAssumptions(f.tokens_per_trajectory, f.turns_per_trajectory, f.decode_steps_per_turn)
+    report,
+    StepAssumptions(f.tokens_per_trajectory, f.turns_per_trajectory, f.decode_steps_per_turn, f.image_tokens),
   )
   print(format_table(report), flush=True)
   print(projection_text(report["projection"]), flush=True)

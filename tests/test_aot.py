@@ -151,6 +151,13 @@ def test_collective_traffic_counts_each_collective_by_its_result():
   # results: 3584x18944 bf16 + 512x8 bf16 + 32x152064 f32 + 4 f32 + the permute's 2x2 f32 (not its scalars)
   assert nbytes == 3584 * 18944 * 2 + 512 * 8 * 2 + 32 * 152064 * 4 + 4 * 4 + 2 * 2 * 4
   assert aot.collective_traffic("%add = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)") == (0, 0)
+  # Combined collectives: nested tuples, XLA's /*index=5*/ comments in long ones, an async all-reduce of two arrays.
+  combined = """
+  %ag = ((bf16[1,1024]{1,0}, f32[2]{0}), (bf16[4,1024]{1,0}, f32[8]{0})) all-gather-start((bf16[1,1024]{1,0} %a, f32[2]{0} %b)), dimensions={0}
+  %ar = (bf16[1024]{0}, bf16[1024]{0}) all-reduce-start(bf16[1024]{0} %x, bf16[1024]{0} %y), to_apply=%add
+  %big = (f32[2]{0}, f32[2]{0}, f32[2]{0}, f32[2]{0}, f32[2]{0}, /*index=5*/f32[2]{0}, f32[2]{0}) all-reduce(f32[2]{0} %a)
+  """  # noqa: E501
+  assert aot.collective_traffic(combined) == (3, (4 * 1024 * 2 + 8 * 4) + 2 * 1024 * 2 + 7 * 2 * 4)
 
 
 def _projection_report(**model):

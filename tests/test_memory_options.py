@@ -174,3 +174,34 @@ def test_sampler_weight_layouts_sample_the_same_tokens():
     outs.append((res.tokens, np.concatenate(res.logprobs)))
   assert outs[0][0] == outs[1][0]
   np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_weight_push_compiles_once_and_release_frees_the_copy():
+  cfg = tiny_config()
+  mesh = shd.make_mesh(2, 2, 2)
+  model = qvl.init_random(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed=7)
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, shd.state_shardings(state, mesh)))
+  s = sampler_lib.Sampler(model, mesh=mesh, weight_layout="tensor_parallel")
+  pushes = len(sampler_lib._CAST_FNS)
+  for _ in range(3):  # one jitted cast per layout, reused by every push (a new jit per push recompiled each step)
+    s.state = nnx.state(model)
+  assert len(sampler_lib._CAST_FNS) == pushes
+  s.release()
+  with pytest.raises(RuntimeError, match="released"):
+    s.extend(s.init_cache(1, 32), [sampler_lib.Chunk([4, 5, 6])])
+  s.state = nnx.state(model)
+  _, logits = s.extend(s.init_cache(1, 32), [sampler_lib.Chunk([4, 5, 6])])
+  assert np.isfinite(np.asarray(logits)).all()
+  # The Sampler's own default keeps the model's arrays: no copy (evaluation, inference).
+  plain = sampler_lib.Sampler(qvl.init_random(cfg, seed=7))
+  assert plain.weight_layout == "learner"
+
+
+def test_micro_batches_fill_every_row_parallel_group():
+  from deepeyes_jax.rl.trainer import micro_batch_num_rows, rows_per_micro_batch
+
+  mesh = shd.make_mesh(1, 8, 1)
+  assert rows_per_micro_batch(8, None) == 8
+  assert rows_per_micro_batch(3, mesh) == 8  # real rows for every fsdp group, not 3 real + 5 padding
+  assert micro_batch_num_rows(1, rows_per_micro_batch(3, mesh), mesh) == 8  # a last, short micro-batch still shards

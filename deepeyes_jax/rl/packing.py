@@ -105,7 +105,7 @@ def pack(
       off += n
   positions = np.broadcast_to(np.arange(row_len, dtype=np.int32), shape).copy()
   pixel_values = plan = None
-  most = max(sum(len(p) for p in row) for row in pvs)
+  most = max((sum(len(p) for p in row) for row in pvs), default=0)
   if most:
     p = bucket(most, min_patch_bucket)
     pixel_values = row_patches(pvs, p, vision.patch_dim)

@@ -246,7 +246,7 @@ def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
   rl = config.rl
   lengths = [len(t.token_ids) for t in trajs]
   row_len = bucket(max(lengths), rl.min_row_len)
-  per = max(1, rl.micro_batch_rows)
+  per = rows_per_micro_batch(rl.micro_batch_rows, learner.mesh)
   n_rows = lambda k: micro_batch_num_rows(k, per, learner.mesh)  # noqa: E731
   out = []
   for mb_idx in np.array_split(np.arange(len(trajs)), rl.num_minibatches):
@@ -265,6 +265,14 @@ def minibatches(trajs, adv, config, vision_cfg, learner: Learner) -> list[list]:
       raise ValueError(f"rl.old_logprobs must be 'sampler' or 'recompute', got {rl.old_logprobs!r}")
     out.append(micro)
   return out
+
+
+def rows_per_micro_batch(micro_batch_rows: int, mesh) -> int:
+  """Packed rows per micro-batch: `rl.micro_batch_rows` rounded up to a multiple of the mesh's row-parallel size
+  (data x fsdp). Every chip group gets a real row; rounding only the padded shape up (8 rows on a 32-way fsdp mesh
+  padded to 32) ran three padding rows, vision tower included, for every real one."""
+  per = max(1, micro_batch_rows)
+  return per if mesh is None else _round_up(per, _row_multiple(mesh))
 
 
 def micro_batch_num_rows(k: int, per: int, mesh) -> int:
@@ -310,6 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model = load_model(config, mesh, checkpoint)
   tokenizer = load_tokenizer(config.model.tokenizer or checkpoint)
   sampler = Sampler(model, mesh=mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
+  sampler.release()  # its copy of the weights is made before each rollout phase (sampler.state = learner.state)
   agent_cfg = agent_config(config)
   judge = make_judge(config, workdir)
   for module in filter(None, config.reward.plugins.split(",")):
@@ -399,6 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       config=agent_cfg,
       seed=step_seed(config.seed, step),
     )
+    sampler.release()  # the learner step does not hold the sampler's copy of the weights
     t_rollout = time.time() - t0
     if step + 1 == kill_at:  # after the previous step's checkpoint is durable: the test then knows where it resumes
       ckpt.wait()

@@ -16,7 +16,9 @@ Weights: `sampler.state = learner.state` lays the parameters out for sampling on
 (`sampling_layout`): cast to the compute dtype (fp32 master weights are read as bf16) and, on a mesh, sharded only
 over `tensor` (heads, MLP columns, vocabulary) and replicated over data x fsdp, so a decode step reads its chip's
 weights in place instead of all-gathering every layer's FSDP shards at every token. `weight_layout="learner"`
-keeps the learner's layout (no copy; for models too large to replicate).
+(the `Sampler` default, and what evaluation uses) keeps the model's own arrays: no copy; the trainer picks the layout
+from `config.rollout.weight_layout` and calls `release()` after each rollout phase, so that the learner step does not
+hold the copy.
 
 Images are passed in the row layout (each row's images with its row, `models.qwen2_5_vl.vision`), so on a mesh
 each chip runs the vision tower on its own rows' images.
@@ -114,8 +116,22 @@ def sampling_layout(state, dtype, mesh: Mesh | None, layout: str = "tensor_paral
   )
   if same_dtype and same_layout:
     return state
-  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-  return jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=shardings)(state)
+  return _cast_fn(jnp.dtype(dtype), shardings)(state)
+
+
+def _cast(dtype, state):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+_CAST_FNS: dict = {}
+
+
+def _cast_fn(dtype, shardings):
+  """One jitted cast per (dtype, layout), reused by every weight push (a fresh jit per call recompiled each step)."""
+  key = (dtype, jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
+  if key not in _CAST_FNS:
+    _CAST_FNS[key] = jax.jit(functools.partial(_cast, dtype), out_shardings=shardings)
+  return _CAST_FNS[key]
 
 
 class Sampler:
@@ -129,7 +145,7 @@ class Sampler:
     min_token_bucket: int = 16,
     min_patch_bucket: int = 256,
     min_step_bucket: int = 16,
-    weight_layout: str = "tensor_parallel",
+    weight_layout: str = "learner",
   ):
     self.config = model.config
     self.dtype = model.dtype
@@ -152,6 +168,17 @@ class Sampler:
   def state(self, state) -> None:
     """New weights (e.g. `learner.state` after an update): laid out for sampling once, here."""
     self._state = sampling_layout(state, self.dtype, self.mesh, self.weight_layout)
+
+  def release(self) -> None:
+    """Drops the sampler's reference to its weights (its copy, with `weight_layout="tensor_parallel"`, is freed):
+    the trainer calls it after each rollout phase so that the learner step does not hold two models. Set `state`
+    again before the next `extend` / `decode`."""
+    self._state = None
+
+  def _weights(self):
+    if self._state is None:
+      raise RuntimeError("the sampler's weights were released (Sampler.release): set sampler.state first")
+    return self._state
 
   # --- bookkeeping ---------------------------------------------------------------------------------------
   @property
@@ -240,7 +267,7 @@ class Sampler:
       cache, logits = _extend(
         self.graphdef,
         self._shardings(cache),
-        self.state,
+        self._weights(),
         cache,
         tokens,
         counts,
@@ -303,7 +330,7 @@ class Sampler:
         params,
         steps,
         return_logits,
-        self.state,
+        self._weights(),
         cache,
         logits,
         keys,
