@@ -164,7 +164,6 @@ def test_sampler_weight_layouts_sample_the_same_tokens():
   outs = []
   for layout in ("tensor_parallel", "learner"):
     model = qvl.init_random(cfg, seed=6)
-    model = nnx.merge(*nnx.split(model))
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, shd.state_shardings(state, mesh)))
     s = sampler_lib.Sampler(model, mesh=mesh, weight_layout=layout)

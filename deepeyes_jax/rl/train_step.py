@@ -198,18 +198,17 @@ def opt_state_shardings(tx: optax.GradientTransformation, state):
   left to follow and XLA puts the whole optimizer state on one device (2x the parameters on chip 0 for AdamW, until
   the first update moves it).
   """
-  leaves = jax.tree.leaves(state)
-  shardings = [getattr(x, "sharding", None) for x in leaves]
-  if not leaves or any(s is None for s in shardings):
+  shardings = _shardings(state)
+  if shardings is None:
     return None
-  first = shardings[0]
+  first = jax.tree.leaves(shardings)[0]
   replicated = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 -- frozen parameters' empty moments
   return optax.tree_map_params(
     tx,
     lambda x, s: x if masked(x) else s,
     jax.eval_shape(tx.init, state),
-    jax.tree.map(lambda x: x.sharding, state),
+    shardings,
     transform_non_params=lambda _: replicated,
     is_leaf=masked,
   )
