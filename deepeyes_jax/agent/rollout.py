@@ -15,11 +15,13 @@ episode, as in DeepEyes), `max_total_tokens` (the cache capacity per row), `max_
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import zlib
 from typing import Any, Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -28,11 +30,13 @@ from deepeyes_jax.agent.trajectory import ToolRecord, Trajectory, Turn
 from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
 from deepeyes_jax.processing import chat
 from deepeyes_jax.processing import image as improc
-from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling import paged, rules
 from deepeyes_jax.sampling.generate import encode_conversation, message_images
-from deepeyes_jax.sampling.sampler import Chunk, Sampler, row_keys
+from deepeyes_jax.sampling.sampler import Chunk, Sampler, bucket, row_keys, set_rows
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("continuous", "lockstep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +49,31 @@ class AgentConfig:
   min_pixels: int = improc.MIN_PIXELS  # for the question image and the crops
   max_pixels: int = improc.MAX_PIXELS
   sampling: rules.SamplingParams = rules.SamplingParams(temperature=1.0)
-  # Rows (task x sample) rolled out at once, each chunk in its own KV cache, one after the other; rounded down to
-  # whole GRPO groups (at least one group). Bounds the cache at this many rows x max_total_tokens. 0 = all rows.
+  # Rows (task x sample) in flight at once. "continuous": the number of decode slots (a row takes a free slot when
+  # one frees); "lockstep": chunks of whole GRPO groups, each in its own contiguous cache. 0 = all rows.
   max_concurrent_rows: int = 0
+  engine: str = "continuous"  # "continuous" (paged KV, continuous batching) | "lockstep" (the reference engine)
+  page_size: int = 16  # tokens per KV page (continuous engine)
+  kv_pages: int = 0  # pages in the KV pool; 0 = grow on demand (powers of two), > 0 = fixed (rows wait or restart)
+  segment_steps: int = 64  # decode steps per segment at most (continuous engine)
+  # A segment also ends once this fraction of the rows in flight ended their turn (at least one row): the host
+  # then serves them (parse, crop, extend) while the others keep their state. Lower = less waiting, more segments.
+  segment_release: float = 0.25
 
   def __post_init__(self):
     if self.coordinate_frame not in ("original", "resized"):
       raise ValueError(f"coordinate_frame must be 'original' or 'resized', got {self.coordinate_frame!r}")
-    for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "max_images"):
+    for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "max_images", "page_size", "segment_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.max_concurrent_rows < 0:
       raise ValueError(f"max_concurrent_rows must be >= 0 (0 = all rows at once), got {self.max_concurrent_rows}")
+    if self.kv_pages < 0:
+      raise ValueError(f"kv_pages must be >= 0 (0 = grow on demand), got {self.kv_pages}")
+    if self.engine not in ENGINES:
+      raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+    if not 0.0 <= self.segment_release <= 1.0:
+      raise ValueError(f"segment_release must be in [0, 1], got {self.segment_release}")
 
 
 @dataclasses.dataclass
@@ -117,6 +134,7 @@ def run_rollouts(
   seed: int = 0,
   scripted_turns: Sequence[Sequence[str]] | None = None,
   on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None = None,
+  stats: RolloutStats | None = None,
 ) -> list[Trajectory]:
   """Rolls out every task `group_size` times. Returns trajectories in (task, sample) order.
 
@@ -137,69 +155,73 @@ def run_rollouts(
     raise ValueError(f"scripted_turns has {len(scripted_turns)} rows, the rollout has {b}")
   capacity = config.max_total_tokens
   for row in rows:
-    if row.prompt_length >= capacity:
-      raise ValueError(
-        f"task {row.task.task_id!r}: prompt of {row.prompt_length} tokens (image included) leaves no room in "
-        f"max_total_tokens={capacity}"
+    if row.prompt_length >= capacity:  # recorded, not raised: one long prompt never stops the rollout
+      row.stop_reason = "prompt_too_long"
+      log.warning(
+        "task %r: prompt of %d tokens (image included) leaves no room in max_total_tokens=%d; row skipped",
+        row.task.task_id,
+        row.prompt_length,
+        capacity,
       )
-  if config.max_concurrent_rows:
-    g = max(group_size, 1)
-    per_chunk = max(1, config.max_concurrent_rows // g) * g  # whole groups: a chunk never splits a GRPO group
+  runnable = [i for i, row in enumerate(rows) if row.stop_reason is None]
+  stats = RolloutStats() if stats is None else stats
+  kw = dict(config=config, seed=seed, scripted_turns=scripted_turns, on_turn=on_turn, stats=stats)
+  if config.engine == "continuous":
+    _rollout_continuous(sampler, tokenizer, rows, chunks, runnable, group_size=max(group_size, 1), **kw)
   else:
-    per_chunk = max(b, 1)
-  starts = range(0, b, per_chunk)
-  for i, start in enumerate(starts):
-    stop = min(start + per_chunk, b)
-    log.info("rollout chunk %d/%d: rows %d-%d", i + 1, len(starts), start, stop - 1)
-    _rollout_rows(
-      sampler,
-      tokenizer,
-      rows[start:stop],
-      chunks[start:stop],
-      config=config,
-      seed=seed,
-      row_offset=start,
-      scripted_turns=None if scripted_turns is None else scripted_turns[start:stop],
-      on_turn=on_turn,
-    )
+    if config.max_concurrent_rows:
+      g = max(group_size, 1)
+      per_chunk = max(1, config.max_concurrent_rows // g) * g  # whole groups: a chunk never splits a GRPO group
+    else:
+      per_chunk = max(b, 1)
+    starts = range(0, b, per_chunk)
+    for i, start in enumerate(starts):
+      stop = min(start + per_chunk, b)
+      log.info("rollout chunk %d/%d: rows %d-%d", i + 1, len(starts), start, stop - 1)
+      indices = [r for r in runnable if start <= r < stop]
+      if indices:
+        _rollout_rows(sampler, tokenizer, rows, chunks, indices, **kw)
   return [_finish(row, config, cfg.image_token_id, cfg.vision.spatial_merge_size) for row in rows]
+
+
+def _script(tokenizer, scripted_turns, r: int, turn: int) -> list[int] | None:
+  """The forced tokens of row r's turn (1-based), or None to sample."""
+  if scripted_turns is None or turn > len(scripted_turns[r]):
+    return None
+  return tokenizer(scripted_turns[r][turn - 1], add_special_tokens=False)["input_ids"]
 
 
 def _rollout_rows(
   sampler: Sampler,
   tokenizer,
-  rows: list[_Row],
-  chunks: list[Chunk],
+  all_rows: list[_Row],
+  all_chunks: list[Chunk],
+  indices: list[int],
   *,
   config: AgentConfig,
   seed: int,
-  row_offset: int,
   scripted_turns: Sequence[Sequence[str]] | None,
   on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None,
+  stats: RolloutStats,
 ) -> None:
-  """Rolls out `rows` (whose prompts are `chunks`) in one KV cache of len(rows) rows, updating them in place.
-
-  `row_offset` is the global index of rows[0] (what `on_turn` receives); `scripted_turns` is this chunk's slice.
-  """
+  """The lock-step engine: rolls out rows `indices` in one contiguous KV cache of len(indices) rows x
+  max_total_tokens, one turn of every row per round, updating them in place (the reference for the continuous
+  engine, and what `engine="lockstep"` runs)."""
   cfg = sampler.config
   im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
+  rows = [all_rows[i] for i in indices]
   b = len(rows)
   capacity = config.max_total_tokens
   keys = row_keys(seed, [row_seed_id(r.task.task_id, r.sample_index) for r in rows])
-  cache, logits = sampler.extend(sampler.init_cache(b, capacity), chunks)
+  cache, logits = sampler.extend(sampler.init_cache(b, capacity), [all_chunks[i] for i in indices])
+  stats.prefill_tokens += sum(len(all_chunks[i].tokens) for i in indices)
+  stats.kv_bytes = max(stats.kv_bytes, sum(x.size * x.dtype.itemsize for x in cache.k + cache.v))
+  stats.kv_peak_used_bytes = stats.kv_bytes  # every row holds max_total_tokens slots from the start
 
   for turn in range(1, config.max_turns + 1):
     active = [r.stop_reason is None for r in rows]
     budgets = [min(config.max_tokens_per_turn, capacity - len(r.tokens)) if a else 0 for r, a in zip(rows, active)]
-    forced = None
-    if scripted_turns is not None:
-      forced = []
-      for r, row in enumerate(rows):
-        script = scripted_turns[r]
-        if active[r] and turn <= len(script):
-          forced.append(tokenizer(script[turn - 1], add_special_tokens=False)["input_ids"])
-        else:
-          forced.append(None)
+    forced = [_script(tokenizer, scripted_turns, i, turn) if a else None for i, a in zip(indices, active)]
     cache, out = sampler.decode(
       cache,
       logits,
@@ -207,8 +229,12 @@ def _rollout_rows(
       stop_tokens=[im_end, eot],
       params=config.sampling,
       keys=keys,
-      forced_tokens=forced,
+      forced_tokens=forced if scripted_turns is not None else None,
     )
+    counts = [len(t) for t in out.tokens]
+    stats.segments += 1
+    stats.slot_steps += max(counts) * b
+    stats.token_steps += sum(counts)
     next_chunks: list[Chunk | None] = [None] * b
     for r, row in enumerate(rows):
       if not active[r]:
@@ -218,10 +244,11 @@ def _rollout_rows(
         row, turn, toks, out.logprobs[r], out.stop_reason[r], config, tokenizer, cfg.image_token_id, capacity
       )
       if on_turn is not None:
-        on_turn(row_offset + r, turn, t, record)
+        on_turn(indices[r], turn, t, record)
     if all(r.stop_reason is not None for r in rows):
       break
     cache, logits = sampler.extend(cache, next_chunks)
+    stats.extend_tokens += sum(len(c.tokens) for c in next_chunks if c is not None)
 
 
 def demonstrate(
@@ -387,3 +414,313 @@ def _finish(row: _Row, config: AgentConfig, image_token_id: int, merge: int) -> 
     metadata=dict(row.task.metadata),
     pixel_values=row.pixel_values,
   )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The continuous engine: decode slots over a paged KV pool
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RolloutStats:
+  """What a rollout cost (filled by `run_rollouts(..., stats=RolloutStats())`; benchmarks and logs).
+
+  prefill_tokens: prompt tokens run through the model (once per group in the continuous engine, once per row in
+    the lock-step one); extend_tokens: observation tokens (tool results, crops) appended after turns.
+  slot_steps: decode steps x rows the step computed (idle or finished rows included); token_steps: tokens
+    generated. Their ratio is the slot utilisation.
+  kv_bytes: bytes of KV memory allocated (the continuous engine's pool at its largest, the lock-step engine's
+    largest chunk cache); kv_peak_used_bytes: of those, the most held by rows at once (pages in use).
+  """
+
+  prefill_tokens: int = 0
+  extend_tokens: int = 0
+  slot_steps: int = 0
+  token_steps: int = 0
+  kv_bytes: int = 0
+  kv_peak_used_bytes: int = 0
+  segments: int = 0
+  restarts: int = 0  # rows restarted from their prompt because a fixed pool (kv_pages) ran out
+  pool_grows: int = 0
+
+  @property
+  def slot_utilisation(self) -> float:
+    return self.token_steps / max(self.slot_steps, 1)
+
+
+@dataclasses.dataclass
+class _Live:
+  """A row in a decode slot: its pages, what the cache holds of it, and its turn in progress."""
+
+  index: int  # global row index
+  slot: int
+  pages: list[int]
+  cached: int  # tokens in the cache
+  next_pos: int  # M-RoPE position of the next text token
+  order: int  # admission order: a fixed pool that runs out restarts the youngest row first
+  turn: int = 1
+  budget: int = 0  # tokens the row may still generate in this turn
+  toks: list[int] = dataclasses.field(default_factory=list)  # this turn's tokens so far
+  lps: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Prompt:
+  """A group's prefilled prompt: its pages (full ones shared by its samples), its logits (V,), rows still to admit."""
+
+  pages: list[int]
+  length: int
+  next_pos: int = 0
+  logits: Any = None
+
+
+def _fresh(row: _Row) -> _Row:
+  """A copy of a row in its prompt state (for a restart)."""
+  return dataclasses.replace(
+    row,
+    tokens=list(row.tokens),
+    mask=list(row.mask),
+    logprobs=list(row.logprobs),
+    images=list(row.images),
+    pixel_values=list(row.pixel_values),
+    grids=list(row.grids),
+    turns=[],
+    tool_calls=[],
+  )
+
+
+def _rollout_continuous(
+  sampler: Sampler,
+  tokenizer,
+  rows: list[_Row],
+  chunks: list[Chunk],
+  runnable: list[int],
+  *,
+  group_size: int,
+  config: AgentConfig,
+  seed: int,
+  scripted_turns: Sequence[Sequence[str]] | None,
+  on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None,
+  stats: RolloutStats,
+) -> None:
+  """Rolls out rows `runnable` (updated in place) with continuous batching over a paged KV pool.
+
+  The engine owns `max_concurrent_rows` decode slots (all rows if 0). A row takes a slot when one frees, in row
+  order; its group's prompt (vision tower + prefill) runs once, when the group's first row is admitted, and the
+  group's rows read its full pages in place (each gets a copy of the last, partly filled page; the last row
+  admitted takes the group's own). Decode runs in segments of at most `segment_steps` steps that end once a
+  `segment_release` fraction of the rows in flight ended their turn; between segments the host parses those
+  turns, crops, and extends only those rows, while the others keep their state and pages. A finished row gives
+  its pages back. With `kv_pages` = 0 the pool grows (doubling) when it runs out; with a fixed pool, rows wait for
+  pages to be admitted, and a row in flight that needs pages none can give restarts the youngest other row from
+  its prompt (its trajectory comes out the same: a row's tokens depend only on its key and its own tokens).
+  """
+  if not runnable:
+    return
+  cfg = sampler.config
+  im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
+  capacity, page, steps = config.max_total_tokens, config.page_size, config.segment_steps
+  n_slots = min(config.max_concurrent_rows or len(runnable), len(runnable))
+  keys = row_keys(seed, [row_seed_id(r.task.task_id, r.sample_index) for r in rows])
+  templates = {i: _fresh(rows[i]) for i in runnable} if config.kv_pages else {}
+  per_page = paged.page_bytes(cfg, page, sampler.dtype)
+
+  # The pool: fixed, or a first guess (the first wave's prompts + a segment of every slot) that grows by doubling.
+  if config.kv_pages:
+    num_pages = config.kv_pages
+  else:
+    first = {i // group_size: rows[i].prompt_length for i in runnable[:n_slots]}  # the first wave's groups
+    prompt_pages = sum(paged.pages_for(n, page) for n in first.values())
+    num_pages = bucket(prompt_pages + n_slots * (1 + paged.pages_for(steps, page)), 16)
+  alloc = paged.PageAllocator(num_pages)
+  kv = sampler.init_pool(num_pages, page)
+  logits = jnp.zeros((n_slots, cfg.text.vocab_size), jnp.float32)
+  queue = collections.deque(runnable)
+  pending = collections.Counter(i // group_size for i in runnable)  # rows of each group not admitted yet
+  prompts: dict[int, _Prompt] = {}
+  slots: list[_Live | None] = [None] * n_slots
+  reported = collections.Counter()  # turns of each row passed to on_turn (a restarted row does not repeat them)
+  order = 0
+
+  def ensure(n: int) -> bool:
+    """n free pages, growing the pool if it may grow."""
+    nonlocal kv
+    if alloc.can_alloc(n):
+      return True
+    if config.kv_pages:
+      return False
+    grown = max(2 * alloc.num_pages, bucket(alloc.in_use + n, 16))
+    log.info("rollout: KV pool %d -> %d pages of %d tokens", alloc.num_pages, grown, page)
+    alloc.add_pages(grown)
+    kv = paged.grow_pool(kv, grown)
+    stats.pool_grows += 1
+    return True
+
+  def restart(live: _Live) -> None:
+    alloc.release(live.pages)
+    rows[live.index] = _fresh(templates[live.index])
+    slots[live.slot] = None
+    queue.appendleft(live.index)
+    pending[live.index // group_size] += 1
+    stats.restarts += 1
+    log.info("rollout: KV pool full (kv_pages=%d): row %d restarts from its prompt", config.kv_pages, live.index)
+
+  def pages_for_row(live: _Live, tokens: int) -> None:
+    """Gives `live` the pages to hold `tokens` tokens, restarting younger rows if a fixed pool is full."""
+    need = paged.pages_for(tokens, page) - len(live.pages)
+    if need <= 0:
+      return
+    while not ensure(need):
+      others = [x for x in slots if x is not None and x is not live]
+      if not others:
+        raise MemoryError(
+          f"rollout.kv_pages={config.kv_pages} pages of {page} tokens cannot hold row {live.index} alone "
+          f"({tokens} tokens); raise kv_pages or use 0 (grow on demand)"
+        )
+      restart(max(others, key=lambda x: x.order))
+    live.pages += alloc.alloc(need)
+
+  while queue or any(x is not None for x in slots):
+    # 1. Admission: free slots take the next rows; a group's prompt is prefilled once, for its first row.
+    admitted, to_prefill = [], []
+    for s in range(n_slots):
+      if slots[s] is not None or not queue:
+        continue
+      i = queue[0]
+      g = i // group_size
+      last = pending[g] == 1  # the group's last row takes the group's pages (no copy)
+      if g not in prompts:
+        n = paged.pages_for(rows[i].prompt_length, page)
+        if not ensure(n + (0 if last else 1)):
+          break
+        prompts[g] = _Prompt(pages=alloc.alloc(n), length=rows[i].prompt_length)
+        to_prefill.append((g, i))
+      elif not last and not ensure(1):
+        break
+      queue.popleft()
+      pending[g] -= 1
+      slots[s] = _Live(index=i, slot=s, pages=[], cached=0, next_pos=0, order=order)
+      order += 1
+      admitted.append((slots[s], g, last))
+    if not admitted and not any(x is not None for x in slots):
+      raise MemoryError(
+        f"rollout.kv_pages={config.kv_pages} pages of {page} tokens cannot hold the prompt of row {queue[0]} "
+        f"({rows[queue[0]].prompt_length} tokens); raise kv_pages or use 0 (grow on demand)"
+      )
+    if to_prefill:
+      kv, lg, nxt = sampler.extend_paged(
+        kv,
+        [prompts[g].pages for g, _ in to_prefill],
+        [0] * len(to_prefill),
+        [0] * len(to_prefill),
+        [chunks[i] for _, i in to_prefill],
+      )
+      for k, (g, _) in enumerate(to_prefill):
+        prompts[g].logits, prompts[g].next_pos = lg[k], int(nxt[k])
+        stats.prefill_tokens += prompts[g].length
+    if admitted:
+      src, dst, first_logits = [], [], []
+      for live, g, last in admitted:
+        p = prompts[g]
+        full = p.length // page
+        if last:  # inherits the group's references
+          live.pages = p.pages
+          del prompts[g]
+        else:
+          alloc.share(p.pages[:full])
+          live.pages = p.pages[:full]
+          if p.length % page:  # copy on write: the prompt's last page, which the row's tokens will fill
+            live.pages = live.pages + alloc.alloc(1)
+            src.append(p.pages[full])
+            dst.append(live.pages[-1])
+        live.cached, live.next_pos = p.length, p.next_pos
+        live.budget = min(config.max_tokens_per_turn, capacity - len(rows[live.index].tokens))
+        first_logits.append(p.logits)
+      if src:
+        m = bucket(len(src), 1)
+        kv = paged.copy_pages(
+          kv, np.asarray(src + [0] * (m - len(src)), np.int32), np.asarray(dst + [alloc.num_pages] * (m - len(dst)))
+        )
+      idx = np.asarray([live.slot for live, _, _ in admitted], np.int32)
+      logits = set_rows(logits, idx, jnp.stack(first_logits))
+      stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
+
+    # 2. A decode segment over every slot; each row in flight holds pages for what the segment may add.
+    for live in list(slots):
+      if live is not None and slots[live.slot] is live:
+        pages_for_row(live, live.cached + min(steps, live.budget))
+    stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
+    in_flight = [x for x in slots if x is not None]
+    if not in_flight:
+      continue
+    forced = None
+    if scripted_turns is not None:
+      forced = [None] * n_slots
+      for live in in_flight:
+        script = _script(tokenizer, scripted_turns, live.index, live.turn)
+        if script is not None:
+          forced[live.slot] = script[len(live.toks) :] or [-1]  # -1: sample (the script is used up)
+    kv, logits, out = sampler.decode_segment(
+      kv,
+      logits,
+      page_tables=[x.pages if x else [] for x in slots],
+      lengths=[x.cached if x else 0 for x in slots],
+      next_pos=[x.next_pos if x else 0 for x in slots],
+      budgets=[x.budget if x else 0 for x in slots],
+      keys=keys[np.asarray([x.index if x else 0 for x in slots])],
+      steps=steps,
+      stop_tokens=[im_end, eot],
+      params=config.sampling,
+      forced_tokens=forced,
+      release=max(1, int(config.segment_release * len(in_flight))),
+    )
+    counts = [len(t) for t in out.tokens]
+    stats.segments += 1
+    stats.slot_steps += max(counts) * n_slots
+    stats.token_steps += sum(counts)
+
+    # 3. The host serves the rows whose turn ended: parse, crop, and queue their observation.
+    to_extend = []
+    for live in in_flight:
+      s = live.slot
+      live.toks += out.tokens[s]
+      live.lps += [float(x) for x in out.logprobs[s]]
+      live.cached += counts[s]
+      live.next_pos += counts[s]
+      live.budget -= counts[s]
+      if out.stop_reason[s] not in ("stop_token", "length"):
+        continue
+      row = rows[live.index]
+      t, record, chunk = _take_turn(
+        row, live.turn, live.toks, live.lps, out.stop_reason[s], config, tokenizer, cfg.image_token_id, capacity
+      )
+      if on_turn is not None and live.turn > reported[live.index]:
+        reported[live.index] = live.turn
+        on_turn(live.index, live.turn, t, record)
+      if row.stop_reason is not None:
+        alloc.release(live.pages)
+        slots[s] = None
+      else:
+        to_extend.append((live, chunk))
+
+    # 4. Their observations (tool results, crops) go into their pages; the next turn starts.
+    for live, chunk in to_extend:
+      if slots[live.slot] is live:
+        pages_for_row(live, live.cached + len(chunk.tokens))
+    to_extend = [(live, chunk) for live, chunk in to_extend if slots[live.slot] is live]
+    if to_extend:
+      kv, lg, nxt = sampler.extend_paged(
+        kv,
+        [live.pages for live, _ in to_extend],
+        [live.cached for live, _ in to_extend],
+        [live.next_pos for live, _ in to_extend],
+        [chunk for _, chunk in to_extend],
+      )
+      logits = set_rows(logits, np.asarray([live.slot for live, _ in to_extend], np.int32), lg)
+      for k, (live, chunk) in enumerate(to_extend):
+        live.cached += len(chunk.tokens)
+        live.next_pos = int(nxt[k])
+        live.turn += 1
+        live.toks, live.lps = [], []
+        live.budget = min(config.max_tokens_per_turn, capacity - len(rows[live.index].tokens))
+        stats.extend_tokens += len(chunk.tokens)
+    stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
+  stats.kv_bytes = max(stats.kv_bytes, alloc.num_pages * per_page)

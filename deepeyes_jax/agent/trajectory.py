@@ -24,7 +24,7 @@ from PIL import Image
 from deepeyes_jax.processing import image as improc
 
 # Why a trajectory ended.
-STOP_REASONS = ("answer", "no_tool_call", "max_turns", "turn_length", "max_sequence", "max_images")
+STOP_REASONS = ("answer", "no_tool_call", "max_turns", "turn_length", "max_sequence", "max_images", "prompt_too_long")
 
 
 @dataclasses.dataclass

@@ -44,11 +44,12 @@ from jax.sharding import PartitionSpec as P
 from deepeyes_jax.kernels import platform
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
 from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
-from deepeyes_jax.models.qwen2_5_vl.text import CacheView
+from deepeyes_jax.models.qwen2_5_vl.text import CacheView, PagedView
 from deepeyes_jax.models.qwen2_5_vl.vision import make_row_plans, row_patches
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.cache import KVCache, cache_shardings, constrain, init_cache
+from deepeyes_jax.sampling.paged import PagedKV, init_pool, pool_shardings
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +201,16 @@ class Sampler:
     return init_cache(self.config, batch, capacity, self.dtype, self.mesh)
 
   # --- extend --------------------------------------------------------------------------------------------
-  def extend(self, cache: KVCache, chunks: Sequence[Chunk | None]) -> tuple[KVCache, jax.Array]:
-    """Appends each row's chunk (None or empty = row unchanged) and returns logits (B, V) fp32 at each row's
-    last new token (rows without new tokens get zeros). `cache` is donated: use the returned one."""
+  def _host_inputs(self, lengths: np.ndarray, next_pos: np.ndarray, chunks: Sequence[Chunk | None], cap):
+    """Validates each row's chunk against its cached length and capacity (one, or one per row) and lays the batch
+    out in shape buckets.
+
+    Returns tokens (B, N), counts (B,), position_ids (3, B, N), the rows' next M-RoPE positions (B,), and the
+    images in the row layout (pixel_values (B, n_patches, 1176) and their plan, or None, None).
+    """
     cfg = self.config
-    b, cap = cache.batch_size, cache.capacity
-    if len(chunks) != b:
-      raise ValueError(f"got {len(chunks)} chunks for a cache of {b} rows")
-    lengths = np.asarray(jax.device_get(cache.lengths))
-    next_pos = np.asarray(jax.device_get(cache.next_pos))
+    b = len(chunks)
+    caps = np.broadcast_to(np.asarray(cap), (b,))
     m = cfg.vision.spatial_merge_size
     rows_ids, rows_pos, pvs, grids = [], [], [], []
     new_next = next_pos.copy()
@@ -216,9 +218,9 @@ class Sampler:
       ids = np.asarray([] if ch is None else ch.tokens, np.int64).reshape(-1)
       if len(ids) and (ids.min() < 0 or ids.max() >= cfg.text.vocab_size):
         raise ValueError(f"row {r}: token id outside the vocabulary [0, {cfg.text.vocab_size})")
-      if lengths[r] + len(ids) > cap:
+      if lengths[r] + len(ids) > caps[r]:
         raise ValueError(
-          f"row {r}: {lengths[r]} cached + {len(ids)} new tokens exceed the cache capacity {cap}; "
+          f"row {r}: {lengths[r]} cached + {len(ids)} new tokens exceed the cache capacity {caps[r]}; "
           "use a larger capacity or a shorter prompt"
         )
       images = [] if ch is None else list(ch.images)
@@ -262,6 +264,18 @@ class Sampler:
       if self.mesh is not None:  # each row's images on the chips of its row
         rows_sharding = shd.logical_to_sharding(("batch",), (b,), self.mesh)  # the leading (row) axis
         pixel_values, plan = jax.device_put((pixel_values, plan), rows_sharding)
+    return tokens, counts, position_ids, new_next.astype(np.int32), pixel_values, plan
+
+  def extend(self, cache: KVCache, chunks: Sequence[Chunk | None]) -> tuple[KVCache, jax.Array]:
+    """Appends each row's chunk (None or empty = row unchanged) and returns logits (B, V) fp32 at each row's
+    last new token (rows without new tokens get zeros). `cache` is donated: use the returned one."""
+    b, cap = cache.batch_size, cache.capacity
+    if len(chunks) != b:
+      raise ValueError(f"got {len(chunks)} chunks for a cache of {b} rows")
+    lengths = np.asarray(jax.device_get(cache.lengths))
+    next_pos = np.asarray(jax.device_get(cache.next_pos))
+    tokens, counts, position_ids, new_next, pixel_values, plan = self._host_inputs(lengths, next_pos, chunks, cap)
+    n, n_patches = tokens.shape[1], 0 if pixel_values is None else pixel_values.shape[1]
     self._note(("extend", b, cap, n, n_patches))
     with platform.scope(self.mesh):
       cache, logits = _extend(
@@ -272,11 +286,142 @@ class Sampler:
         tokens,
         counts,
         position_ids,
-        new_next.astype(np.int32),
+        new_next,
         pixel_values,
         plan,
       )
     return cache, logits
+
+  # --- the paged pool (continuous batching: `deepeyes_jax.agent.rollout`) ---------------------------------
+  def init_pool(self, num_pages: int, page_size: int) -> PagedKV:
+    """An empty paged KV pool (`deepeyes_jax.sampling.paged`) of num_pages x page_size token slots."""
+    return init_pool(self.config, num_pages, page_size, self.dtype, self.mesh)
+
+  def _pool_shardings(self, kv: PagedKV) -> PagedKV | None:
+    return None if self.mesh is None else pool_shardings(self.config, kv.num_pages, kv.page_size, self.mesh)
+
+  def _page_table(self, tables: Sequence[Sequence[int]], rows: int, width: int | None = None) -> np.ndarray:
+    """Page tables padded to (rows, width bucket) with page 0 (read past a row's length: masked)."""
+    width = width or bucket(max((len(t) for t in tables), default=1), 1)
+    out = np.zeros((rows, width), np.int32)
+    for r, t in enumerate(tables):
+      out[r, : len(t)] = t
+    return out
+
+  def extend_paged(
+    self,
+    kv: PagedKV,
+    page_tables: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    next_pos: Sequence[int],
+    chunks: Sequence[Chunk],
+  ) -> tuple[PagedKV, jax.Array, np.ndarray]:
+    """Appends each row's chunk after its `lengths[r]` cached tokens, in the pages of `page_tables[r]` (which must
+    cover the new length). Returns (kv, logits (B, V) fp32 at each row's last new token, each row's next M-RoPE
+    position). The batch is padded to a power of two rows. `kv` is donated: use the returned one."""
+    b = len(chunks)
+    if not (len(page_tables) == len(lengths) == len(next_pos) == b) or b == 0:
+      raise ValueError(f"extend_paged: {b} chunks, {len(page_tables)} page tables, {len(lengths)} lengths")
+    rows = bucket(b, 1)
+    page = kv.page_size
+    # Padding rows: no tokens, length 1 (so that they do not read as empty prompts), no pages.
+    lens = np.concatenate([np.asarray(lengths, np.int64), np.ones((rows - b,), np.int64)])
+    pos = np.concatenate([np.asarray(next_pos, np.int64), np.zeros((rows - b,), np.int64)])
+    caps = [len(t) * page for t in page_tables] + [1] * (rows - b)
+    tokens, counts, position_ids, new_next, pixel_values, plan = self._host_inputs(
+      lens, pos, list(chunks) + [None] * (rows - b), caps
+    )
+    table = self._page_table(page_tables, rows)
+    lens = lens.astype(np.int32)
+    n_patches = 0 if pixel_values is None else pixel_values.shape[1]
+    self._note(("extend_paged", rows, kv.num_pages, page, table.shape[1], tokens.shape[1], n_patches))
+    with platform.scope(self.mesh):
+      kv, logits = _extend_paged(
+        self.graphdef,
+        self._pool_shardings(kv),
+        self._weights(),
+        kv,
+        tokens,
+        counts,
+        position_ids,
+        table,
+        lens,
+        pixel_values,
+        plan,
+      )
+    return kv, logits[:b], new_next[:b]
+
+  def decode_segment(
+    self,
+    kv: PagedKV,
+    logits: jax.Array,
+    *,
+    page_tables: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    next_pos: Sequence[int],
+    budgets: Sequence[int],
+    keys: jax.Array,
+    steps: int,
+    stop_tokens: Sequence[int] = (),
+    suppress_tokens: Sequence[int] | None = None,
+    params: rules.SamplingParams = rules.GREEDY,
+    forced_tokens: Sequence[Sequence[int] | None] | None = None,
+    release: int = 1,
+  ) -> tuple[PagedKV, jax.Array, DecodeResult]:
+    """One decode segment of every slot of the pool: at most `steps` tokens per row, ending as soon as `release`
+    rows ended their turn (a stop token or their budget), so that the host can serve them while the other rows
+    keep their state. The page tables must cover each row's length + min(steps, budget).
+
+    Args:
+      logits: (S, V) the distribution of each slot's next token (from `extend_paged` or the last segment).
+      budgets: tokens each slot may still generate in its turn (0 = empty or idle slot).
+      keys: (S,) the rows' PRNG keys (`row_keys`): sampling depends on (key, slot), never on the slot's neighbours.
+    Returns:
+      (kv, logits (S, V) for each row's next token, DecodeResult with each row's tokens of this segment;
+      stop_reason "running" for a row whose turn goes on).
+    """
+    b = len(budgets)
+    budgets = np.asarray(budgets, np.int32)
+    if budgets.min() < 0:
+      raise ValueError(f"budgets must be >= 0, got {budgets.tolist()}")
+    steps = bucket(steps, 1)
+    forced = np.full((b, steps), -1, np.int32)
+    for r, toks in enumerate(forced_tokens or ()):
+      if toks is not None:
+        toks = list(toks)[:steps]
+        forced[r, : len(toks)] = toks
+    stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+    if suppress_tokens is None:
+      suppress_tokens = (self.config.image_token_id, self.config.video_token_id)
+    suppress = np.asarray(list(suppress_tokens) or [-1], np.int32)
+    table = self._page_table(page_tables, b)
+    self._note(("decode_segment", b, kv.num_pages, kv.page_size, table.shape[1], steps, len(stops), params))
+    with platform.scope(self.mesh):
+      kv, logits, tokens, logprobs, counts, reasons = _decode_segment(
+        self.graphdef,
+        self._pool_shardings(kv),
+        params,
+        steps,
+        self._weights(),
+        kv,
+        logits,
+        keys,
+        table,
+        np.asarray(lengths, np.int32),
+        np.asarray(next_pos, np.int32),
+        budgets,
+        stops,
+        suppress,
+        forced,
+        np.int32(max(1, release)),
+      )
+    tokens, logprobs, counts, reasons = jax.device_get((tokens, logprobs, counts, reasons))
+    result = DecodeResult(
+      tokens=[tokens[r, : counts[r]].tolist() for r in range(b)],
+      logprobs=[logprobs[r, : counts[r]] for r in range(b)],
+      stop_reason=["running" if x < 0 else STOP_REASONS[int(x)] for x in reasons],
+    )
+    return kv, logits, result
 
   # --- decode --------------------------------------------------------------------------------------------
   def decode(
@@ -388,6 +533,19 @@ def _extend(graphdef, shardings, state, cache, tokens, counts, position_ids, new
   return constrain(cache, shardings), logits
 
 
+def _draw(logits, keys, lengths, suppress, forced, params):
+  """The next token of each row (B,) and its log-prob under the unsuppressed model.
+
+  A token's randomness depends only on its row's key and its slot (the row's length), never on the batch.
+  forced (B,): a token to emit instead of sampling, or -1.
+  """
+  tok_keys = jax.vmap(jax.random.fold_in)(keys, lengths)
+  allowed = logits.at[:, suppress].set(rules.NEG_INF, mode="drop")
+  tok = jax.vmap(lambda k, lg: rules.sample(k, lg, params))(tok_keys, allowed)
+  tok = jnp.where(forced >= 0, forced, tok)
+  return tok, rules.token_logprob(logits, tok, params)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
 def _decode(
   graphdef, shardings, params, steps, return_logits, state, cache, logits, keys, budgets, stops, suppress, forced
@@ -414,12 +572,7 @@ def _decode(
 
   def body(c):
     cache, step, active = c["cache"], c["step"], ~c["done"]
-    # A token's randomness depends only on its row's key and its slot, never on the batch.
-    tok_keys = jax.vmap(jax.random.fold_in)(keys, cache.lengths)
-    allowed = c["logits"].at[:, suppress].set(rules.NEG_INF, mode="drop")
-    tok = jax.vmap(lambda k, lg: rules.sample(k, lg, params))(tok_keys, allowed)
-    tok = jnp.where(forced[:, step] >= 0, forced[:, step], tok)
-    lp = rules.token_logprob(c["logits"], tok, params)
+    tok, lp = _draw(c["logits"], keys, cache.lengths, suppress, forced[:, step], params)
     put = lambda buf, x: buf.at[:, step].set(jnp.where(active, x, buf[:, step]))
     out = dict(c, tokens=put(c["tokens"], tok), logprobs=put(c["logprobs"], lp))
     if return_logits:
@@ -448,3 +601,134 @@ def _decode(
     rep = shardings.lengths
     outs = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep.update(spec=P())), outs)
   return (c["cache"], *outs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The paged KV pool (`deepeyes_jax.sampling.paged`): rows address the pool through page tables
+# --------------------------------------------------------------------------------------------------------------
+def _paged_run(model, kv: PagedKV, tokens, counts, position_ids, page_table, lengths, pixel_values=None, plan=None):
+  """Writes tokens (B, N) of which the first counts[r] are real after each row's `lengths[r]` cached tokens, through
+  `page_table` (B, n); returns (kv, logits (B, V) at each row's last real token, zeros for rows without any)."""
+  b, n = tokens.shape
+  num_pages, page = kv.num_pages, kv.page_size
+  idx = jnp.arange(n, dtype=jnp.int32)[None]
+  valid = idx < counts[:, None]
+  slots = lengths[:, None] + idx
+  which = jnp.minimum(slots // page, page_table.shape[1] - 1)
+  view = PagedView(
+    page_table=page_table,
+    write_page=jnp.where(valid, jnp.take_along_axis(page_table, which, axis=1), num_pages),
+    write_offset=slots % page,
+    kv_lengths=lengths + counts,
+  )
+  logits, pools, _ = model.extend(
+    kv.pools,
+    (None,) * len(kv.pools),
+    view,
+    tokens,
+    position_ids,
+    valid.astype(jnp.int32),
+    slots,
+    jnp.maximum(counts - 1, 0),
+    pixel_values,
+    plan,
+  )
+  logits = shd.constrain(jnp.where((counts > 0)[:, None], logits, 0.0), ("batch", None))
+  return PagedKV(pools=pools), logits
+
+
+def _constrain_pool(kv: PagedKV, shardings: PagedKV | None) -> PagedKV:
+  if shardings is None:
+    return kv
+  return jax.tree.map(jax.lax.with_sharding_constraint, kv, shardings)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _extend_paged(
+  graphdef, shardings, state, kv, tokens, counts, position_ids, page_table, lengths, pixel_values, plan
+):
+  model = nnx.merge(graphdef, state)
+  kv, logits = _paged_run(model, kv, tokens, counts, position_ids, page_table, lengths, pixel_values, plan)
+  return _constrain_pool(kv, shardings), logits
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _decode_segment(
+  graphdef,
+  shardings,
+  params,
+  steps,
+  state,
+  kv,
+  logits,
+  keys,
+  page_table,
+  lengths,
+  next_pos,
+  budgets,
+  stops,
+  suppress,
+  forced,
+  release,
+):
+  """Up to `steps` decode steps of every slot; ends early once `release` rows ended their turn (stop token or
+  budget). Returns (kv, logits (B, V) of each row's next token, tokens, logprobs (B, steps), counts (B,),
+  reasons (B,): _STOP / _LENGTH / _INACTIVE, or -1 for a row still in its turn)."""
+  model = nnx.merge(graphdef, state)
+  b, _ = logits.shape
+  inactive = budgets <= 0
+  carry = dict(
+    kv=kv,
+    logits=logits.astype(jnp.float32),
+    step=jnp.int32(0),
+    lengths=lengths,
+    next_pos=next_pos,
+    count=jnp.zeros((b,), jnp.int32),
+    done=inactive,
+    ended=jnp.int32(0),
+    reason=jnp.where(inactive, _INACTIVE, -1).astype(jnp.int32),
+    tokens=jnp.full((b, steps), -1, jnp.int32),
+    logprobs=jnp.zeros((b, steps), jnp.float32),
+  )
+
+  def cond(c):
+    return (c["step"] < steps) & ~jnp.all(c["done"]) & (c["ended"] < release)
+
+  def body(c):
+    step, active = c["step"], ~c["done"]
+    tok, lp = _draw(c["logits"], keys, c["lengths"], suppress, forced[:, step], params)
+    put = lambda buf, x: buf.at[:, step].set(jnp.where(active, x, buf[:, step]))  # noqa: E731
+    n = active.astype(jnp.int32)
+    pos = jnp.broadcast_to(c["next_pos"][None, :, None], (3, b, 1))
+    kv, new_logits = _paged_run(model, c["kv"], tok[:, None], n, pos, page_table, c["lengths"])
+    count = c["count"] + n
+    hit_stop = active & jnp.isin(tok, stops)
+    hit_len = active & (count >= budgets)
+    ended = hit_stop | hit_len
+    return dict(
+      c,
+      kv=_constrain_pool(kv, shardings),
+      logits=jnp.where(active[:, None], new_logits, c["logits"]),
+      step=step + 1,
+      lengths=c["lengths"] + n,
+      next_pos=c["next_pos"] + n,
+      count=count,
+      done=c["done"] | ended,
+      ended=c["ended"] + jnp.sum(ended).astype(jnp.int32),
+      reason=jnp.where(hit_stop, _STOP, jnp.where(hit_len, _LENGTH, c["reason"])).astype(jnp.int32),
+      tokens=put(c["tokens"], tok),
+      logprobs=put(c["logprobs"], lp),
+    )
+
+  c = jax.lax.while_loop(cond, body, carry)
+  outs = (c["logits"], c["tokens"], c["logprobs"], c["count"], c["reason"])
+  if shardings is not None:  # small per-row results every host reads: replicated (multi-process safe)
+    rep = jax.sharding.NamedSharding(shardings.pools[0].mesh, P())
+    outs = outs[:1] + jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), outs[1:])
+  return (c["kv"], *outs)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def set_rows(table: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+  """table.at[rows].set(values), donating `table` (rows out of range are dropped)."""
+  return table.at[rows].set(values.astype(table.dtype), mode="drop")

@@ -1,0 +1,147 @@
+"""A paged KV cache: one pool of fixed-size pages per layer, shared by every row in flight, and its host allocator.
+
+A row's cache is a list of pages (its page table): its token at logical slot t lives in page table[t // page_size]
+at offset t % page_size. Pages are taken from the pool as a row grows and given back when it finishes, so the KV
+memory in use follows the tokens actually held, not rows x max_total_tokens. A page can be held by several rows
+(reference counts): the G samples of a task read their shared prompt's full pages in place, and each gets a copy of
+the prompt's last, partly filled page only (copy on write), so a prompt is prefilled once per group.
+
+Layout per layer: (P, page_size, 2K, head_dim), keys at even and values at odd combined heads: the layout of jax's
+TPU ragged paged attention (`jax.experimental.pallas.ops.tpu.ragged_paged_attention`), so that kernel can read it
+as stored. On a mesh the combined heads are sharded over `tensor` (like the contiguous cache's KV heads) and pages
+are replicated over data x fsdp.
+
+The allocator runs on the host (page ids are plain ints); device work is the jitted reads/writes in
+`sampler.Sampler.extend_paged` / `decode_segment` and the two helpers here (copy pages, grow the pool).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from deepeyes_jax.parallel import sharding as shd
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKV:
+  """pools: per-layer (P, page_size, 2K, head_dim) arrays (keys at even, values at odd combined heads)."""
+
+  pools: tuple[jax.Array, ...]
+
+  @property
+  def num_pages(self) -> int:
+    return self.pools[0].shape[0]
+
+  @property
+  def page_size(self) -> int:
+    return self.pools[0].shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    return sum(p.size * p.dtype.itemsize for p in self.pools)
+
+
+def page_bytes(config: Qwen25VLConfig, page_size: int, dtype) -> int:
+  """Bytes of one page over all layers (keys and values)."""
+  t = config.text
+  return t.num_hidden_layers * page_size * 2 * t.num_key_value_heads * t.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pool_shardings(config: Qwen25VLConfig, num_pages: int, page_size: int, mesh: Mesh) -> PagedKV:
+  t = config.text
+  shape = (num_pages, page_size, 2 * t.num_key_value_heads, t.head_dim)
+  s = shd.logical_to_sharding((None, None, "kv_heads", None), shape, mesh)
+  return PagedKV(pools=(s,) * t.num_hidden_layers)
+
+
+def init_pool(config: Qwen25VLConfig, num_pages: int, page_size: int, dtype, mesh: Mesh | None = None) -> PagedKV:
+  """An empty pool of `num_pages` pages, allocated in place (sharded over `mesh` when given)."""
+  t = config.text
+  shape = (num_pages, page_size, 2 * t.num_key_value_heads, t.head_dim)
+
+  def make():
+    return PagedKV(pools=(jnp.zeros(shape, dtype),) * t.num_hidden_layers)
+
+  out = None if mesh is None else pool_shardings(config, num_pages, page_size, mesh)
+  return jax.jit(make, out_shardings=out)()
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
+  """Copies pages src[i] -> dst[i] (m,) in every layer (copy on write of a shared prompt's last page); dst = P
+  (bucket padding) copies nothing."""
+  return PagedKV(pools=tuple(p.at[dst].set(p[src], mode="drop") for p in kv.pools))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))  # no donation: the grown pool has another shape
+def grow_pool(kv: PagedKV, num_pages: int) -> PagedKV:
+  """The same pages followed by free ones, `num_pages` in all (page ids stay valid)."""
+  return PagedKV(pools=tuple(jnp.pad(p, [(0, num_pages - p.shape[0])] + [(0, 0)] * 3) for p in kv.pools))
+
+
+class PageAllocator:
+  """Host bookkeeping of a pool's pages: a free list and a reference count per page.
+
+  `alloc` hands out the lowest free page ids first (deterministic: the same schedule gives the same pages);
+  `release` drops one reference per page and frees those no row holds any more. `peak_in_use` is the most pages
+  ever held at once: the pool size the workload needed.
+  """
+
+  def __init__(self, num_pages: int):
+    self.num_pages = 0
+    self.refs = np.zeros((0,), np.int32)
+    self.free: list[int] = []
+    self.peak_in_use = 0
+    self.add_pages(num_pages)
+
+  def add_pages(self, num_pages: int) -> None:
+    """Extends the pool to `num_pages` pages (the device pool must grow to match: `grow_pool`)."""
+    if num_pages < self.num_pages:
+      raise ValueError(f"a pool cannot shrink ({self.num_pages} -> {num_pages} pages)")
+    self.free = sorted(self.free + list(range(self.num_pages, num_pages)), reverse=True)
+    self.refs = np.concatenate([self.refs, np.zeros((num_pages - self.num_pages,), np.int32)])
+    self.num_pages = num_pages
+
+  @property
+  def in_use(self) -> int:
+    return self.num_pages - len(self.free)
+
+  def can_alloc(self, n: int) -> bool:
+    return n <= len(self.free)
+
+  def alloc(self, n: int) -> list[int]:
+    if n > len(self.free):
+      raise MemoryError(f"KV pool exhausted: {n} page(s) asked, {len(self.free)} of {self.num_pages} free")
+    pages = [self.free.pop() for _ in range(n)]
+    self.refs[pages] += 1
+    self.peak_in_use = max(self.peak_in_use, self.in_use)
+    return pages
+
+  def share(self, pages: list[int]) -> None:
+    """One more holder of `pages` (a sample reading its group's prompt pages)."""
+    if pages:
+      if np.any(self.refs[pages] <= 0):
+        raise ValueError(f"sharing pages that are not allocated: {pages}")
+      self.refs[pages] += 1
+
+  def release(self, pages: list[int]) -> None:
+    if not pages:
+      return
+    if np.any(self.refs[pages] <= 0):
+      raise ValueError(f"releasing pages that are not allocated: {pages}")
+    self.refs[pages] -= 1
+    freed = [p for p in pages if self.refs[p] == 0]
+    if freed:
+      self.free = sorted(self.free + freed, reverse=True)
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+  return -(-int(tokens) // page_size)
