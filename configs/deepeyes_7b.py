@@ -51,7 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.max_total_tokens = 8192 + 20480  # prompt + response
   c.rollout.max_prompt_tokens = 8192  # prompt budget, image included: sizes the AOT prefill (rollouts do not cut)
   c.rollout.max_images = 5  # original + crops
-  c.rollout.max_concurrent_rows = 512  # rows rolled out at once (whole groups): bounds the KV cache; 0 = all rows
+  c.rollout.engine = "continuous"  # paged KV pool + continuous batching | "lockstep" (the reference engine)
+  c.rollout.max_concurrent_rows = 512  # decode slots (rows in flight at once); 0 = all rows
+  c.rollout.page_size = 128  # tokens per KV page
+  c.rollout.kv_pages = 0  # KV pool pages; 0 = grow on demand (doubling), > 0 = fixed (rows wait or restart)
+  c.rollout.segment_steps = 256  # decode steps per segment at most (then finished turns are served)
+  c.rollout.segment_release = 0.25  # a segment also ends once this fraction of the rows in flight ended a turn
   c.rollout.weight_layout = "tensor_parallel"  # sampler's weights: compute dtype, tensor-sharded only | "learner"
   c.rollout.temperature = 1.0  # sampling temperature of the rollouts
   c.rollout.top_p = 1.0  # nucleus mass (1.0 = off)
@@ -124,6 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_turns = 3
     c.rollout.max_pixels = 48 * 28 * 28
     c.rollout.max_concurrent_rows = 0
+    c.rollout.page_size = 16
+    c.rollout.segment_steps = 16
     c.rl.min_row_len = 256
     c.rl.micro_batch_rows = 2
     c.rl.logits_chunk = 128

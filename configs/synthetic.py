@@ -101,7 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.max_total_tokens = 512
   c.rollout.max_prompt_tokens = 256  # short system prompt + question + the 36 tokens of the global view
   c.rollout.max_images = 3
-  c.rollout.max_concurrent_rows = 0  # rows rolled out at once (whole groups): bounds the KV cache; 0 = all rows
+  c.rollout.engine = "continuous"  # paged KV pool + continuous batching | "lockstep" (the reference engine)
+  c.rollout.max_concurrent_rows = 0  # decode slots (rows in flight at once); 0 = all rows
+  c.rollout.page_size = 16  # tokens per KV page
+  c.rollout.kv_pages = 0  # KV pool pages; 0 = grow on demand (doubling), > 0 = fixed (rows wait or restart)
+  c.rollout.segment_steps = 32  # decode steps per segment at most (then finished turns are served)
+  c.rollout.segment_release = 0.25  # a segment also ends once this fraction of the rows in flight ended a turn
   c.rollout.weight_layout = "tensor_parallel"  # sampler's weights: compute dtype, tensor-sharded only | "learner"
   c.rollout.coordinate_frame = "resized"  # boxes in the 168 x 168 frame the model sees (data/synthetic.py)
   c.rollout.min_pixels = 4 * 28 * 28

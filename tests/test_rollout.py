@@ -108,7 +108,7 @@ def test_chunked_rollout_does_not_depend_on_the_chunking(agent, caplog):
   scripts = [zoom, [], [], zoom, zoom, []]
   runs = {}
   for m in (0, 2, 3, 4):  # 3 rounds down to 1 group of 2 rows; 4 -> chunks of 4 + 2 rows
-    cfg = dataclasses.replace(base, max_concurrent_rows=m)
+    cfg = dataclasses.replace(base, max_concurrent_rows=m, engine="lockstep")
     with caplog.at_level(logging.INFO, logger="deepeyes_jax.agent.rollout"):
       caplog.clear()
       runs[m] = run_rollouts(sampler, tok, tasks, group_size=2, config=cfg, seed=21, scripted_turns=scripts)
@@ -164,10 +164,17 @@ def test_max_concurrent_rows_is_validated_and_read_from_configs():
   deepeyes_7b = load_module(ROOT / "configs" / "deepeyes_7b.py")
 
   assert agent_config(deepeyes_7b.get_config()).max_concurrent_rows == 512
+  assert agent_config(deepeyes_7b.get_config()).page_size == 128
   assert agent_config(deepeyes_7b.get_config("size=tiny")).max_concurrent_rows == 0
   old = deepeyes_7b.get_config()
-  del old.rollout.max_concurrent_rows  # a config written before the field existed: all rows at once
-  assert agent_config(old).max_concurrent_rows == 0
+  for name in ("max_concurrent_rows", "engine", "page_size", "kv_pages", "segment_steps", "segment_release"):
+    del old.rollout[name]  # a config written before the fields existed: the defaults
+  defaults = dict(max_concurrent_rows=0, page_size=16, segment_steps=64)
+  assert agent_config(old) == dataclasses.replace(agent_config(deepeyes_7b.get_config()), **defaults)
+  bad_values = dict(engine="vllm", page_size=0, kv_pages=-1, segment_steps=0, segment_release=2)
+  for bad in ({k: v} for k, v in bad_values.items()):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      AgentConfig(**bad)
 
 
 @pytest.mark.parametrize(

@@ -100,3 +100,16 @@ def test_continuous_engine_matches_lockstep(agent, reference, overrides):
   else:  # rows restarted from their prompt when the pool ran out, and came out the same
     assert stats.restarts > 0 and stats.token_steps > ref_stats.token_steps
     assert stats.kv_bytes == overrides["kv_pages"] * paged.page_bytes(agent[0].config, 16, jnp.float32)
+
+
+def test_continuous_engine_on_a_mesh_matches_one_device(tiny_vlm, agent, reference):
+  """Slots and pool pages split over data x fsdp = 4 shards (page ids local to a shard), heads over tensor = 2."""
+  from deepeyes_jax.parallel import sharding as shd
+
+  mesh = shd.make_mesh(2, 2, 2)
+  sampler = Sampler(qvl.from_pretrained(tiny_vlm[0], dtype=jnp.float32, mesh=mesh), mesh=mesh)
+  assert sampler.pool_shards == 4
+  ref, _ = reference
+  out, stats = _rollout((sampler, agent[1]), max_concurrent_rows=6, page_size=8, segment_steps=8)
+  _assert_same(out, ref)
+  assert stats.kv_bytes % (4 * paged.page_bytes(sampler.config, 8, jnp.float32)) == 0  # a whole number per shard

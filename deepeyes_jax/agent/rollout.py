@@ -452,6 +452,7 @@ class _Live:
 
   index: int  # global row index
   slot: int
+  shard: int  # the data x fsdp shard of its slot, which holds its pages (local page ids)
   pages: list[int]
   cached: int  # tokens in the cache
   next_pos: int  # M-RoPE position of the next text token
@@ -518,44 +519,46 @@ def _rollout_continuous(
   cfg = sampler.config
   im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
   capacity, page, steps = config.max_total_tokens, config.page_size, config.segment_steps
-  n_slots = min(config.max_concurrent_rows or len(runnable), len(runnable))
+  shards = sampler.pool_shards  # slots and pages split over data x fsdp: a row's pages live on its slot's shard
+  n_slots = -(-min(config.max_concurrent_rows or len(runnable), len(runnable)) // shards) * shards
+  per_shard = n_slots // shards
   keys = row_keys(seed, [row_seed_id(r.task.task_id, r.sample_index) for r in rows])
   templates = {i: _fresh(rows[i]) for i in runnable} if config.kv_pages else {}
   per_page = paged.page_bytes(cfg, page, sampler.dtype)
 
   # The pool: fixed, or a first guess (the first wave's prompts + a segment of every slot) that grows by doubling.
   if config.kv_pages:
-    num_pages = config.kv_pages
+    pages_per_shard = -(-config.kv_pages // shards)
   else:
     first = {i // group_size: rows[i].prompt_length for i in runnable[:n_slots]}  # the first wave's groups
     prompt_pages = sum(paged.pages_for(n, page) for n in first.values())
-    num_pages = bucket(prompt_pages + n_slots * (1 + paged.pages_for(steps, page)), 16)
-  alloc = paged.PageAllocator(num_pages)
-  kv = sampler.init_pool(num_pages, page)
+    pages_per_shard = bucket(-(-(prompt_pages + n_slots * (1 + paged.pages_for(steps, page))) // shards), 16)
+  alloc = paged.ShardedAllocator(shards, pages_per_shard)
+  kv = sampler.init_pool(alloc.num_pages, page)
   logits = jnp.zeros((n_slots, cfg.text.vocab_size), jnp.float32)
   queue = collections.deque(runnable)
   pending = collections.Counter(i // group_size for i in runnable)  # rows of each group not admitted yet
-  prompts: dict[int, _Prompt] = {}
+  prompts: dict[tuple[int, int], _Prompt] = {}  # (group, shard) -> its prefilled prompt on that shard
   slots: list[_Live | None] = [None] * n_slots
   reported = collections.Counter()  # turns of each row passed to on_turn (a restarted row does not repeat them)
   order = 0
 
-  def ensure(n: int) -> bool:
-    """n free pages, growing the pool if it may grow."""
+  def ensure(d: int, n: int) -> bool:
+    """n free pages on shard d, growing the pool if it may grow."""
     nonlocal kv
-    if alloc.can_alloc(n):
+    if alloc.can_alloc(d, n):
       return True
     if config.kv_pages:
       return False
-    grown = max(2 * alloc.num_pages, bucket(alloc.in_use + n, 16))
-    log.info("rollout: KV pool %d -> %d pages of %d tokens", alloc.num_pages, grown, page)
+    grown = max(2 * alloc.pages_per_shard, bucket(alloc.shards[d].in_use + n, 16))
+    log.info("rollout: KV pool %d -> %d pages of %d tokens", alloc.num_pages, grown * shards, page)
     alloc.add_pages(grown)
-    kv = paged.grow_pool(kv, grown)
+    kv = sampler.grow_pool(kv, grown)
     stats.pool_grows += 1
     return True
 
   def restart(live: _Live) -> None:
-    alloc.release(live.pages)
+    alloc.release(live.shard, live.pages)
     rows[live.index] = _fresh(templates[live.index])
     slots[live.slot] = None
     queue.appendleft(live.index)
@@ -568,86 +571,91 @@ def _rollout_continuous(
     need = paged.pages_for(tokens, page) - len(live.pages)
     if need <= 0:
       return
-    while not ensure(need):
-      others = [x for x in slots if x is not None and x is not live]
+    while not ensure(live.shard, need):
+      others = [x for x in slots if x is not None and x is not live and x.shard == live.shard]
       if not others:
         raise MemoryError(
-          f"rollout.kv_pages={config.kv_pages} pages of {page} tokens cannot hold row {live.index} alone "
-          f"({tokens} tokens); raise kv_pages or use 0 (grow on demand)"
+          f"rollout.kv_pages={config.kv_pages} pages of {page} tokens ({alloc.pages_per_shard} per shard) cannot "
+          f"hold row {live.index} alone ({tokens} tokens); raise kv_pages or use 0 (grow on demand)"
         )
       restart(max(others, key=lambda x: x.order))
-    live.pages += alloc.alloc(need)
+    live.pages += alloc.alloc(live.shard, need)
+
+  def peak():
+    stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
 
   while queue or any(x is not None for x in slots):
-    # 1. Admission: free slots take the next rows; a group's prompt is prefilled once, for its first row.
+    # 1. Admission: free slots take the next rows; a group's prompt is prefilled once per shard that runs it.
     admitted, to_prefill = [], []
     for s in range(n_slots):
       if slots[s] is not None or not queue:
         continue
-      i = queue[0]
+      d, i = s // per_shard, queue[0]
       g = i // group_size
-      last = pending[g] == 1  # the group's last row takes the group's pages (no copy)
-      if g not in prompts:
+      last = pending[g] == 1  # the group's last row takes the group's pages on its shard (no copy)
+      if (g, d) not in prompts:
         n = paged.pages_for(rows[i].prompt_length, page)
-        if not ensure(n + (0 if last else 1)):
-          break
-        prompts[g] = _Prompt(pages=alloc.alloc(n), length=rows[i].prompt_length)
-        to_prefill.append((g, i))
-      elif not last and not ensure(1):
-        break
+        if not ensure(d, n + (0 if last else 1)):
+          continue  # this shard is full; another may have room
+        prompts[g, d] = _Prompt(pages=alloc.alloc(d, n), length=rows[i].prompt_length)
+        to_prefill.append((g, d, i))
+      elif not last and not ensure(d, 1):
+        continue
       queue.popleft()
       pending[g] -= 1
-      slots[s] = _Live(index=i, slot=s, pages=[], cached=0, next_pos=0, order=order)
+      slots[s] = _Live(index=i, slot=s, shard=d, pages=[], cached=0, next_pos=0, order=order)
       order += 1
       admitted.append((slots[s], g, last))
     if not admitted and not any(x is not None for x in slots):
       raise MemoryError(
-        f"rollout.kv_pages={config.kv_pages} pages of {page} tokens cannot hold the prompt of row {queue[0]} "
-        f"({rows[queue[0]].prompt_length} tokens); raise kv_pages or use 0 (grow on demand)"
+        f"rollout.kv_pages={config.kv_pages} pages of {page} tokens ({alloc.pages_per_shard} per shard) cannot "
+        f"hold the prompt of row {queue[0]} ({rows[queue[0]].prompt_length} tokens); raise kv_pages or use 0 "
+        "(grow on demand)"
       )
     if to_prefill:
       kv, lg, nxt = sampler.extend_paged(
         kv,
-        [prompts[g].pages for g, _ in to_prefill],
+        [prompts[g, d].pages for g, d, _ in to_prefill],
         [0] * len(to_prefill),
         [0] * len(to_prefill),
-        [chunks[i] for _, i in to_prefill],
+        [chunks[i] for _, _, i in to_prefill],
+        shards=[d for _, d, _ in to_prefill],
       )
-      for k, (g, _) in enumerate(to_prefill):
-        prompts[g].logits, prompts[g].next_pos = lg[k], int(nxt[k])
-        stats.prefill_tokens += prompts[g].length
+      for k, (g, d, _) in enumerate(to_prefill):
+        prompts[g, d].logits, prompts[g, d].next_pos = lg[k], int(nxt[k])
+        stats.prefill_tokens += prompts[g, d].length
     if admitted:
-      src, dst, first_logits = [], [], []
+      copies, first_logits = [], []
       for live, g, last in admitted:
-        p = prompts[g]
+        d = live.shard
+        p = prompts[g, d]
         full = p.length // page
-        if last:  # inherits the group's references
+        if last:  # inherits the group's references on this shard; its prompts on other shards are done
           live.pages = p.pages
-          del prompts[g]
+          for key in [key for key in prompts if key[0] == g]:
+            if key != (g, d):
+              alloc.release(key[1], prompts[key].pages)
+            del prompts[key]
         else:
-          alloc.share(p.pages[:full])
+          alloc.share(d, p.pages[:full])
           live.pages = p.pages[:full]
           if p.length % page:  # copy on write: the prompt's last page, which the row's tokens will fill
-            live.pages = live.pages + alloc.alloc(1)
-            src.append(p.pages[full])
-            dst.append(live.pages[-1])
+            live.pages = live.pages + alloc.alloc(d, 1)
+            copies.append((d, p.pages[full], live.pages[-1]))
         live.cached, live.next_pos = p.length, p.next_pos
         live.budget = min(config.max_tokens_per_turn, capacity - len(rows[live.index].tokens))
         first_logits.append(p.logits)
-      if src:
-        m = bucket(len(src), 1)
-        kv = paged.copy_pages(
-          kv, np.asarray(src + [0] * (m - len(src)), np.int32), np.asarray(dst + [alloc.num_pages] * (m - len(dst)))
-        )
+      if copies:
+        kv = sampler.copy_pages(kv, copies)
       idx = np.asarray([live.slot for live, _, _ in admitted], np.int32)
       logits = set_rows(logits, idx, jnp.stack(first_logits))
-      stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
+      peak()
 
     # 2. A decode segment over every slot; each row in flight holds pages for what the segment may add.
     for live in list(slots):
       if live is not None and slots[live.slot] is live:
         pages_for_row(live, live.cached + min(steps, live.budget))
-    stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
+    peak()
     in_flight = [x for x in slots if x is not None]
     if not in_flight:
       continue
@@ -696,7 +704,7 @@ def _rollout_continuous(
         reported[live.index] = live.turn
         on_turn(live.index, live.turn, t, record)
       if row.stop_reason is not None:
-        alloc.release(live.pages)
+        alloc.release(live.shard, live.pages)
         slots[s] = None
       else:
         to_extend.append((live, chunk))
@@ -713,6 +721,7 @@ def _rollout_continuous(
         [live.cached for live, _ in to_extend],
         [live.next_pos for live, _ in to_extend],
         [chunk for _, chunk in to_extend],
+        shards=[live.shard for live, _ in to_extend],
       )
       logits = set_rows(logits, np.asarray([live.slot for live, _ in to_extend], np.int32), lg)
       for k, (live, chunk) in enumerate(to_extend):
@@ -722,5 +731,5 @@ def _rollout_continuous(
         live.toks, live.lps = [], []
         live.budget = min(config.max_tokens_per_turn, capacity - len(rows[live.index].tokens))
         stats.extend_tokens += len(chunk.tokens)
-    stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
+    peak()
   stats.kv_bytes = max(stats.kv_bytes, alloc.num_pages * per_page)

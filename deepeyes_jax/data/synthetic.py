@@ -563,7 +563,7 @@ def demonstration(extra_info: dict, seen: tuple[int, int], *, zoom: bool) -> lis
   then answer after the crop. zoom=False: think and answer from the global view (the detail is unreadable there:
   these demonstrations teach the model to guess, as a base model that does not use the tool would).
   """
-  question, answer = extra_info["question"], extra_info["answer"]
+  answer = extra_info["answer"]
   target = target_name(extra_info)
   if zoom:
     box = cell_box_seen(extra_info, seen)

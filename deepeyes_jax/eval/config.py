@@ -40,6 +40,12 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
   c.rollout.coordinate_frame = "original"
   c.rollout.min_pixels = improc.MIN_PIXELS
   c.rollout.max_pixels = improc.MAX_PIXELS
+  c.rollout.engine = "continuous"  # paged KV pool + continuous batching | "lockstep" (the reference engine)
+  c.rollout.max_concurrent_rows = 0  # decode slots (rows in flight at once); 0 = the whole batch
+  c.rollout.page_size = 64  # tokens per KV page
+  c.rollout.kv_pages = 0  # KV pool pages; 0 = grow on demand (doubling), > 0 = fixed (rows wait or restart)
+  c.rollout.segment_steps = 128  # decode steps per segment at most
+  c.rollout.segment_release = 0.25  # a segment also ends once this fraction of the rows in flight ended a turn
 
   c.reward = ml_collections.ConfigDict()  # the judge, as in training (trainer.make_judge)
   c.reward.use_judge = True  # asked only when the rule cannot decide; needs judge_url or $DEEPEYES_JUDGE_URL
@@ -67,5 +73,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.rollout.max_total_tokens = 1024
     c.rollout.min_pixels = 4 * 28 * 28
     c.rollout.max_pixels = 48 * 28 * 28
+    c.rollout.page_size = 16
+    c.rollout.segment_steps = 16
     c.reward.use_judge = False
   return c

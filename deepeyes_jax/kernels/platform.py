@@ -74,6 +74,21 @@ def scope(mesh):
   return contextlib.nullcontext() if mesh is None else compiling_for(mesh)
 
 
+_NO_MESH = object()
+
+
+@contextlib.contextmanager
+def no_mesh():
+  """Within the block, `target_mesh()` is None: code traced per shard (inside `shard_map`) sees no mesh, so that
+  nothing in it shards again."""
+  previous = getattr(_local, "mesh", None)
+  _local.mesh = _NO_MESH
+  try:
+    yield
+  finally:
+    _local.mesh = previous
+
+
 def _mesh_in_scope():
   try:
     mesh = jax.sharding.get_mesh()
@@ -115,4 +130,6 @@ def target_mesh():
   """The mesh the code being traced is sharded over: the one given to `compiling_for`, else the mesh in scope,
   else None (a single device, or sharding left to the caller)."""
   mesh = getattr(_local, "mesh", None)
+  if mesh is _NO_MESH:
+    return None
   return mesh if mesh is not None else _mesh_in_scope()

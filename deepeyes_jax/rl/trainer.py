@@ -148,7 +148,13 @@ def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
     min_pixels=r.min_pixels,
     max_pixels=r.max_pixels,
     sampling=params,
-    max_concurrent_rows=r.get("max_concurrent_rows", 0),  # absent from older configs: all rows at once
+    # Absent from older configs: the defaults (all rows at once, the continuous engine).
+    max_concurrent_rows=r.get("max_concurrent_rows", 0),
+    engine=r.get("engine", AgentConfig.engine),
+    page_size=r.get("page_size", AgentConfig.page_size),
+    kv_pages=r.get("kv_pages", AgentConfig.kv_pages),
+    segment_steps=r.get("segment_steps", AgentConfig.segment_steps),
+    segment_release=r.get("segment_release", AgentConfig.segment_release),
   )
 
 
@@ -421,6 +427,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       eps=config.rl.adv_eps,
       drop_zero_variance=config.rl.drop_zero_variance,
     )
+    # A row without generated tokens (a prompt longer than max_total_tokens) has nothing to learn from, and its
+    # prompt may not fit a packing row.
+    keep = np.asarray(keep, bool) & np.asarray([bool(t.action_mask.any()) for t in trajs])
     kept = [t for t, k in zip(trajs, keep) if k]
     t1 = time.time()
     update_metrics: dict[str, float] = {}

@@ -8,8 +8,8 @@ the prompt's last, partly filled page only (copy on write), so a prompt is prefi
 
 Layout per layer: (P, page_size, 2K, head_dim), keys at even and values at odd combined heads: the layout of jax's
 TPU ragged paged attention (`jax.experimental.pallas.ops.tpu.ragged_paged_attention`), so that kernel can read it
-as stored. On a mesh the combined heads are sharded over `tensor` (like the contiguous cache's KV heads) and pages
-are replicated over data x fsdp.
+as stored. On a mesh the pages are split over data x fsdp like the rows (each shard holds the pages of the rows in
+its slots; page ids are local to a shard: `ShardedAllocator`), and the combined heads over `tensor`.
 
 The allocator runs on the host (page ids are plain ints); device work is the jitted reads/writes in
 `sampler.Sampler.extend_paged` / `decode_segment` and the two helpers here (copy pages, grow the pool).
@@ -58,7 +58,7 @@ def page_bytes(config: Qwen25VLConfig, page_size: int, dtype) -> int:
 def pool_shardings(config: Qwen25VLConfig, num_pages: int, page_size: int, mesh: Mesh) -> PagedKV:
   t = config.text
   shape = (num_pages, page_size, 2 * t.num_key_value_heads, t.head_dim)
-  s = shd.logical_to_sharding((None, None, "kv_heads", None), shape, mesh)
+  s = shd.logical_to_sharding(("batch", None, "kv_heads", None), shape, mesh)  # pages split like the rows
   return PagedKV(pools=(s,) * t.num_hidden_layers)
 
 
@@ -76,15 +76,24 @@ def init_pool(config: Qwen25VLConfig, num_pages: int, page_size: int, dtype, mes
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
-  """Copies pages src[i] -> dst[i] (m,) in every layer (copy on write of a shared prompt's last page); dst = P
-  (bucket padding) copies nothing."""
+  """Copies pages src[i] -> dst[i] (m,) in every layer (copy on write of a shared prompt's last page); global
+  page ids (shard * pages_per_shard + local id); dst = P (bucket padding) copies nothing."""
   return PagedKV(pools=tuple(p.at[dst].set(p[src], mode="drop") for p in kv.pools))
 
 
-@functools.partial(jax.jit, static_argnums=(1,))  # no donation: the grown pool has another shape
-def grow_pool(kv: PagedKV, num_pages: int) -> PagedKV:
-  """The same pages followed by free ones, `num_pages` in all (page ids stay valid)."""
-  return PagedKV(pools=tuple(jnp.pad(p, [(0, num_pages - p.shape[0])] + [(0, 0)] * 3) for p in kv.pools))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # no donation: the grown pool has another shape
+def grow_pool(kv: PagedKV, shards: int, pages_per_shard: int, shardings: PagedKV | None = None) -> PagedKV:
+  """Each shard's pages followed by free ones, `pages_per_shard` per shard (local page ids stay valid)."""
+
+  def grow(p):
+    local = p.reshape(shards, p.shape[0] // shards, *p.shape[1:])
+    local = jnp.pad(local, [(0, 0), (0, pages_per_shard - local.shape[1])] + [(0, 0)] * 3)
+    return local.reshape(shards * pages_per_shard, *p.shape[1:])
+
+  out = PagedKV(pools=tuple(grow(p) for p in kv.pools))
+  if shardings is not None:
+    out = jax.tree.map(jax.lax.with_sharding_constraint, out, shardings)
+  return out
 
 
 class PageAllocator:
@@ -145,3 +154,42 @@ class PageAllocator:
 
 def pages_for(tokens: int, page_size: int) -> int:
   return -(-int(tokens) // page_size)
+
+
+class ShardedAllocator:
+  """One `PageAllocator` per data x fsdp shard of the pool (page ids local to the shard; see
+  `kernels.paged_attention`). A row's pages all come from the shard of its slot."""
+
+  def __init__(self, shards: int, pages_per_shard: int):
+    self.shards = [PageAllocator(pages_per_shard) for _ in range(shards)]
+    self.peak_in_use = 0
+
+  @property
+  def pages_per_shard(self) -> int:
+    return self.shards[0].num_pages
+
+  @property
+  def num_pages(self) -> int:
+    return self.pages_per_shard * len(self.shards)
+
+  @property
+  def in_use(self) -> int:
+    return sum(a.in_use for a in self.shards)
+
+  def add_pages(self, pages_per_shard: int) -> None:
+    for a in self.shards:
+      a.add_pages(pages_per_shard)
+
+  def can_alloc(self, shard: int, n: int) -> bool:
+    return self.shards[shard].can_alloc(n)
+
+  def alloc(self, shard: int, n: int) -> list[int]:
+    pages = self.shards[shard].alloc(n)
+    self.peak_in_use = max(self.peak_in_use, self.in_use)
+    return pages
+
+  def share(self, shard: int, pages: list[int]) -> None:
+    self.shards[shard].share(pages)
+
+  def release(self, shard: int, pages: list[int]) -> None:
+    self.shards[shard].release(pages)

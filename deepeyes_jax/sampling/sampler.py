@@ -47,7 +47,7 @@ from deepeyes_jax.models.qwen2_5_vl.rope import positions_for_tokens
 from deepeyes_jax.models.qwen2_5_vl.text import CacheView, PagedView
 from deepeyes_jax.models.qwen2_5_vl.vision import make_row_plans, row_patches
 from deepeyes_jax.parallel import sharding as shd
-from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling import paged, rules
 from deepeyes_jax.sampling.cache import KVCache, cache_shardings, constrain, init_cache
 from deepeyes_jax.sampling.paged import PagedKV, init_pool, pool_shardings
 
@@ -293,15 +293,43 @@ class Sampler:
     return cache, logits
 
   # --- the paged pool (continuous batching: `deepeyes_jax.agent.rollout`) ---------------------------------
+  @property
+  def pool_shards(self) -> int:
+    """The data x fsdp shards a paged pool's pages (and the decode slots) are split over: 1 without a mesh."""
+    if self.mesh is None:
+      return 1
+    axes = shd.DEFAULT_RULES["batch"]
+    return int(np.prod([self.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
   def init_pool(self, num_pages: int, page_size: int) -> PagedKV:
-    """An empty paged KV pool (`deepeyes_jax.sampling.paged`) of num_pages x page_size token slots."""
+    """An empty paged KV pool (`deepeyes_jax.sampling.paged`) of num_pages x page_size token slots, num_pages a
+    multiple of `pool_shards` (each shard holds num_pages / pool_shards of them)."""
+    if num_pages % self.pool_shards:
+      raise ValueError(f"a pool of {num_pages} pages does not split over {self.pool_shards} data x fsdp shards")
     return init_pool(self.config, num_pages, page_size, self.dtype, self.mesh)
+
+  def grow_pool(self, kv: PagedKV, pages_per_shard: int) -> PagedKV:
+    """The same pool with `pages_per_shard` pages per shard (local page ids stay valid)."""
+    d = self.pool_shards
+    new = None if self.mesh is None else pool_shardings(self.config, d * pages_per_shard, kv.page_size, self.mesh)
+    return paged.grow_pool(kv, d, pages_per_shard, new)
+
+  def copy_pages(self, kv: PagedKV, copies: Sequence[tuple[int, int, int]]) -> PagedKV:
+    """Copies pages (shard, src, dst) (local ids) in every layer; padded to a power of two copies."""
+    per_shard = kv.num_pages // self.pool_shards
+    m = bucket(len(copies), 1)
+    src = np.zeros((m,), np.int32)
+    dst = np.full((m,), kv.num_pages, np.int32)  # padding: out of range, copies nothing
+    for k, (d, a, b) in enumerate(copies):
+      src[k], dst[k] = d * per_shard + a, d * per_shard + b
+    return paged.copy_pages(kv, src, dst)
 
   def _pool_shardings(self, kv: PagedKV) -> PagedKV | None:
     return None if self.mesh is None else pool_shardings(self.config, kv.num_pages, kv.page_size, self.mesh)
 
   def _page_table(self, tables: Sequence[Sequence[int]], rows: int, width: int | None = None) -> np.ndarray:
-    """Page tables padded to (rows, width bucket) with page 0 (read past a row's length: masked)."""
+    """Page tables padded to (rows, width) (default a bucket of the longest) with page 0 (past a row's length:
+    masked, or read by padding queries whose outputs are discarded)."""
     width = width or bucket(max((len(t) for t in tables), default=1), 1)
     out = np.zeros((rows, width), np.int32)
     for r, t in enumerate(tables):
@@ -315,26 +343,41 @@ class Sampler:
     lengths: Sequence[int],
     next_pos: Sequence[int],
     chunks: Sequence[Chunk],
+    shards: Sequence[int] | None = None,
   ) -> tuple[PagedKV, jax.Array, np.ndarray]:
     """Appends each row's chunk after its `lengths[r]` cached tokens, in the pages of `page_tables[r]` (which must
-    cover the new length). Returns (kv, logits (B, V) fp32 at each row's last new token, each row's next M-RoPE
-    position). The batch is padded to a power of two rows. `kv` is donated: use the returned one."""
+    cover the new length; local ids of the row's shard `shards[r]`, default 0). Returns (kv, logits (B, V) fp32 at
+    each row's last new token, each row's next M-RoPE position), in the order given. The call's batch is laid out
+    shard by shard (each shard's rows with its pages), padded to a power of two rows per shard. `kv` is donated."""
     b = len(chunks)
     if not (len(page_tables) == len(lengths) == len(next_pos) == b) or b == 0:
       raise ValueError(f"extend_paged: {b} chunks, {len(page_tables)} page tables, {len(lengths)} lengths")
-    rows = bucket(b, 1)
+    d = self.pool_shards
+    shards = [0] * b if shards is None else list(shards)
+    by_shard = [[r for r in range(b) if shards[r] == k] for k in range(d)]
+    per = bucket(max(len(x) for x in by_shard), 1)
+    place = np.full((d * per,), -1)  # batch position -> input row (-1: padding)
+    for k, rows_k in enumerate(by_shard):
+      place[k * per : k * per + len(rows_k)] = rows_k
+    where = np.empty((b,), np.int64)
+    for pos, r in enumerate(place):
+      if r >= 0:
+        where[r] = pos
     page = kv.page_size
+    real = place >= 0
     # Padding rows: no tokens, length 1 (so that they do not read as empty prompts), no pages.
-    lens = np.concatenate([np.asarray(lengths, np.int64), np.ones((rows - b,), np.int64)])
-    pos = np.concatenate([np.asarray(next_pos, np.int64), np.zeros((rows - b,), np.int64)])
-    caps = [len(t) * page for t in page_tables] + [1] * (rows - b)
+    lens = np.where(real, np.asarray(lengths, np.int64)[np.maximum(place, 0)], 1)
+    pos0 = np.where(real, np.asarray(next_pos, np.int64)[np.maximum(place, 0)], 0)
+    caps = [len(page_tables[r]) * page if r >= 0 else 1 for r in place]
     tokens, counts, position_ids, new_next, pixel_values, plan = self._host_inputs(
-      lens, pos, list(chunks) + [None] * (rows - b), caps
+      lens, pos0, [chunks[r] if r >= 0 else None for r in place], caps
     )
-    table = self._page_table(page_tables, rows)
-    lens = lens.astype(np.int32)
+    n = tokens.shape[1]
+    # The table covers each row's slots up to its length + the token bucket (what a ragged kernel's queries span).
+    width = bucket(max(paged.pages_for(lens[k] + n, page) for k in range(len(place))), 1)
+    table = self._page_table([page_tables[r] if r >= 0 else [] for r in place], len(place), width)
     n_patches = 0 if pixel_values is None else pixel_values.shape[1]
-    self._note(("extend_paged", rows, kv.num_pages, page, table.shape[1], tokens.shape[1], n_patches))
+    self._note(("extend_paged", len(place), kv.num_pages, page, width, n, n_patches))
     with platform.scope(self.mesh):
       kv, logits = _extend_paged(
         self.graphdef,
@@ -345,11 +388,11 @@ class Sampler:
         counts,
         position_ids,
         table,
-        lens,
+        lens.astype(np.int32),
         pixel_values,
         plan,
       )
-    return kv, logits[:b], new_next[:b]
+    return kv, logits[where], new_next[where]
 
   def decode_segment(
     self,
@@ -394,7 +437,10 @@ class Sampler:
     if suppress_tokens is None:
       suppress_tokens = (self.config.image_token_id, self.config.video_token_id)
     suppress = np.asarray(list(suppress_tokens) or [-1], np.int32)
-    table = self._page_table(page_tables, b)
+    # Wide enough for every row's pages, and for one slot past each row's length (what a ragged kernel's query of
+    # an idle row spans; its output is discarded).
+    width = max(max(len(t), paged.pages_for(n + 1, kv.page_size)) for t, n in zip(page_tables, lengths))
+    table = self._page_table(page_tables, b, bucket(width, 1))
     self._note(("decode_segment", b, kv.num_pages, kv.page_size, table.shape[1], steps, len(stops), params))
     with platform.scope(self.mesh):
       kv, logits, tokens, logprobs, counts, reasons = _decode_segment(

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepeyes_jax.kernels.attention import attention
+from deepeyes_jax.kernels.paged_attention import paged_attention
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.models.qwen2_5_vl.layers import INIT_STD, Linear, RMSNorm, SwiGLU, apply_rope, axes, run_stack
 from deepeyes_jax.parallel.sharding import constrain
@@ -36,11 +37,8 @@ class CacheView:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedView:
-  """Where new tokens go in a paged KV pool, and which tokens each row reads (`deepeyes_jax.sampling.paged`).
-
-  A layer's pool is (P, page, 2K, head_dim): P pages of `page` token slots, keys at even and values at odd
-  combined heads (the layout of jax's TPU ragged paged attention). Row r's token at logical slot t lives in page
-  page_table[r, t // page], offset t % page.
+  """Where new tokens go in a paged KV pool, and which tokens each row reads (`deepeyes_jax.sampling.paged`,
+  `deepeyes_jax.kernels.paged_attention`).
 
   page_table: (B, n) int32 pages each row reads, in order (entries past the row's length: any valid page).
   write_page, write_offset: (B, N) int32 page and offset of each new token; write_page = P means "do not write".
@@ -51,26 +49,6 @@ class PagedView:
   write_page: jax.Array
   write_offset: jax.Array
   kv_lengths: jax.Array
-
-
-def paged_write(pool: jax.Array, k: jax.Array, v: jax.Array, view: PagedView) -> jax.Array:
-  """Writes new keys/values k, v (B, N, K, hd) into `pool` (P, page, 2K, hd) at the view's pages and offsets."""
-  b, n, nk, hd = k.shape
-  kv = jnp.stack([k, v], axis=3).reshape(b, n, 2 * nk, hd).astype(pool.dtype)  # (B, N, 2K, hd): k, v interleaved
-  # mode="drop": write_page = P (bucket padding, inactive rows) writes nothing.
-  return pool.at[view.write_page, view.write_offset].set(kv, mode="drop")
-
-
-def paged_gather(pool: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The reference read of a paged pool: keys and values (B, n * page, K, hd) of each row's pages, in order.
-
-  A copy of the pages the rows read (n is a bucket of the longest row in flight, not the capacity); the Pallas
-  paths read the pool in place instead.
-  """
-  b, n = page_table.shape
-  _, page, nk2, hd = pool.shape
-  kv = pool[page_table].reshape(b, n * page, nk2, hd)
-  return kv[:, :, 0::2], kv[:, :, 1::2]
 
 
 class Attention(nnx.Module):
@@ -111,17 +89,24 @@ class Attention(nnx.Module):
     b, s, _ = x.shape
     q = apply_rope(constrain(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), HEADS), cos, sin)
     k, v = self.project_kv(x, cos, sin)
-    heads_major = kv is not None
+    if isinstance(view, PagedView):
+      out, pool = paged_attention(
+        q,
+        k,
+        v,
+        kv[0],
+        page_table=view.page_table,
+        write_page=view.write_page,
+        write_offset=view.write_offset,
+        kv_lengths=view.kv_lengths,
+        q_segment_ids=segment_ids,
+        q_positions=positions,
+        impl=self.attention_impl,
+      )
+      out = constrain(out, HEADS).reshape(b, s, -1)
+      return constrain(self.o_proj(out), HIDDEN), (pool, None)
     if kv is None:
       kv_seg, kv_pos = segment_ids, positions
-    elif isinstance(view, PagedView):
-      pool = paged_write(kv[0], k, v, view)
-      kv = (pool, None)
-      k, v = paged_gather(pool, view.page_table)
-      slots = jnp.arange(k.shape[1], dtype=jnp.int32)[None]
-      kv_seg = (slots < view.kv_lengths[:, None]).astype(jnp.int32)
-      kv_pos = jnp.broadcast_to(slots, (b, k.shape[1]))
-      heads_major = False
     else:
       rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.num_kv_heads)[None, :, None]
       slots = view.write_index[:, None, :]  # (B, 1, S) -> index (B, K, S) into the (B, K, C, hd) cache
@@ -139,11 +124,9 @@ class Attention(nnx.Module):
       kv_positions=kv_pos,
       causal=True,
       impl=self.attention_impl,
-      kv_heads_major=heads_major,
+      kv_heads_major=kv is not None,
     )
     out = constrain(out, HEADS).reshape(b, s, -1)
-    if isinstance(view, PagedView):
-      return constrain(self.o_proj(out), HIDDEN), kv
     return constrain(self.o_proj(out), HIDDEN), (None if kv is None else (k, v))
 
 
