@@ -195,3 +195,41 @@ def test_model_forward_with_tpu_kernels_equals_xla():
     out = model.forward(**inputs)
   real = mask.astype(bool)
   assert _rel(np.asarray(out)[real], np.asarray(ref)[real]) <= 1e-4
+
+
+def test_paged_attention_as_ragged_paged_attention_sees_it():
+  """The paged pool through jax's ragged paged attention: `ragged_inputs` maps our rows (bucket-padded queries,
+  rows of different cached lengths, a page table in any order) to the kernel's ragged sequences. The kernel does
+  not run in TPU interpret mode on jax 0.10.2 (a reshape its DMAs use is not interpretable), so the mapping is
+  checked through jax's own reference of the kernel (`ref_ragged_paged_attention`, what jax tests the kernel
+  against); that the kernel lowers with Mosaic on these inputs is checked in tests/test_aot.py."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+  from deepeyes_jax.kernels.paged_attention import paged_attention, ragged_inputs
+
+  b, n, h, kh, d, page, num_pages, width = 3, 4, 8, 2, 16, 16, 32, 4
+  rng = np.random.default_rng(0)
+  pool = _normal(rng, num_pages, page, 2 * kh, d)
+  q, k, v = _normal(rng, b, n, h, d), _normal(rng, b, n, kh, d), _normal(rng, b, n, kh, d)
+  before, counts = np.array([5, 17, 0]), np.array([4, 1, 3])  # cached tokens, new tokens (of the N = 4 bucket)
+  tables = np.stack([rng.permutation(num_pages)[:width] for _ in range(b)]).astype(np.int32)
+  valid = np.arange(n)[None] < counts[:, None]
+  slots = before[:, None] + np.arange(n)[None]
+  write_page = np.where(valid, np.take_along_axis(tables, np.minimum(slots // page, width - 1), 1), num_pages)
+  kw = dict(
+    page_table=jnp.asarray(tables),
+    write_page=jnp.asarray(write_page, jnp.int32),
+    write_offset=jnp.asarray(slots % page, jnp.int32),
+    kv_lengths=jnp.asarray(before + counts, jnp.int32),
+    q_segment_ids=jnp.asarray(valid, jnp.int32),
+    q_positions=jnp.asarray(slots, jnp.int32),
+  )
+  out, written = paged_attention(q, k, v, pool, impl="xla", **kw)
+  # The write: each new token's key and value at its page and offset, nothing else changed.
+  expect = np.asarray(pool).copy()
+  for r, t in zip(*np.nonzero(valid)):
+    expect[tables[r, slots[r, t] // page], slots[r, t] % page] = np.stack([k[r, t], v[r, t]], 1).reshape(2 * kh, d)
+  np.testing.assert_array_equal(np.asarray(written), expect)
+  args = ragged_inputs(q, kw["page_table"], kw["kv_lengths"], jnp.asarray(counts, jnp.int32))
+  ragged = ref_ragged_paged_attention(args[0], written, *args[1:], sm_scale=d**-0.5).reshape(b, n, h, d)
+  assert _rel(np.asarray(ragged)[valid], np.asarray(out)[valid]) <= TOL

@@ -50,22 +50,37 @@ def paged_gather(pool: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax
   return kv[:, :, 0::2], kv[:, :, 1::2]
 
 
-def _ragged(q, pool, page_table, kv_lengths_after, counts, n_query):
-  """jax's TPU ragged paged attention over rows of `n_query` query slots each: q (B, N, H, hd) -> (B, N, H, hd)."""
+def ragged_inputs(q, page_table, kv_lengths_after, counts):
+  """Our batch as jax's ragged paged attention sees it: each row's N query slots (bucket padding included) are one
+  sequence whose last N slots are the queries (kv_len = cached before + N), so the kernel's causal rule is ours;
+  padding queries read slots past the row's tokens and their outputs are discarded.
+
+  Returns (queries (B * N, H, hd), kv_lens (B,), page_indices (B, n), cu_q_lens (B + 1,), num_seqs (1,)).
+  """
+  b, n, h, hd = q.shape
+  kv_lens = (kv_lengths_after - counts + n).astype(jnp.int32)
+  cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32) * n
+  return q.reshape(b * n, h, hd), kv_lens, page_table.astype(jnp.int32), cu_q_lens, jnp.array([b], jnp.int32)
+
+
+def _ragged(q, pool, page_table, kv_lengths_after, counts):
+  """jax's TPU ragged paged attention kernel: q (B, N, H, hd) -> (B, N, H, hd)."""
   from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
   b, n, h, hd = q.shape
-  # Each row's N query slots end at its last written slot + the padding: kv_len = cached before + N.
-  kv_lens = (kv_lengths_after - counts + n_query).astype(jnp.int32)
-  cu_q_lens = (jnp.arange(b + 1, dtype=jnp.int32) * n_query).astype(jnp.int32)
+  queries, kv_lens, pages, cu_q_lens, num_seqs = ragged_inputs(q, page_table, kv_lengths_after, counts)
   out = ragged_paged_attention(
-    q.reshape(b * n, h, hd),
+    queries,
     pool,
     kv_lens,
-    page_table.astype(jnp.int32),
+    pages,
     cu_q_lens,
-    jnp.array([b], jnp.int32),
+    num_seqs,
     sm_scale=float(hd**-0.5),
+    # Explicit blocks: the kernel's tuned table reads the local device's TPU version, which a CPU host compiling
+    # for a TPU slice does not have. ~1024 keys per block, 32 queries (vLLM's TPU defaults are of this order).
+    num_kv_pages_per_block=min(page_table.shape[1], max(1, 1024 // pool.shape[1])),
+    num_queries_per_block=min(32, b * n),
   )
   return out.reshape(b, n, h, hd)
 
@@ -75,7 +90,7 @@ def _local(q, k, v, pool, page_table, write_page, write_offset, kv_lengths, q_se
   b, n = q.shape[:2]
   if impl == "pallas" and platform.target_platform() == "tpu":
     counts = jnp.sum(q_segment_ids > 0, axis=1).astype(jnp.int32)
-    return _ragged(q, pool, page_table, kv_lengths, counts, n), pool
+    return _ragged(q, pool, page_table, kv_lengths, counts), pool
   keys, values = paged_gather(pool, page_table)
   slots = jnp.arange(keys.shape[1], dtype=jnp.int32)[None]
   out = attention(
