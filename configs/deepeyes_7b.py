@@ -54,7 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.engine = "continuous"  # paged KV pool + continuous batching | "lockstep" (the reference engine)
   c.rollout.max_concurrent_rows = 512  # decode slots (rows in flight at once); 0 = all rows
   c.rollout.page_size = 128  # tokens per KV page
-  c.rollout.kv_pages = 0  # KV pool pages; 0 = grow on demand (doubling), > 0 = fixed (rows wait or restart)
+  # 512 slots x 96 pages of 128 tokens: 12,288 tokens a row on average, twice a typical DeepEyes trajectory (a row
+  # may still grow to max_total_tokens while others are shorter). Fixed: one pool shape, a known HBM footprint.
+  c.rollout.kv_pages = 49152  # KV pool pages (docs/tpu_7b.md); 0 = grow on demand (doubling)
   c.rollout.segment_steps = 256  # decode steps per segment at most (then finished turns are served)
   c.rollout.segment_release = 0.25  # a segment also ends once this fraction of the rows in flight ended a turn
   c.rollout.weight_layout = "tensor_parallel"  # sampler's weights: compute dtype, tensor-sharded only | "learner"
@@ -130,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_pixels = 48 * 28 * 28
     c.rollout.max_concurrent_rows = 0
     c.rollout.page_size = 16
+    c.rollout.kv_pages = 0
     c.rollout.segment_steps = 16
     c.rl.min_row_len = 256
     c.rl.micro_batch_rows = 2

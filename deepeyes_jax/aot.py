@@ -8,8 +8,10 @@ libtpu (`pip install -e '.[tpu]'`) describes the slice's chips (`jax.experimenta
 (config.mesh) is laid over them and every jitted function of one training step is lowered from abstract shapes
 (`nnx.eval_shape`: parameters are never materialised, so a 7B or 32B config compiles on a laptop) and compiled by
 the real TPU compiler. The functions are the ones the trainer runs, not copies: `rl.train_step.learner_fns` (the
-learner's gradient micro-step, optimizer init and apply) and `sampling.sampler._extend` / `_decode` (prompt
-prefill, a crop appended after a zoom, the decode loop), with the argument shardings the trainer gives them.
+learner's gradient micro-step, optimizer init and apply) and the sampler's (prompt prefill, a crop appended after
+a zoom, the decode loop: `sampling.sampler._extend_paged` / `_decode_segment` over the paged KV pool of the
+continuous rollout engine, `_extend` / `_decode` over a contiguous cache for `rollout.engine="lockstep"`), with the
+argument shardings the trainer gives them.
 
 Per function it prints (and `--json` writes) what the compiler says about one chip: argument / output / temporary
 / code bytes and their peak against the chip's HBM, FLOPs and bytes accessed (XLA's cost analysis of an SPMD
@@ -28,6 +30,11 @@ Shapes (all derived from the config; see `StepShapes`):
 - crop: the same rows, each appending an observation of one `--crop_px` crop plus `OBSERVATION_TEXT_TOKENS`;
 - decode: the same rows, a step bucket of the first turn's budget min(max_tokens_per_turn, capacity - prompt);
   XLA's cost analysis counts one pass of the decode while loop, i.e. one token step.
+These are the lock-step engine's (`rollout.engine="lockstep"`). The continuous engine (the default) instead has a
+pool of `rollout.kv_pages` pages (0: what every slot needs at `max_total_tokens`, the ceiling of a growing pool)
+split over data x fsdp; prefill: the first wave's group prompts (one per group and shard, a power of two per
+shard); crop: every slot extended at once (the most a segment can end with); decode: every slot, a segment of
+`rollout.segment_steps` steps, page tables as wide as a row of `max_total_tokens`.
 Every lowering runs under `kernels.platform.compiling_for(mesh)`, as the trainer's calls run under
 `platform.scope(mesh)`: code paths follow the slice's platform (TPU Pallas kernels for `attention_impl` pallas /
 auto, run per shard of the mesh), not this host's. `mosaic_kernels` counts the Pallas TPU calls in each program.
@@ -71,6 +78,7 @@ from deepeyes_jax.rl.trainer import (
   rows_per_micro_batch,
 )
 from deepeyes_jax.sampling import cache as cache_lib
+from deepeyes_jax.sampling import paged as paged_lib
 from deepeyes_jax.sampling import sampler as sampler_lib
 
 GiB = 1 << 30
@@ -350,11 +358,31 @@ class StepShapes:
   crop_tokens: int  # crop-observation token bucket
   crop_grid: tuple[int, int, int]
   crop_patches: int  # per row
-  decode_steps: int  # decode step bucket
+  decode_steps: int  # decode step bucket (the continuous engine: a segment's)
+  # The continuous engine (rollout.engine): decode slots and a paged KV pool, both split over data x fsdp.
+  engine: str = "lockstep"
+  slots: int = 0  # decode slots (rollout.max_concurrent_rows rounded up to whole shards)
+  prefill_rows: int = 0  # group prompts prefilled in one call: the first wave's, a power of two per shard
+  crop_rows: int = 0  # rows extended in one call at most: every slot's
+  page_size: int = 0
+  pool_pages: int = 0  # rollout.kv_pages, else what the slots need at max_total_tokens each (a pool's ceiling)
+  table_width: int = 0  # page-table width of the longest row (max_total_tokens), a power of two
 
   def describe(self) -> dict[str, str]:
     g = lambda grid: "x".join(map(str, grid))  # noqa: E731
     images = ", ".join(g(x) for x in dict.fromkeys(self.learner_grids)) or "none"
+    if self.engine == "continuous":
+      pool = f"pool {self.pool_pages} pages x {self.page_size}"
+      return {
+        "grad": f"{self.micro_rows} rows x {self.row_len} tokens, {len(self.learner_grids)} images/row "
+        f"(grids {images}), {self.learner_patches} patches/row",
+        "prefill": f"{self.prefill_rows} group prompts x {self.prompt_tokens} tokens, image {g(self.prompt_grid)}, "
+        f"{self.prefill_patches} patches/row, {pool}",
+        "crop": f"{self.crop_rows} rows x {self.crop_tokens} tokens, crop {g(self.crop_grid)}/row, "
+        f"{self.crop_patches} patches/row, {pool}",
+        "decode": f"{self.slots} slots, segment of {self.decode_steps} steps, {pool}, "
+        f"page tables of {self.table_width}",
+      }
     return {
       "grad": f"{self.micro_rows} rows x {self.row_len} tokens, {len(self.learner_grids)} images/row "
       f"(grids {images}), {self.learner_patches} patches/row",
@@ -407,6 +435,23 @@ def step_shapes(
   rows = rollout_rows or min(total_rows, concurrent or total_rows)
   min_tok, min_patch = _sampler_default("min_token_bucket"), _sampler_default("min_patch_bucket")
   crop_text = min(OBSERVATION_TEXT_TOKENS, capacity // 8)
+  agent = agent_config(config)
+  paged_shapes = {}
+  if agent.engine == "continuous":
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    slots = -(-min(total_rows, agent.max_concurrent_rows or total_rows) // shards) * shards
+    per_shard = slots // shards
+    page = agent.page_size
+    pool = agent.kv_pages or slots * -(-capacity // page)
+    paged_shapes = dict(
+      engine="continuous",
+      slots=slots,
+      prefill_rows=shards * bucket(-(-per_shard // r.group_size), 1),
+      crop_rows=shards * bucket(per_shard, 1),
+      page_size=page,
+      pool_pages=-(-pool // shards) * shards,
+      table_width=bucket(-(-(capacity + 1) // page), 1),
+    )
   return StepShapes(
     row_len=bucket(capacity, rl.min_row_len),
     micro_rows=micro_rows,
@@ -422,7 +467,12 @@ def step_shapes(
     crop_tokens=bucket(per_image(c_grid) // merge**2 + crop_text, min_tok),
     crop_grid=c_grid,
     crop_patches=bucket(per_image(c_grid), min_patch),
-    decode_steps=bucket(min(r.max_tokens_per_turn, capacity - prompt), _sampler_default("min_step_bucket")),
+    decode_steps=(
+      bucket(agent.segment_steps, 1)
+      if agent.engine == "continuous"
+      else bucket(min(r.max_tokens_per_turn, capacity - prompt), _sampler_default("min_step_bucket"))
+    ),
+    **paged_shapes,
   )
 
 
@@ -745,6 +795,10 @@ def compile_step(
     sampler_shardings,
     is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
+  overrides = {"layers_override": layers, "vision_layers_override": vision_layers}
+  if shapes.engine == "continuous":
+    _compile_paged(run, wanted, shapes, described, graphdef, sampler_state, model_cfg, config, mesh, dtype)
+    return _report(slice_, mesh, source, base_cfg, model_cfg, n_params, state, opts, config, shapes, results, overrides)
   b, cap = shapes.rollout_rows, shapes.capacity
   cache_shardings = cache_lib.cache_shardings(model_cfg, b, cap, mesh)
   kv = (b, t.num_key_value_heads, cap, t.head_dim)
@@ -815,8 +869,78 @@ def compile_step(
     res = run("decode", sampler_lib._decode, args, described["decode"])
     if res.status == "ok":
       res.note = "cost analysis: one pass of the while loop (one token step)"
+  return _report(slice_, mesh, source, base_cfg, model_cfg, n_params, state, opts, config, shapes, results, overrides)
+
+
+def _compile_paged(run, wanted, shapes: StepShapes, described, graphdef, sampler_state, model_cfg, config, mesh, dtype):
+  """The continuous engine's functions (`Sampler.extend_paged` / `decode_segment`) over the paged pool."""
+  t = model_cfg.text
+  i32 = jnp.int32
+  rep = _replicated(mesh)
+  pool_shardings = paged_lib.pool_shardings(model_cfg, shapes.pool_pages, shapes.page_size, mesh)
+  pool_shape = (shapes.pool_pages, shapes.page_size, 2 * t.num_key_value_heads, t.head_dim)
+  pool = paged_lib.PagedKV(pools=tuple(_sds(pool_shape, dtype, s) for s in pool_shardings.pools))
+
+  def extend_args(rows: int, n_tokens: int, grid, n_patches: int, width: int):
+    rows_sharding = NamedSharding(mesh, P(shd.logical_to_spec(("batch",), (rows,), mesh)[0]))
+    pixel_values = _sds((rows, n_patches, model_cfg.vision.patch_dim), jnp.float32, rows_sharding)
+    plan = abstract_plan((grid,), n_patches, model_cfg.vision, rows_sharding, rows)
+    # Host arrays (numpy in `Sampler.extend_paged`) enter the call uncommitted: replicated over the mesh.
+    return (
+      graphdef,
+      pool_shardings,
+      sampler_state,
+      pool,
+      _sds((rows, n_tokens), i32, rep),
+      _sds((rows,), i32, rep),
+      _sds((3, rows, n_tokens), i32, rep),
+      _sds((rows, width), i32, rep),
+      _sds((rows,), i32, rep),
+      pixel_values,
+      plan,
+    )
+
+  bucket, page = sampler_lib.bucket, shapes.page_size
+  if "prefill" in wanted:
+    width = bucket(-(-shapes.prompt_tokens // page), 1)
+    args = extend_args(shapes.prefill_rows, shapes.prompt_tokens, shapes.prompt_grid, shapes.prefill_patches, width)
+    run("prefill", sampler_lib._extend_paged, args, described["prefill"])
+  if "crop" in wanted:
+    width = bucket(-(-(shapes.capacity + shapes.crop_tokens) // page), 1)
+    args = extend_args(shapes.crop_rows, shapes.crop_tokens, shapes.crop_grid, shapes.crop_patches, width)
+    run("crop", sampler_lib._extend_paged, args, described["crop"])
+  if "decode" in wanted:
+    s, steps = shapes.slots, shapes.decode_steps
+    keys = jax.eval_shape(lambda: sampler_lib.row_keys(0, s))
+    args = (
+      graphdef,
+      pool_shardings,
+      agent_config(config).sampling,
+      steps,
+      sampler_state,
+      pool,
+      _sds((s, t.vocab_size), jnp.float32, shd.logical_to_sharding(("batch", None), (s, t.vocab_size), mesh)),
+      _sds(keys.shape, keys.dtype, rep),
+      _sds((s, shapes.table_width), i32, rep),
+      _sds((s,), i32, rep),
+      _sds((s,), i32, rep),
+      _sds((s,), i32, rep),
+      _sds((2,), i32, rep),
+      _sds((2,), i32, rep),
+      _sds((s, steps), i32, rep),
+      _sds((), i32, rep),
+    )
+    res = run("decode", sampler_lib._decode_segment, args, described["decode"])
+    if res.status == "ok":
+      res.note = "cost analysis: one pass of the while loop (one token step)"
+
+
+def _report(slice_, mesh, source, base_cfg, model_cfg, n_params, state, opts, config, shapes, results, overrides=None):
+  """The `--json` report of `compile_step`."""
+  t, chip = model_cfg.text, slice_.chip
   return {
     "topology": slice_.name,
+    "group_size": config.rollout.group_size,
     "topology_string": slice_.topology,
     "chips": slice_.num_chips,
     "generation": chip.generation,
@@ -832,13 +956,12 @@ def compile_step(
       "vision_depth": model_cfg.vision.depth,
       "parameters": n_params,
       **flop_counts(state, model_cfg),
-      "dtype": dtype.name,
+      "dtype": opts["dtype"].name,
       "param_dtype": opts["param_dtype"].name,
       "remat": opts["remat"],
       "scan_layers": opts["scan_layers"],
       "attention_impl": config.model.attention_impl,
-      "layers_override": layers,
-      "vision_layers_override": vision_layers,
+      **(overrides or {}),
     },
     "shapes": dataclasses.asdict(shapes),
     "functions": [results[name].to_json() for name in FUNCTIONS if name in results],
@@ -974,13 +1097,17 @@ class StepAssumptions:
 
   tokens_per_trajectory: prompt + response, packed into learner rows; turns: assistant turns per trajectory (each
   turn after the first appends a crop); decode_steps_per_turn: token steps of one decode call (the lock-step engine
-  decodes until the chunk's longest turn ends).
+  decodes until the chunk's longest turn ends); slot_utilisation: the continuous engine's share of slot-steps that
+  generate a token (a slot idles while its row waits for the rest of its segment; measured on CPU by
+  `python -m deepeyes_jax.benchmarks.rollout`).
   """
 
   tokens_per_trajectory: int = 6000
   turns: int = 3
   decode_steps_per_turn: int = 1024
   image_tokens: int = 2048  # the prompt image's tokens (4 patches each), at most the compiled prompt image's
+  # The continuous engine: generated tokens / (slots x decode steps), `RolloutStats.slot_utilisation`.
+  slot_utilisation: float = 0.8
 
 
 def flop_counts(state, cfg: qvl.Qwen25VLConfig) -> dict:
@@ -1046,13 +1173,19 @@ def project_step(report: dict, assumptions: StepAssumptions = StepAssumptions())
   traj_fwd = text_fwd(t, t / 2) + _vision_flops(prompt_patches, m) + (a.turns - 1) * _vision_flops(crop_patches, m)
   passes = 4 if m.get("remat", "none") != "none" else 3  # forward, backward (2x), recomputed forward
   learner_flops = trajectories * passes * traj_fwd
-  # Extends compute logits at each row's last token only.
-  rollout_flops = trajectories * (
-    text_fwd(prompt_tokens, prompt_tokens / 2, head=False)
-    + _vision_flops(prompt_patches, m)
-    + (a.turns - 1) * (text_fwd(crop_tokens, t / 2, head=False) + _vision_flops(crop_patches, m))
+  continuous = sh.get("engine") == "continuous"
+  # Extends compute logits at each row's last token only. The continuous engine prefills a prompt once per group.
+  prompts = trajectories / report.get("group_size", 1) if continuous else trajectories
+  rollout_flops = prompts * (text_fwd(prompt_tokens, prompt_tokens / 2, head=False) + _vision_flops(prompt_patches, m))
+  rollout_flops += (
+    trajectories * (a.turns - 1) * (text_fwd(crop_tokens, t / 2, head=False) + _vision_flops(crop_patches, m))
   )
-  decode_s = sh["rollout_chunks"] * a.turns * a.decode_steps_per_turn * f["decode"]["roofline_s"]
+  if continuous:  # every slot generates a token per step, but for idle slot-steps
+    generated = max(0, t - prompt_tokens - (a.turns - 1) * crop_tokens)
+    decode_steps = trajectories * generated / (sh["slots"] * a.slot_utilisation)
+  else:  # a decode call per turn per chunk, as long as the chunk's longest turn
+    decode_steps = sh["rollout_chunks"] * a.turns * a.decode_steps_per_turn
+  decode_s = decode_steps * f["decode"]["roofline_s"]
   rows = math.ceil(trajectories * t / sh["row_len"])
   rollout = rollout_flops / peak + decode_s
   learner = learner_flops / peak + f["opt_apply"]["roofline_s"]
@@ -1062,6 +1195,8 @@ def project_step(report: dict, assumptions: StepAssumptions = StepAssumptions())
     "learner_rows": rows,
     "learner_micro_steps": math.ceil(rows / sh["micro_rows"]),
     "rollout_chunks": sh["rollout_chunks"],
+    "engine": sh.get("engine", "lockstep"),
+    "decode_steps": decode_steps,
     "learner_tflop": learner_flops / 1e12,
     "rollout_prefill_crop_tflop": rollout_flops / 1e12,
     "decode_s": decode_s,
@@ -1078,7 +1213,13 @@ def projection_text(p: dict | None) -> str:
   return (
     f"projected step time (roofline, lower bound): {p['step_s']:.0f} s = rollout {p['rollout_s']:.0f} s "
     f"(prefills and crops {p['rollout_prefill_crop_tflop'] / 1e3:.0f} PFLOP; decode {p['decode_s']:.0f} s: "
-    f"{p['rollout_chunks']} chunks x {a['turns']} turns x {a['decode_steps_per_turn']} steps) + learner "
+    + (
+      f"{p['decode_steps']:.0f} steps of every slot at {a['slot_utilisation']:.0%} utilisation"
+      if p.get("engine") == "continuous"
+      else f"{p['rollout_chunks']} chunks x {a['turns']} turns x {a['decode_steps_per_turn']} steps"
+    )
+    + ") + learner "
+    f"{p['learner_s']:.0f} s ({p['learner_tflop'] / 1e3:.0f} PFLOP: {p['trajectories']} trajectories x "
     f"{p['learner_s']:.0f} s ({p['learner_tflop'] / 1e3:.0f} PFLOP: {p['trajectories']} trajectories x "
     f"{a['tokens_per_trajectory']} tokens, {a['turns']} turns, in {p['learner_micro_steps']} micro-steps)"
   )
@@ -1119,6 +1260,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("turns_per_trajectory", defaults.turns, "projection: assistant turns per trajectory")
   flags.DEFINE_integer("decode_steps_per_turn", defaults.decode_steps_per_turn, "projection: steps per decode call")
   flags.DEFINE_integer("image_tokens", defaults.image_tokens, "projection: tokens of the prompt image")
+  flags.DEFINE_float("slot_utilisation", defaults.slot_utilisation, "projection: continuous engine slot utilisation")
   flags.mark_flags_as_required(["config", "topology"])
   _FLAGS = flags.FLAGS
 
@@ -1158,7 +1300,9 @@ def main(argv) -> None:
   report["command"] = command_line(sys.argv[1:])
   report["projection"] = project_step(
     report,
-    StepAssumptions(f.tokens_per_trajectory, f.turns_per_trajectory, f.decode_steps_per_turn, f.image_tokens),
+    StepAssumptions(
+      f.tokens_per_trajectory, f.turns_per_trajectory, f.decode_steps_per_turn, f.image_tokens, f.slot_utilisation
+    ),
   )
   print(format_table(report), flush=True)
   print(projection_text(report["projection"]), flush=True)

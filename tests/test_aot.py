@@ -69,11 +69,18 @@ def test_tiny_step_compiles_for_a_v5e_slice(tmp_path):
 
 
 @needs_libtpu
-def test_out_of_memory_is_reported_with_the_compilers_figure(tmp_path):
-  # 4,096 rows x 8,192 slots of KV cache: ~17 GiB per v5e chip, over its 15.75 GiB.
-  rc, report, output = run_aot(
-    tmp_path, "--functions=decode", "--rollout_rows=4096", "--config.rollout.max_total_tokens=8192"
-  )
+@pytest.mark.parametrize(
+  "args",
+  [
+    # The lock-step engine: 4,096 rows x 8,192 slots of KV cache, ~17 GiB per v5e chip, over its 15.75 GiB.
+    ("--config.rollout.engine=lockstep", "--rollout_rows=4096", "--config.rollout.max_total_tokens=8192"),
+    # The continuous engine: a pool of 2^24 pages of 16 tokens, a quarter of it per chip.
+    ("--config.rollout.kv_pages=16777216",),
+  ],
+  ids=["lockstep-cache", "paged-pool"],
+)
+def test_out_of_memory_is_reported_with_the_compilers_figure(tmp_path, args):
+  rc, report, output = run_aot(tmp_path, "--functions=decode", *args)
   assert rc == 1, output[-3000:]
   (f,) = report["functions"]
   assert f["name"] == "decode" and f["status"] == "oom" and not f["fits"], f

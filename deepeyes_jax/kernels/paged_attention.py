@@ -8,7 +8,7 @@ slots [0, kv_lengths[r]) (a query at slot p sees slots <= p).
 Implementations:
 - "xla" (the reference, and CPU): gathers the pages each row reads, (B, n * page, K, head_dim) with n a bucket of
   the longest row in flight (not the capacity), then `attention.attention`.
-- "pallas" on TPU: jax's ragged paged attention kernel
+- "pallas" on TPU (head_dim a multiple of 128, as Qwen2.5-VL's): jax's ragged paged attention kernel
   (`jax.experimental.pallas.ops.tpu.ragged_paged_attention`), which DMAs each row's pages from the pool as stored:
   nothing is gathered. Each row's N query slots (bucket padding included) are one ragged sequence whose last N
   slots are the queries, so its causal rule is ours; padding queries read slots past the row's tokens and their
@@ -88,7 +88,9 @@ def _ragged(q, pool, page_table, kv_lengths_after, counts):
 def _local(q, k, v, pool, page_table, write_page, write_offset, kv_lengths, q_segment_ids, q_positions, *, impl):
   pool = paged_write(pool, k, v, write_page, write_offset)
   b, n = q.shape[:2]
-  if impl == "pallas" and platform.target_platform() == "tpu":
+  # The ragged kernel works on whole 128-lane head vectors (Qwen2.5-VL's head_dim is 128); smaller test models take
+  # the gathered pages through our TPU kernel instead.
+  if impl == "pallas" and platform.target_platform() == "tpu" and q.shape[-1] % 128 == 0:
     counts = jnp.sum(q_segment_ids > 0, axis=1).astype(jnp.int32)
     return _ragged(q, pool, page_table, kv_lengths, counts), pool
   keys, values = paged_gather(pool, page_table)
@@ -147,10 +149,10 @@ def paged_attention(
     )
   heads = shd.logical_to_spec(("kv_heads",), (k.shape[2],), mesh)[0]  # divides the query heads too
   tok, row_ids, pool_spec = P(rows, None, heads, None), P(rows, None), P(rows, None, heads, None)
-  platform_name = platform.target_platform()
+  target, executing = platform.target_platform(), platform.platform_of(mesh)
 
   def per_shard(*args):
-    with platform.compiling_for(platform_name), platform.no_mesh():  # shard-local: nothing re-shards inside
+    with platform.compiling_for(target), platform.no_mesh(executing):  # shard-local: nothing re-shards inside
       return fn(*args)
 
   return jax.shard_map(

@@ -78,15 +78,16 @@ _NO_MESH = object()
 
 
 @contextlib.contextmanager
-def no_mesh():
+def no_mesh(executing: str | None = None):
   """Within the block, `target_mesh()` is None: code traced per shard (inside `shard_map`) sees no mesh, so that
-  nothing in it shards again."""
-  previous = getattr(_local, "mesh", None)
-  _local.mesh = _NO_MESH
+  nothing in it shards again. `executing`: the platform of the mesh's devices, which still run the code
+  (`executing_platform`)."""
+  previous = getattr(_local, "mesh", None), getattr(_local, "executing", None)
+  _local.mesh, _local.executing = _NO_MESH, executing
   try:
     yield
   finally:
-    _local.mesh = previous
+    _local.mesh, _local.executing = previous
 
 
 def _mesh_in_scope():
@@ -112,6 +113,8 @@ def executing_platform() -> str:
   mesh = target_mesh()
   if mesh is not None:
     return platform_of(mesh)
+  if getattr(_local, "mesh", None) is _NO_MESH and getattr(_local, "executing", None):
+    return _local.executing
   return _normalise(jax.default_backend())
 
 
