@@ -113,3 +113,33 @@ def test_continuous_engine_on_a_mesh_matches_one_device(tiny_vlm, agent, referen
   out, stats = _rollout((sampler, agent[1]), max_concurrent_rows=6, page_size=8, segment_steps=8)
   _assert_same(out, ref)
   assert stats.kv_bytes % (4 * paged.page_bytes(sampler.config, 8, jnp.float32)) == 0  # a whole number per shard
+
+
+@pytest.mark.parametrize("engine", ["continuous", "lockstep"])
+def test_a_prompt_that_cannot_fit_ends_its_rows_with_a_reason(agent, engine, caplog):
+  sampler, tok = agent
+  # The same question about a large image (48 x 28^2 px -> 48 image tokens) and a small one (4 tokens): with room
+  # for the small prompt only, the large task's rows end as prompt_too_long and the rest of the batch runs.
+  tasks = [_task("big", 1, (1000, 1000)), _task("small", 2, (56, 56))]
+  sizes = [len(r) for r in _prompt_lengths(tok, tasks, sampler.config)]
+  cfg = AgentConfig(
+    sampling=rules.GREEDY,
+    max_total_tokens=(sizes[0] + sizes[1]) // 2 + 8,
+    max_tokens_per_turn=8,
+    engine=engine,
+    **SMALL,
+  )
+  assert sizes[1] < cfg.max_total_tokens <= sizes[0]
+  out = run_rollouts(sampler, tok, tasks, group_size=2, config=cfg, scripted_turns=[[ANSWER]] * 4)
+  assert [t.stop_reason for t in out[:2]] == ["prompt_too_long"] * 2
+  assert all(not t.action_mask.any() and not t.turns for t in out[:2])
+  assert [t.stop_reason for t in out[2:]] != ["prompt_too_long"] * 2 and all(t.action_mask.any() for t in out[2:])
+  assert "leaves no room in max_total_tokens" in caplog.text
+
+
+def _prompt_lengths(tok, tasks, model_config):
+  from deepeyes_jax.sampling.generate import encode_conversation
+
+  return [
+    encode_conversation(tok, t.messages(), image_token_id=model_config.image_token_id, **SMALL).tokens for t in tasks
+  ]
