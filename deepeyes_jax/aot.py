@@ -1220,7 +1220,6 @@ def projection_text(p: dict | None) -> str:
     )
     + ") + learner "
     f"{p['learner_s']:.0f} s ({p['learner_tflop'] / 1e3:.0f} PFLOP: {p['trajectories']} trajectories x "
-    f"{p['learner_s']:.0f} s ({p['learner_tflop'] / 1e3:.0f} PFLOP: {p['trajectories']} trajectories x "
     f"{a['tokens_per_trajectory']} tokens, {a['turns']} turns, in {p['learner_micro_steps']} micro-steps)"
   )
 
