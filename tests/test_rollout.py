@@ -169,7 +169,7 @@ def test_max_concurrent_rows_is_validated_and_read_from_configs():
   old = deepeyes_7b.get_config()
   for name in ("max_concurrent_rows", "engine", "page_size", "kv_pages", "segment_steps", "segment_release"):
     del old.rollout[name]  # a config written before the fields existed: the defaults
-  defaults = dict(max_concurrent_rows=0, page_size=16, segment_steps=64)
+  defaults = dict(max_concurrent_rows=0, page_size=16, kv_pages=0, segment_steps=64)
   assert agent_config(old) == dataclasses.replace(agent_config(deepeyes_7b.get_config()), **defaults)
   bad_values = dict(engine="vllm", page_size=0, kv_pages=-1, segment_steps=0, segment_release=2)
   for bad in ({k: v} for k, v in bad_values.items()):
