@@ -81,7 +81,7 @@ def reference(agent):
   "overrides",
   [
     dict(),
-    dict(max_concurrent_rows=2, page_size=8, segment_steps=4, segment_release=0.0),
+    dict(max_concurrent_rows=2, page_size=8, segment_steps=6, segment_release=0.0),  # segments of 8 (a bucket)
     dict(max_concurrent_rows=4, page_size=32, segment_steps=16, segment_release=1.0),
     dict(max_concurrent_rows=3, page_size=16, kv_pages=100, segment_steps=8),  # a fixed pool: waits and restarts
   ],

@@ -230,6 +230,6 @@ def test_paged_attention_as_ragged_paged_attention_sees_it():
   for r, t in zip(*np.nonzero(valid)):
     expect[tables[r, slots[r, t] // page], slots[r, t] % page] = np.stack([k[r, t], v[r, t]], 1).reshape(2 * kh, d)
   np.testing.assert_array_equal(np.asarray(written), expect)
-  args = ragged_inputs(q, kw["page_table"], kw["kv_lengths"], jnp.asarray(counts, jnp.int32))
+  args = ragged_inputs(q, kw["page_table"], kw["kv_lengths"], jnp.asarray(counts, jnp.int32), page)
   ragged = ref_ragged_paged_attention(args[0], written, *args[1:], sm_scale=d**-0.5).reshape(b, n, h, d)
   assert _rel(np.asarray(ragged)[valid], np.asarray(out)[valid]) <= TOL

@@ -1,16 +1,20 @@
-"""Batched multi-turn zoom rollouts on top of the sampler's `extend` / `decode`.
+"""Batched multi-turn zoom rollouts: the continuous engine (the default) and the lock-step reference.
 
-A batch of tasks x G samples runs in one KV cache (or, with `max_concurrent_rows`, in consecutive chunks of whole
-groups, each in its own cache). Each round: `decode` generates one assistant turn for every
-active row (finished rows have budget 0); then, on the host, each finished turn is parsed with the DeepEyes rules
-(`protocol.execute_turn`): an answer or no tool call ends the row; a tool call produces an observation (an error
-text, or the crop of the original image), which is tokenised, its crop preprocessed, and appended to that row's
-cache with `extend` (the vision tower runs inside extend on the new crops only). Rows finish at different
-turns and never affect each other: every row has its own PRNG key derived from (seed, task id, sample index).
+Every assistant turn is parsed on the host with the DeepEyes rules (`protocol.execute_turn`): an answer or no tool
+call ends the row; a tool call produces an observation (an error text, or the crop of the original image), which
+is tokenised, its crop preprocessed, and appended to that row's cache (the vision tower runs on the new crops only;
+the prefix is never recomputed). Rows finish at different turns and never affect each other: every row has its own
+PRNG key derived from (seed, task id, sample index), so its trajectory does not depend on the engine or the batch.
+
+- `engine="continuous"` (`_rollout_continuous`): decode slots over a paged KV pool (`sampling.paged`), one prompt
+  prefill per group, decode segments that end once some rows ended their turn, so that the host serves those rows
+  while the others keep their state (docs/agent.md).
+- `engine="lockstep"` (`_rollout_rows`): one contiguous cache of rows x max_total_tokens per chunk of whole groups;
+  each round decodes one turn of every active row, then extends every row's observation.
 
 Limits, each ending the row with a recorded reason (`trajectory.STOP_REASONS`): `max_turns` assistant turns
 (a tool call in the last allowed turn is not executed), `max_tokens_per_turn` (a turn cut by length ends the
-episode, as in DeepEyes), `max_total_tokens` (the cache capacity per row), `max_images` (original + crops).
+episode, as in DeepEyes), `max_total_tokens` (per row), `max_images` (original + crops), `prompt_too_long`.
 """
 
 from __future__ import annotations
@@ -138,9 +142,10 @@ def run_rollouts(
 ) -> list[Trajectory]:
   """Rolls out every task `group_size` times. Returns trajectories in (task, sample) order.
 
-  The rows run in consecutive chunks of whole groups (`config.max_concurrent_rows`, 0 = all in one chunk), each
-  chunk in its own KV cache, one after the other. The result does not depend on the chunking: a row's PRNG key
-  comes from (seed, task id, sample index), and a row never affects the others of its batch.
+  `config.engine` runs them: "continuous" in `config.max_concurrent_rows` decode slots (0 = one per row) over a
+  paged KV pool, "lockstep" in consecutive chunks of that many rows (whole groups), each in its own cache. The result
+  does not depend on the engine or its sizes: a row's PRNG key comes from (seed, task id, sample index), and a row
+  never affects the others of its batch.
 
   Args:
     scripted_turns: optional, per row, the text of each assistant turn to force instead of sampling (a scripted
@@ -465,7 +470,8 @@ class _Live:
 
 @dataclasses.dataclass
 class _Prompt:
-  """A group's prefilled prompt: its pages (full ones shared by its samples), its logits (V,), rows still to admit."""
+  """A group's prompt prefilled on one shard: its pages (the full ones shared by the group's rows there), its length,
+  next M-RoPE position and logits (V,) (those of every sample's first token)."""
 
   pages: list[int]
   length: int
@@ -518,7 +524,8 @@ def _rollout_continuous(
     return
   cfg = sampler.config
   im_end, eot = (tokenizer.convert_tokens_to_ids(t) for t in (chat.IM_END, chat.ENDOFTEXT))
-  capacity, page, steps = config.max_total_tokens, config.page_size, config.segment_steps
+  # The decode segment's length as the sampler runs it (a power of two): what each row holds pages for.
+  capacity, page, steps = config.max_total_tokens, config.page_size, bucket(config.segment_steps, 1)
   shards = sampler.pool_shards  # slots and pages split over data x fsdp: a row's pages live on its slot's shard
   n_slots = -(-min(config.max_concurrent_rows or len(runnable), len(runnable)) // shards) * shards
   per_shard = n_slots // shards
@@ -567,43 +574,55 @@ def _rollout_continuous(
     log.info("rollout: KV pool full (kv_pages=%d): row %d restarts from its prompt", config.kv_pages, live.index)
 
   def pages_for_row(live: _Live, tokens: int) -> None:
-    """Gives `live` the pages to hold `tokens` tokens, restarting younger rows if a fixed pool is full."""
+    """Gives `live` the pages to hold `tokens` tokens. When a fixed pool is full, the youngest row of the shard
+    restarts from its prompt, `live` itself if it is the youngest (older rows keep their progress)."""
     need = paged.pages_for(tokens, page) - len(live.pages)
     if need <= 0:
       return
     while not ensure(live.shard, need):
-      others = [x for x in slots if x is not None and x is not live and x.shard == live.shard]
-      if not others:
+      rows_here = [x for x in slots if x is not None and x.shard == live.shard]
+      if rows_here == [live]:
         raise MemoryError(
           f"rollout.kv_pages={config.kv_pages} pages of {page} tokens ({alloc.pages_per_shard} per shard) cannot "
           f"hold row {live.index} alone ({tokens} tokens); raise kv_pages or use 0 (grow on demand)"
         )
-      restart(max(others, key=lambda x: x.order))
+      youngest = max(rows_here, key=lambda x: x.order)
+      restart(youngest)
+      if youngest is live:
+        return
     live.pages += alloc.alloc(live.shard, need)
 
   def peak():
     stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
 
   while queue or any(x is not None for x in slots):
-    # 1. Admission: free slots take the next rows; a group's prompt is prefilled once per shard that runs it.
+    # 1. Admission: free slots take the next rows, preferring a shard that holds the row's group prompt (a prompt
+    # is prefilled once per shard that runs its group). Every page a row starts with is taken here; a fixed pool
+    # also keeps a segment's growth free for the row.
     admitted, to_prefill = [], []
-    for s in range(n_slots):
-      if slots[s] is not None or not queue:
-        continue
-      d, i = s // per_shard, queue[0]
+    headroom = paged.pages_for(steps, page) if config.kv_pages else 0
+    full_shards: set[int] = set()
+    while queue:
+      free = [s for s in range(n_slots) if slots[s] is None and s // per_shard not in full_shards]
+      if not free:
+        break
+      i = queue[0]
       g = i // group_size
+      s = next((s for s in free if (g, s // per_shard) in prompts), free[0])
+      d = s // per_shard
       last = pending[g] == 1  # the group's last row takes the group's pages on its shard (no copy)
-      if (g, d) not in prompts:
-        n = paged.pages_for(rows[i].prompt_length, page)
-        if not ensure(d, n + (0 if last else 1)):
-          continue  # this shard is full; another may have room
+      copy = 0 if last else 1
+      fresh = (g, d) not in prompts
+      n = paged.pages_for(rows[i].prompt_length, page) if fresh else 0
+      if not ensure(d, n + copy + headroom):
+        full_shards.add(d)  # this shard is full; another may have room
+        continue
+      if fresh:
         prompts[g, d] = _Prompt(pages=alloc.alloc(d, n), length=rows[i].prompt_length)
         to_prefill.append((g, d, i))
-      elif not last and not ensure(d, 1):
-        continue
       queue.popleft()
       pending[g] -= 1
-      slots[s] = _Live(index=i, slot=s, shard=d, pages=[], cached=0, next_pos=0, order=order)
+      slots[s] = _Live(index=i, slot=s, shard=d, pages=alloc.alloc(d, copy), cached=0, next_pos=0, order=order)
       order += 1
       admitted.append((slots[s], g, last))
     if not admitted and not any(x is not None for x in slots):
@@ -638,10 +657,12 @@ def _rollout_continuous(
             del prompts[key]
         else:
           alloc.share(d, p.pages[:full])
-          live.pages = p.pages[:full]
+          reserved, live.pages = live.pages, p.pages[:full]
           if p.length % page:  # copy on write: the prompt's last page, which the row's tokens will fill
-            live.pages = live.pages + alloc.alloc(d, 1)
-            copies.append((d, p.pages[full], live.pages[-1]))
+            live.pages = live.pages + reserved
+            copies.append((d, p.pages[full], reserved[0]))
+          else:  # the prompt fills whole pages: the reserved page is not needed
+            alloc.release(d, reserved)
         live.cached, live.next_pos = p.length, p.next_pos
         live.budget = min(config.max_tokens_per_turn, capacity - len(rows[live.index].tokens))
         first_logits.append(p.logits)

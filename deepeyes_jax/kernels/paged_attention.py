@@ -50,7 +50,7 @@ def paged_gather(pool: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax
   return kv[:, :, 0::2], kv[:, :, 1::2]
 
 
-def ragged_inputs(q, page_table, kv_lengths_after, counts):
+def ragged_inputs(q, page_table, kv_lengths_after, counts, page_size: int):
   """Our batch as jax's ragged paged attention sees it: each row's N query slots (bucket padding included) are one
   sequence whose last N slots are the queries (kv_len = cached before + N), so the kernel's causal rule is ours;
   padding queries read slots past the row's tokens and their outputs are discarded.
@@ -58,7 +58,9 @@ def ragged_inputs(q, page_table, kv_lengths_after, counts):
   Returns (queries (B * N, H, hd), kv_lens (B,), page_indices (B, n), cu_q_lens (B + 1,), num_seqs (1,)).
   """
   b, n, h, hd = q.shape
-  kv_lens = (kv_lengths_after - counts + n).astype(jnp.int32)
+  # A row without new tokens (idle, or ended earlier in the decode segment) spans one slot past its length, which
+  # its page table may not cover: clamped (its output is discarded). Real rows' spans are covered by construction.
+  kv_lens = jnp.minimum(kv_lengths_after - counts + n, page_table.shape[1] * page_size).astype(jnp.int32)
   cu_q_lens = jnp.arange(b + 1, dtype=jnp.int32) * n
   return q.reshape(b * n, h, hd), kv_lens, page_table.astype(jnp.int32), cu_q_lens, jnp.array([b], jnp.int32)
 
@@ -68,7 +70,7 @@ def _ragged(q, pool, page_table, kv_lengths_after, counts):
   from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
   b, n, h, hd = q.shape
-  queries, kv_lens, pages, cu_q_lens, num_seqs = ragged_inputs(q, page_table, kv_lengths_after, counts)
+  queries, kv_lens, pages, cu_q_lens, num_seqs = ragged_inputs(q, page_table, kv_lengths_after, counts, pool.shape[1])
   out = ragged_paged_attention(
     queries,
     pool,
@@ -86,6 +88,7 @@ def _ragged(q, pool, page_table, kv_lengths_after, counts):
 
 
 def _local(q, k, v, pool, page_table, write_page, write_offset, kv_lengths, q_segment_ids, q_positions, *, impl):
+  """`paged_attention` on one shard (or without a mesh): write, then read through the kernel or the reference."""
   pool = paged_write(pool, k, v, write_page, write_offset)
   b, n = q.shape[:2]
   # The ragged kernel works on whole 128-lane head vectors (Qwen2.5-VL's head_dim is 128); smaller test models take

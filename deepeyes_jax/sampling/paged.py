@@ -23,7 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from deepeyes_jax.parallel import sharding as shd
@@ -56,9 +57,12 @@ def page_bytes(config: Qwen25VLConfig, page_size: int, dtype) -> int:
 
 
 def pool_shardings(config: Qwen25VLConfig, num_pages: int, page_size: int, mesh: Mesh) -> PagedKV:
+  """Pages over data x fsdp (like the rows), combined heads over `tensor` exactly when the K KV heads split over it
+  (the split `kernels.paged_attention` runs per shard with)."""
   t = config.text
-  shape = (num_pages, page_size, 2 * t.num_key_value_heads, t.head_dim)
-  s = shd.logical_to_sharding(("batch", None, "kv_heads", None), shape, mesh)  # pages split like the rows
+  pages = shd.logical_to_spec(("batch",), (num_pages,), mesh)[0]
+  heads = shd.logical_to_spec(("kv_heads",), (t.num_key_value_heads,), mesh)[0]
+  s = NamedSharding(mesh, P(pages, None, heads, None))
   return PagedKV(pools=(s,) * t.num_hidden_layers)
 
 

@@ -354,6 +354,8 @@ class Sampler:
       raise ValueError(f"extend_paged: {b} chunks, {len(page_tables)} page tables, {len(lengths)} lengths")
     d = self.pool_shards
     shards = [0] * b if shards is None else list(shards)
+    if len(shards) != b or any(not 0 <= k < d for k in shards):
+      raise ValueError(f"extend_paged: shard ids {shards} for {b} rows; the pool has shards 0..{d - 1}")
     by_shard = [[r for r in range(b) if shards[r] == k] for k in range(d)]
     per = bucket(max(len(x) for x in by_shard), 1)
     place = np.full((d * per,), -1)  # batch position -> input row (-1: padding)
@@ -441,6 +443,12 @@ class Sampler:
     # an idle row spans; its output is discarded).
     width = max(max(len(t), paged.pages_for(n + 1, kv.page_size)) for t, n in zip(page_tables, lengths))
     table = self._page_table(page_tables, b, bucket(width, 1))
+    for r, (t, n, budget) in enumerate(zip(page_tables, lengths, budgets)):
+      if budget and len(t) * kv.page_size < n + min(steps, budget):
+        raise ValueError(
+          f"decode_segment: row {r} holds {len(t)} pages of {kv.page_size} for {n} tokens + up to "
+          f"{min(steps, budget)} new ones"
+        )
     self._note(("decode_segment", b, kv.num_pages, kv.page_size, table.shape[1], steps, len(stops), params))
     with platform.scope(self.mesh):
       kv, logits, tokens, logprobs, counts, reasons = _decode_segment(
