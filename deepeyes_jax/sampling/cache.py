@@ -74,8 +74,9 @@ def init_cache(
   return jax.jit(make, out_shardings=out_shardings)()
 
 
-def constrain(cache: KVCache, shardings: KVCache | None) -> KVCache:
-  """Pins a cache produced inside jit to its shardings (keeps the layout stable across donated calls)."""
+def constrain(cache, shardings):
+  """Pins a cache produced inside jit (a `KVCache`, or a paged pool `paged.PagedKV`) to its shardings, a tree of the
+  same structure or None (keeps the layout stable across donated calls)."""
   if shardings is None:
     return cache
   return jax.tree.map(jax.lax.with_sharding_constraint, cache, shardings)

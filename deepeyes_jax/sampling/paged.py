@@ -45,10 +45,6 @@ class PagedKV:
   def page_size(self) -> int:
     return self.pools[0].shape[1]
 
-  @property
-  def nbytes(self) -> int:
-    return sum(p.size * p.dtype.itemsize for p in self.pools)
-
 
 def page_bytes(config: Qwen25VLConfig, page_size: int, dtype) -> int:
   """Bytes of one page over all layers (keys and values)."""
@@ -104,15 +100,13 @@ class PageAllocator:
   """Host bookkeeping of a pool's pages: a free list and a reference count per page.
 
   `alloc` hands out the lowest free page ids first (deterministic: the same schedule gives the same pages);
-  `release` drops one reference per page and frees those no row holds any more. `peak_in_use` is the most pages
-  ever held at once: the pool size the workload needed.
+  `release` drops one reference per page and frees those no row holds any more.
   """
 
   def __init__(self, num_pages: int):
     self.num_pages = 0
     self.refs = np.zeros((0,), np.int32)
     self.free: list[int] = []
-    self.peak_in_use = 0
     self.add_pages(num_pages)
 
   def add_pages(self, num_pages: int) -> None:
@@ -135,7 +129,6 @@ class PageAllocator:
       raise MemoryError(f"KV pool exhausted: {n} page(s) asked, {len(self.free)} of {self.num_pages} free")
     pages = [self.free.pop() for _ in range(n)]
     self.refs[pages] += 1
-    self.peak_in_use = max(self.peak_in_use, self.in_use)
     return pages
 
   def share(self, pages: list[int]) -> None:
@@ -166,7 +159,7 @@ class ShardedAllocator:
 
   def __init__(self, shards: int, pages_per_shard: int):
     self.shards = [PageAllocator(pages_per_shard) for _ in range(shards)]
-    self.peak_in_use = 0
+    self.peak_in_use = 0  # the most pages held at once: what the workload needed
 
   @property
   def pages_per_shard(self) -> int:

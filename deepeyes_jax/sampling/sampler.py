@@ -691,19 +691,13 @@ def _paged_run(model, kv: PagedKV, tokens, counts, position_ids, page_table, len
   return PagedKV(pools=pools), logits
 
 
-def _constrain_pool(kv: PagedKV, shardings: PagedKV | None) -> PagedKV:
-  if shardings is None:
-    return kv
-  return jax.tree.map(jax.lax.with_sharding_constraint, kv, shardings)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def _extend_paged(
   graphdef, shardings, state, kv, tokens, counts, position_ids, page_table, lengths, pixel_values, plan
 ):
   model = nnx.merge(graphdef, state)
   kv, logits = _paged_run(model, kv, tokens, counts, position_ids, page_table, lengths, pixel_values, plan)
-  return _constrain_pool(kv, shardings), logits
+  return constrain(kv, shardings), logits
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
@@ -761,7 +755,7 @@ def _decode_segment(
     ended = hit_stop | hit_len
     return dict(
       c,
-      kv=_constrain_pool(kv, shardings),
+      kv=constrain(kv, shardings),
       logits=jnp.where(active[:, None], new_logits, c["logits"]),
       step=step + 1,
       lengths=c["lengths"] + n,
