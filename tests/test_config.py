@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from deepeyes_jax.models import qwen2_5_vl as qvl
 
-# The hub config.json of Qwen/Qwen2.5-VL-3B-Instruct (flat form), model fields as in SPEC.md section 1.
+# The hub config.json of Qwen/Qwen2.5-VL-3B-Instruct (flat form), model fields as in docs/reference.md ("Model").
 HUB_3B = {
   "architectures": ["Qwen2_5_VLForConditionalGeneration"],
   "model_type": "qwen2_5_vl",

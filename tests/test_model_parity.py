@@ -104,7 +104,10 @@ def test_rope_index_and_deltas_match_hf(hf_checkpoint):
 
 
 def test_bf16_within_documented_tolerance(hf_checkpoint):
-  """bf16 params and activations vs the fp32 reference: max relative logit error <= 3e-2 (docs/numerics.md)."""
+  """bf16 params and activations vs the fp32 reference: max relative logit error <= 3e-2.
+
+  The tolerance and why: docs/reference.md, section "Numerics".
+  """
   model = qvl.from_pretrained(hf_checkpoint[0], dtype=jnp.bfloat16)
   grids = [(1, 10, 14)]
   ids = np.array([[5, 6] + image_block(grids[0]) + [7, 8, 9]])

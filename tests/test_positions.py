@@ -21,7 +21,8 @@ def _segments_to_cu(seg):
 
 
 def test_spec_window_example():
-  """SPEC.md: grid (1, 8, 8), window 56 -> index [0,1,4,5,2,3,6,7,8,9,12,13,10,11,14,15], cu [0,16,32,48,64]."""
+  """docs/reference.md ("Model"): grid (1, 8, 8), window 56 -> index [0,1,4,5,2,3,6,7,8,9,12,13,10,11,14,15],
+  cu [0,16,32,48,64]."""
   plan = qvl.make_vision_plan(np.array([[1, 8, 8]]), VCFG)
   np.testing.assert_array_equal(plan.window_index, [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15])
   np.testing.assert_array_equal(_segments_to_cu(plan.window_segments), [0, 16, 32, 48, 64])
@@ -68,7 +69,8 @@ def test_plan_padding_marks_tail_as_segment_zero():
 
 
 def test_spec_rope_index_example():
-  """SPEC.md: [a, b, <vs>, 16 x img (4x4), <ve>, c, d, e] -> t = 0,1,2,3x16,7,8,9,10; delta = -12."""
+  """docs/reference.md ("Model"): [a, b, <vs>, 16 x img (4x4), <ve>, c, d, e] -> t = 0,1,2,3x16,7,8,9,10;
+  delta = -12."""
   ids = np.array([[11, 12] + image_block((1, 8, 8)) + [13, 14, 15]])
   pos, delta = qvl.get_rope_index(ids, np.array([[1, 8, 8]]), image_token_id=IMAGE)
   np.testing.assert_array_equal(pos[0, 0], [0, 1, 2] + [3] * 16 + [7, 8, 9, 10])

@@ -1,12 +1,13 @@
 """One DeepEyes assistant turn: find the answer or the zoom-in tool call, execute it, build the observation.
 
-Host-side, pure Python (PIL for the crop). Follows SPEC.md section 2 ("One assistant turn"), which follows the
-original ``visual_toolbox_v2.py`` of Visual-Agent/DeepEyes except where SPEC.md says otherwise:
+Host-side, pure Python (PIL for the crop). Follows docs/reference.md (section "Tool protocol"), that is the original
+``visual_toolbox_v2.py`` of Visual-Agent/DeepEyes, except where said otherwise below:
 
 1. ``<answer>(.*?)</answer>`` (DOTALL): the LAST match is the answer. A non-empty answer (whitespace counts) ends the
    episode, even when the turn also calls a tool (the answer wins). An EMPTY answer ``<answer></answer>`` does not
    count (the original tests ``if answer:``): the turn falls through to the tool-call check.
-2. ``<tool_call>(.*?)</tool_call>`` (DOTALL): the LAST match is executed (SPEC.md; the original took the first).
+2. ``<tool_call>(.*?)</tool_call>`` (DOTALL): the LAST match is executed, as the original's ``findall(...)[-1]``
+   does (an older branch of it took the first).
    No match ends the episode (kind ``"end"``); so does an EMPTY last match ``<tool_call></tool_call>`` (the original
    tests ``if not action:``). Whitespace-only content is not empty and fails as JSON.
 3. ``json.loads(content.strip())``. Any exception (``JSONDecodeError``, but also ``RecursionError`` on very deep

@@ -1,7 +1,7 @@
 """One attention function for the vision tower, the decoder (prefill, extend, decode) and training.
 
 `attention(..., impl="xla")` is the plain `jax.numpy` reference: it is the specification that faster kernels are
-checked against (DESIGN.md principle 1). Masks are described, not materialised by callers:
+checked against, forward and backward. Masks are described, not materialised by callers:
 
 - segment ids: a query attends to a key only if both carry the same segment id; id 0 marks padding (never
   attended to). Vision windows, per-image full attention, packed training rows and padded batches are all
