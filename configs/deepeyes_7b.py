@@ -1,4 +1,4 @@
-"""The published DeepEyes recipe (SPEC.md section 2, "RL recipe"), with variants.
+"""The published DeepEyes recipe (docs/reference.md, section "RL recipe"), with variants.
 
     python -m deepeyes_jax.train --config configs/deepeyes_7b.py --workdir DIR \
         --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.train=/data/deepeyes/*.parquet
@@ -14,13 +14,14 @@ prompt <= 8192 and response <= 20480 tokens; ~80 steps. The judge is an OpenAI-c
 
 import ml_collections
 
+from deepeyes_jax.config_args import parse_arg
+
 # The `arg` values of get_config: documented in docs/config_reference.md (python -m deepeyes_jax.config_reference).
 VARIANTS = ("size=3b", "size=32b", "size=tiny")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
-  size = args.get("size", "7b")
+  size = parse_arg(arg, size="7b").size
   if size not in ("tiny", "3b", "7b", "32b"):
     raise ValueError(f"size must be one of tiny, 3b, 7b, 32b; got {size!r}")
   c = ml_collections.ConfigDict()

@@ -8,16 +8,16 @@ order by default (shuffle_options=False): the answer letters are already balance
 `size=tiny`, `no_tool=1`.
 """
 
-from deepeyes_jax.eval.config import apply_variant, base_config
+from deepeyes_jax.config_args import parse_arg
+from deepeyes_jax.eval.config import VARIANT_SPEC, apply_variant, base_config
 
 
 def get_config(arg: str | None = None):
-  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
-  res = args.pop("res", "4k")
-  if res not in ("4k", "8k"):
-    raise ValueError(f"res must be 4k or 8k, got {res!r}")
-  c = base_config(f"hrbench_{res}")
+  args = parse_arg(arg, res="4k", **VARIANT_SPEC)
+  if args.res not in ("4k", "8k"):
+    raise ValueError(f"res must be 4k or 8k, got {args.res!r}")
+  c = base_config(f"hrbench_{args.res}")
   c.shuffle_options = False
-  if res == "8k":
+  if args.res == "8k":
     c.batch_size = 8  # 8K images: more crops per trajectory at native resolution
-  return apply_variant(c, ",".join(f"{k}={v}" for k, v in args.items()))
+  return apply_variant(c, args)

@@ -27,6 +27,8 @@ import os
 
 import ml_collections
 
+from deepeyes_jax.config_args import parse_arg
+
 # The recipe's config, loaded by path (config files are not a package).
 _spec = importlib.util.spec_from_file_location("deepeyes_7b", os.path.join(os.path.dirname(__file__), "deepeyes_7b.py"))
 deepeyes_7b = importlib.util.module_from_spec(_spec)
@@ -36,8 +38,7 @@ VARIANTS = ("variant=ci",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
-  variant = args.get("variant", "default")
+  variant = parse_arg(arg, variant="default").variant
   if variant not in ("default", "ci"):
     raise ValueError(f"variant must be 'default' or 'ci', got {variant!r}")
   c = deepeyes_7b.get_config("size=7b")  # the recipe's structure; every knob that differs is set below

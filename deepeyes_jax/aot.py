@@ -64,19 +64,15 @@ from jax.sharding import PartitionSpec as P
 
 from deepeyes_jax.kernels import platform
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl import presets
 from deepeyes_jax.models.qwen2_5_vl.tiny import tiny_config
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.processing import image as improc
 from deepeyes_jax.rl.metrics import PEAK_FLOPS, PEAK_HBM_BANDWIDTH
-from deepeyes_jax.rl.packing import PackedBatch, pack
+from deepeyes_jax.rl.packing import PackedBatch, micro_batch_num_rows, pack, rows_per_micro_batch
 from deepeyes_jax.rl.train_step import batch_shardings, learner_fns, opt_state_shardings
-from deepeyes_jax.rl.trainer import (
-  agent_config,
-  learner_config,
-  micro_batch_num_rows,
-  model_options,
-  rows_per_micro_batch,
-)
+from deepeyes_jax.rl.trainer import learner_config
+from deepeyes_jax.run_setup import agent_config, model_options
 from deepeyes_jax.sampling import cache as cache_lib
 from deepeyes_jax.sampling import paged as paged_lib
 from deepeyes_jax.sampling import sampler as sampler_lib
@@ -224,46 +220,6 @@ def parse_oom(message: str) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------
-def _preset(name: str) -> qvl.Qwen25VLConfig:
-  """Qwen2.5-VL shapes by size name: the hub config.json of each Instruct model (3B / 7B as pinned by
-  tests/test_config.py), and "tiny" = the embedded default's model (configs/synthetic.py)."""
-  base = qvl.Qwen25VLConfig()  # the 7B
-  if name == "7b":
-    return base
-  if name == "3b":
-    return base.replace(
-      text=dataclasses.replace(
-        base.text,
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-      ),
-      vision=dataclasses.replace(base.vision, out_hidden_size=2048),
-      tie_word_embeddings=True,
-    )
-  if name == "32b":
-    return base.replace(
-      text=dataclasses.replace(
-        base.text,
-        hidden_size=5120,
-        intermediate_size=27648,
-        num_hidden_layers=64,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-      ),
-      vision=dataclasses.replace(base.vision, intermediate_size=3456, out_hidden_size=5120),
-    )
-  if name == "tiny":
-    return _tiny({})
-  raise ValueError(f"unknown model size {name!r}; known: {', '.join(MODEL_PRESETS)}")
-
-
-MODEL_PRESETS = ("tiny", "3b", "7b", "32b")
-
-
 def _tiny(kw: dict) -> qvl.Qwen25VLConfig:
   names = inspect.signature(tiny_config).parameters
   defaults = {"vocab_size": 768}
@@ -273,7 +229,7 @@ def _tiny(kw: dict) -> qvl.Qwen25VLConfig:
 def model_config(config: ml_collections.ConfigDict, model: str | None = None) -> tuple[qvl.Qwen25VLConfig, str]:
   """The Qwen2.5-VL config a run of `config` trains, and where it came from.
 
-  `model` (the --model flag) wins: a size name or an HF directory / config.json. Otherwise as the trainer
+  `model` (the --model flag) wins: a preset name (presets.py) or an HF directory / config.json. Otherwise as the trainer
   resolves it: `model.checkpoint`'s config.json when it exists here, the tiny model made by code when the
   checkpoint is empty and `model.tiny` is set, else the preset `model.size` (7B when the config has none).
   """
@@ -282,8 +238,8 @@ def model_config(config: ml_collections.ConfigDict, model: str | None = None) ->
     return qvl.Qwen25VLConfig.from_json_file(os.path.dirname(path) if path.endswith(".json") else path)
 
   if model:
-    if model in MODEL_PRESETS:
-      return _preset(model), f"preset {model}"
+    if model in presets.PRESETS:
+      return presets.preset(model), f"preset {model}"
     return from_path(model), model
   ckpt = config.model.get("checkpoint")
   if ckpt and os.path.exists(os.path.join(ckpt, "config.json")):
@@ -292,7 +248,7 @@ def model_config(config: ml_collections.ConfigDict, model: str | None = None) ->
   if not ckpt and tiny:
     return _tiny(tiny.to_dict()), "config.model.tiny"
   size = config.model.get("size", "7b")
-  return _preset(size), f"preset {size}"
+  return presets.preset(size), f"preset {size}"
 
 
 def with_layers(cfg: qvl.Qwen25VLConfig, layers: int | None, vision_layers: int | None) -> qvl.Qwen25VLConfig:
@@ -1099,7 +1055,7 @@ class StepAssumptions:
   turn after the first appends a crop); decode_steps_per_turn: token steps of one decode call (the lock-step engine
   decodes until the chunk's longest turn ends); slot_utilisation: the continuous engine's share of slot-steps that
   generate a token (a slot idles while its row waits for the rest of its segment; measured on CPU by
-  `python -m deepeyes_jax.benchmarks.rollout`).
+  `python -m deepeyes_jax.perf.rollout`).
   """
 
   tokens_per_trajectory: int = 6000
@@ -1248,7 +1204,7 @@ def _define_flags() -> None:
   flags.DEFINE_string(
     "model",
     None,
-    f"model shape: a size ({', '.join(MODEL_PRESETS)}) or an HF dir/config.json; "
+    f"model shape: a preset ({', '.join(presets.names())}) or an HF dir/config.json; "
     "default from the config (model.checkpoint, model.tiny, model.size)",
   )
   flags.DEFINE_integer("patches_per_row", None, "image patches per learner row (default: prompt image + crops)")

@@ -10,25 +10,19 @@ See docs/evaluation.md.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from deepeyes_jax.agent.rollout import run_rollouts
+from deepeyes_jax import run_setup
 from deepeyes_jax.data.benchmarks import load_benchmark
-from deepeyes_jax.eval.runner import EvalSettings, evaluate, summary_markdown
-from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.parallel import sharding as shd
-from deepeyes_jax.rl.trainer import agent_config, make_judge, maybe_init_distributed
-from deepeyes_jax.sampling.generate import load_tokenizer
-from deepeyes_jax.sampling.sampler import Sampler
+from deepeyes_jax.eval.loop import agent_rollouts
+from deepeyes_jax.eval.runner import EvalSettings, evaluate_benchmark, summary_markdown
 
 
 def _define_flags() -> None:
@@ -65,29 +59,26 @@ def run(config: ml_collections.ConfigDict) -> dict:
   if not config.checkpoint or not config.data_path:
     raise ValueError("set --config.checkpoint=DIR and --config.data_path=PATH")
   s = settings(config)
-  maybe_init_distributed()
+  run_setup.maybe_init_distributed()
   items, report = load_benchmark(config.benchmark, config.data_path, image_dir=config.image_dir)
   print(report.summary(), flush=True)
   if config.limit:
     items = items[: config.limit]
   t0 = time.perf_counter()
-  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model = qvl.from_pretrained(
-    config.checkpoint, dtype=jnp.dtype(config.dtype), mesh=mesh, attention_impl=config.attention_impl
+  mesh = run_setup.make_mesh(config.mesh)
+  _, tokenizer, sampler = run_setup.load_for_inference(
+    config.checkpoint,
+    dtype=config.dtype,
+    mesh=mesh,
+    attention_impl=config.attention_impl,
+    tokenizer=config.tokenizer,
   )
-  tokenizer = load_tokenizer(config.tokenizer or config.checkpoint)
-  sampler = Sampler(model, mesh=mesh)
   print(f"loaded {config.checkpoint} on mesh {dict(mesh.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
-  agent = agent_config(config)
-  if config.no_tool:  # one answer turn: a tool call in it is not executed
-    agent = dataclasses.replace(agent, max_turns=1)
+  # no_tool: one answer turn (a tool call in it is not executed)
+  rollout_fn = agent_rollouts(sampler, tokenizer, run_setup.agent_config(config), one_turn=config.no_tool)
   directory = out_dir(config)
-  judge = make_judge(config, directory) if config.reward.use_judge else None
-
-  def rollout_fn(tasks, group_size, seed):
-    return run_rollouts(sampler, tokenizer, tasks, group_size=group_size, config=agent, seed=seed)
-
-  summary = evaluate(
+  judge = run_setup.make_judge(config, directory) if config.reward.use_judge else None
+  summary = evaluate_benchmark(
     items,
     rollout_fn,
     directory,

@@ -28,6 +28,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from deepeyes_jax import run_setup
 from deepeyes_jax.models import qwen2_5_vl as qvl
 from deepeyes_jax.models.qwen2_5_vl.weights import SAFE_INDEX
 from deepeyes_jax.parallel import sharding as shd
@@ -149,7 +150,7 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  mesh = shd.make_mesh(*(int(x) for x in _MESH.value.split(","))) if _MESH.value else None
+  mesh = run_setup.parse_mesh(_MESH.value)
   try:
     step = export(
       _WORKDIR.value,

@@ -13,65 +13,36 @@ from __future__ import annotations
 import os
 import time
 
-import jax.numpy as jnp
 from absl import app, flags
 
+from deepeyes_jax import run_setup
 from deepeyes_jax.agent import prompts
 from deepeyes_jax.agent.render import trajectory_html, zoom_figure
-from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
+from deepeyes_jax.agent.rollout import Task, run_rollouts
 from deepeyes_jax.agent.trajectory import save_trajectories
 from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.processing import image as improc
-from deepeyes_jax.sampling import rules
-from deepeyes_jax.sampling.generate import load_tokenizer
-from deepeyes_jax.sampling.sampler import Sampler
 
 
 def _define_flags() -> None:
   """The command-line flags, defined only when this module runs as a program: importing it defines none, so
   several CLI modules can live in one process (the tests import them)."""
-  global \
-    _CKPT, \
-    _IMAGE, \
-    _QUESTION, \
-    _OPTIONS, \
-    _GREEDY, \
-    _TEMPERATURE, \
-    _TOP_P, \
-    _SEED, \
-    _OUT, \
-    _MAX_TURNS, \
-    _MAX_TURN_TOKENS, \
-    _MAX_TOTAL, \
-    _MAX_PIXELS, \
-    _FRAME, \
-    _DTYPE, \
-    _MESH
+  global _CKPT, _IMAGE, _QUESTION, _OPTIONS, _SEED, _OUT, _MESH, _ROLLOUT
   _CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
   _IMAGE = flags.DEFINE_string("image", None, "image file", required=True)
   _QUESTION = flags.DEFINE_string("question", None, "the question", required=True)
   _OPTIONS = flags.DEFINE_list("options", None, "multiple-choice options (comma separated): uses the eval prompt")
-  _GREEDY = flags.DEFINE_bool("greedy", False, "greedy decoding (default: sample at --temperature)")
-  _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
-  _TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
   _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
   _OUT = flags.DEFINE_string("out", "infer_out", "output directory")
-  _MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most")
-  _MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
-  _MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most (the cache size)")
-  _MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for the image and the crops")
-  _FRAME = flags.DEFINE_enum("coordinate_frame", "original", ["original", "resized"], "frame of the zoom boxes")
-  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
   _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh shape (default: one device)")
+  _ROLLOUT = run_setup.RolloutFlags()
 
 
 def main(argv):
   del argv
   t0 = time.perf_counter()
-  mesh = shd.make_mesh(*(int(x) for x in _MESH.value.split(","))) if _MESH.value else None
-  model = qvl.from_pretrained(_CKPT.value, dtype=jnp.dtype(_DTYPE.value), mesh=mesh)
-  tokenizer = load_tokenizer(_CKPT.value)
+  mesh = run_setup.parse_mesh(_MESH.value)
+  model, tokenizer, sampler = run_setup.load_for_inference(_CKPT.value, dtype=_ROLLOUT.dtype.value, mesh=mesh)
   print(f"loaded {_CKPT.value} ({qvl.param_count(model) / 1e6:.1f}M params) in {time.perf_counter() - t0:.1f} s")
   image = improc.load_image(_IMAGE.value)
   if _OPTIONS.value:
@@ -79,15 +50,7 @@ def main(argv):
   else:
     user_text = _QUESTION.value + prompts.USER_SUFFIX
   task = Task(task_id=os.path.basename(_IMAGE.value), image=image, user_text=user_text)
-  params = rules.GREEDY if _GREEDY.value else rules.SamplingParams(_TEMPERATURE.value, top_p=_TOP_P.value)
-  config = AgentConfig(
-    max_turns=_MAX_TURNS.value,
-    max_tokens_per_turn=_MAX_TURN_TOKENS.value,
-    max_total_tokens=_MAX_TOTAL.value,
-    max_pixels=_MAX_PIXELS.value,
-    coordinate_frame=_FRAME.value,
-    sampling=params,
-  )
+  config = _ROLLOUT.agent_config()
 
   def on_turn(row, turn_no, turn, record):
     print(f"\n--- turn {turn_no} ({turn.num_tokens} tokens, {turn.kind}) ---\n{turn.text}", flush=True)
@@ -95,7 +58,7 @@ def main(argv):
       detail = f"box {record.bbox}" if record.status == "ok" else (record.error or record.status)
       print(f"[tool] {record.name}: {record.status} {detail}", flush=True)
 
-  (traj,) = run_rollouts(Sampler(model, mesh=mesh), tokenizer, [task], config=config, seed=_SEED.value, on_turn=on_turn)
+  (traj,) = run_rollouts(sampler, tokenizer, [task], config=config, seed=_SEED.value, on_turn=on_turn)
   print(f"\nanswer: {traj.answer!r} (stop: {traj.stop_reason}, {traj.num_tool_calls} tool calls)")
   os.makedirs(_OUT.value, exist_ok=True)
   fig = zoom_figure(traj)

@@ -1,4 +1,4 @@
-"""Tool-use-oriented data selection for DeepEyes-format data with a checkpoint (deepeyes_jax/data/selection.py).
+"""Tool-use-oriented data selection for DeepEyes-format data with a checkpoint (deepeyes_jax/eval/selection.py).
 
     python -m deepeyes_jax.select --checkpoint /ckpt/Qwen2.5-VL-7B-Instruct --data '/data/deepeyes47k/*.parquet' \
         --out /data/selected.parquet [--k 8] [--notool_filter] [--no_tool_max 0.5] [--crop_min 0.5]
@@ -11,62 +11,34 @@ from __future__ import annotations
 
 import logging
 
-import jax.numpy as jnp
 from absl import app, flags
 
-from deepeyes_jax.agent.rollout import AgentConfig
+from deepeyes_jax import run_setup
 from deepeyes_jax.data.deepeyes import BadRecord, DeepEyesSource, decode_example
-from deepeyes_jax.data.selection import AgentPolicy, SelectionConfig, report, select, write_selection
-from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.parallel import sharding as shd
-from deepeyes_jax.processing import image as improc
-from deepeyes_jax.sampling import rules
-from deepeyes_jax.sampling.generate import load_tokenizer
-from deepeyes_jax.sampling.sampler import Sampler
+from deepeyes_jax.eval.loop import agent_rollouts
+from deepeyes_jax.eval.selection import SelectionConfig, report, select, write_selection
+from deepeyes_jax.reward.judge import JudgeConfig, LLMJudge
 
 
 def _define_flags() -> None:
   """The command-line flags, defined only when this module runs as a program: importing it defines none, so
   several CLI modules can live in one process (the tests import them)."""
-  global \
-    _CKPT, \
-    _DATA, \
-    _OUT, \
-    _K, \
-    _SEED, \
-    _BATCH, \
-    _TOOL_FILTER, \
-    _NO_TOOL_MAX, \
-    _CROP_MIN, \
-    _MISSING_BOX, \
-    _LIMIT, \
-    _TEMPERATURE, \
-    _MAX_TURNS, \
-    _MAX_TURN_TOKENS, \
-    _MAX_TOTAL, \
-    _MAX_PIXELS, \
-    _DTYPE, \
-    _MESH, \
-    _JUDGE
+  global _CKPT, _DATA, _OUT, _K, _SEED, _BATCH, _TOOL_FILTER, _NO_TOOL_MAX, _CROP_MIN, _MISSING_BOX, _LIMIT, _MESH
+  global _JUDGE, _ROLLOUT
   _CKPT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (model + tokenizer)", required=True)
   _DATA = flags.DEFINE_list("data", None, "DeepEyes parquet / JSONL paths or globs", required=True)
   _OUT = flags.DEFINE_string("out", None, "output parquet", required=True)
-  _K = flags.DEFINE_integer("k", 8, "samples per question and condition")
-  _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed")
-  _BATCH = flags.DEFINE_integer("batch_size", 16, "questions per rollout batch")
+  _K = flags.DEFINE_integer("k", SelectionConfig.k, "samples per question and condition")
+  _SEED = flags.DEFINE_integer("seed", SelectionConfig.seed, "PRNG seed")
+  _BATCH = flags.DEFINE_integer("batch_size", SelectionConfig.batch_size, "questions per rollout batch")
   _TOOL_FILTER = flags.DEFINE_bool("tool_filter", True, "also require: fails without the tool, solved with the crop")
-  _NO_TOOL_MAX = flags.DEFINE_float("no_tool_max", 0.5, "max solved rate without the tool")
-  _CROP_MIN = flags.DEFINE_float("crop_min", 0.5, "min solved rate with the ground-truth crop")
+  _NO_TOOL_MAX = flags.DEFINE_float("no_tool_max", SelectionConfig.no_tool_max, "max solved rate without the tool")
+  _CROP_MIN = flags.DEFINE_float("crop_min", SelectionConfig.crop_min, "min solved rate with the ground-truth crop")
   _MISSING_BOX = flags.DEFINE_enum("missing_box", "keep", ["keep", "drop"], "items without extra_info.bbox")
   _LIMIT = flags.DEFINE_integer("limit", 0, "only the first N records (0 = all)")
-  _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "sampling temperature")
-  _MAX_TURNS = flags.DEFINE_integer("max_turns", 5, "assistant turns at most (tool mode)")
-  _MAX_TURN_TOKENS = flags.DEFINE_integer("max_tokens_per_turn", 2048, "tokens per assistant turn at most")
-  _MAX_TOTAL = flags.DEFINE_integer("max_total_tokens", 16384, "tokens per trajectory at most")
-  _MAX_PIXELS = flags.DEFINE_integer("max_pixels", improc.MAX_PIXELS, "max_pixels for images and crops")
-  _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
   _MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor mesh shape")
   _JUDGE = flags.DEFINE_string("judge_url", None, "OpenAI-compatible judge endpoint (default: rules only)")
+  _ROLLOUT = run_setup.RolloutFlags()
 
 
 def load_records(paths, limit: int = 0):
@@ -87,23 +59,7 @@ def load_records(paths, limit: int = 0):
 
 def main(argv):
   del argv
-  records, examples = load_records(_DATA.value, _LIMIT.value)
-  mesh = shd.make_mesh(*(int(x) for x in _MESH.value.split(",")))
-  model = qvl.from_pretrained(_CKPT.value, dtype=jnp.dtype(_DTYPE.value), mesh=mesh)
-  agent = AgentConfig(
-    max_turns=_MAX_TURNS.value,
-    max_tokens_per_turn=_MAX_TURN_TOKENS.value,
-    max_total_tokens=_MAX_TOTAL.value,
-    max_pixels=_MAX_PIXELS.value,
-    sampling=rules.SamplingParams(_TEMPERATURE.value),
-  )
-  policy = AgentPolicy(Sampler(model, mesh=mesh), load_tokenizer(_CKPT.value), agent)
-  judge = None
-  if _JUDGE.value:
-    from deepeyes_jax.rl.judge import JudgeConfig, LLMJudge
-
-    judge = LLMJudge(JudgeConfig(url=_JUDGE.value))
-  config = SelectionConfig(
+  config = SelectionConfig(  # validated before anything loads
     k=_K.value,
     seed=_SEED.value,
     batch_size=_BATCH.value,
@@ -112,7 +68,19 @@ def main(argv):
     crop_min=_CROP_MIN.value,
     missing_box=_MISSING_BOX.value,
   )
-  decisions = select(examples, policy, config, judge)
+  records, examples = load_records(_DATA.value, _LIMIT.value)
+  mesh = run_setup.parse_mesh(_MESH.value)
+  _, tokenizer, sampler = run_setup.load_for_inference(_CKPT.value, dtype=_ROLLOUT.dtype.value, mesh=mesh)
+  agent = _ROLLOUT.agent_config()
+  judge = LLMJudge(JudgeConfig(url=_JUDGE.value)) if _JUDGE.value else None
+  decisions = select(
+    examples,
+    agent_rollouts(sampler, tokenizer, agent),
+    agent_rollouts(sampler, tokenizer, agent, one_turn=True),
+    tokenizer,
+    config,
+    judge,
+  )
   print(report(decisions), flush=True)
   parquet, jsonl = write_selection(records, decisions, _OUT.value)
   print(f"wrote {parquet} ({sum(d.kept for d in decisions)} records) and {jsonl}", flush=True)

@@ -12,47 +12,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from deepeyes_jax.models import qwen2_5_vl as qvl  # noqa: E402
+from deepeyes_jax.models.qwen2_5_vl.presets import preset  # noqa: E402
 
-# Token ids of the tiny test vocabulary (must be < vocab_size).
-IMAGE, VIDEO, VSTART, VEND = 250, 251, 252, 253
+# Token ids of the test preset's vocabulary (250-253).
+_TEST = preset("test")
+IMAGE, VIDEO = _TEST.image_token_id, _TEST.video_token_id
+VSTART, VEND = _TEST.vision_start_token_id, _TEST.vision_end_token_id
 
 
 def tiny_config(**overrides) -> qvl.Qwen25VLConfig:
-  """A tiny config exercising every code path: GQA, several windows per image, a full-attention block."""
-  text = qvl.TextConfig(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-    mrope_section=(2, 3, 3),
-    max_position_embeddings=4096,
-  )
-  vision = qvl.VisionConfig(
-    depth=3,
-    hidden_size=32,
-    intermediate_size=48,
-    num_heads=2,
-    out_hidden_size=64,
-    window_size=56,
-    fullatt_block_indexes=(1,),
-  )
-  cfg = qvl.Qwen25VLConfig(
-    text=text,
-    vision=vision,
-    tie_word_embeddings=False,
-    image_token_id=IMAGE,
-    video_token_id=VIDEO,
-    vision_start_token_id=VSTART,
-    vision_end_token_id=VEND,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-  )
-  return dataclasses.replace(cfg, **overrides)
+  """The "test" preset (presets.py): a tiny config exercising every code path: GQA, several windows per image, a
+  full-attention block."""
+  return dataclasses.replace(preset("test"), **overrides)
 
 
 def make_hf_model(config: qvl.Qwen25VLConfig, seed: int = 0, dtype="float32"):
@@ -133,19 +104,11 @@ def rel_err(a, b, mask=None) -> float:
 def tiny_vlm(tmp_path_factory):
   """A tiny HF checkpoint + tokenizer directory whose config uses the tokenizer's special-token ids."""
   path = tmp_path_factory.mktemp("tiny_vlm")
-  from deepeyes_jax.processing import tokenizer as toklib
+  from deepeyes_jax.models.qwen2_5_vl.tiny import with_tiny_tokenizer
+  from deepeyes_jax.processing import tiny_tokenizer as toklib
 
-  ids = toklib.build_tiny_tokenizer(path)
-  cfg = tiny_config(
-    text=tiny_config().text.__class__(**{**tiny_config().text.__dict__, "vocab_size": 512 + toklib.NUM_ADDED_TOKENS}),
-    image_token_id=ids["<|image_pad|>"],
-    video_token_id=ids["<|video_pad|>"],
-    vision_start_token_id=ids["<|vision_start|>"],
-    vision_end_token_id=ids["<|vision_end|>"],
-    eos_token_id=ids["<|im_end|>"],
-    pad_token_id=ids["<|endoftext|>"],
-    bos_token_id=ids["<|endoftext|>"],
-  )
+  toklib.build_tiny_tokenizer(path, 512)
+  cfg = with_tiny_tokenizer(tiny_config(), 512)
   hf = make_hf_model(cfg, seed=11)
   hf.save_pretrained(path)
   return path, hf, cfg

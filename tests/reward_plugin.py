@@ -6,7 +6,7 @@ no-op. This reward varies with the generated text, giving non-zero advantages an
 
 import zlib
 
-from deepeyes_jax.rl import rewards
+from deepeyes_jax.reward import rewards
 
 
 @rewards.register_reward("test_text_hash", overwrite=True)

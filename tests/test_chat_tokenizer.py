@@ -1,4 +1,4 @@
-"""Chat rendering (deepeyes_jax.processing.chat) and the tiny Qwen2.5-VL test tokenizer (processing.tokenizer)."""
+"""Chat rendering (deepeyes_jax.processing.chat) and the tiny Qwen2.5-VL test tokenizer (processing.tiny_tokenizer)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from deepeyes_jax.processing import chat
-from deepeyes_jax.processing import tokenizer as tk
+from deepeyes_jax.processing import tiny_tokenizer as tk
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -229,7 +229,7 @@ def test_tiny_tokenizer_is_deterministic(tmp_path, tiny_dir):
   """Same bytes when built again in this process and in a fresh process (Rust hash maps are seeded per process)."""
   here, fresh = tmp_path / "again", tmp_path / "fresh"
   tk.build_tiny_tokenizer(here)
-  code = f"from deepeyes_jax.processing import tokenizer as tk; tk.build_tiny_tokenizer({str(fresh)!r})"
+  code = f"from deepeyes_jax.processing import tiny_tokenizer as tk; tk.build_tiny_tokenizer({str(fresh)!r})"
   subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONHASHSEED": "random"})
   names = sorted(os.listdir(tiny_dir[0]))
   assert names == ["tokenizer.json", "tokenizer_config.json"]

@@ -328,7 +328,8 @@ def test_jsonl_with_relative_image_paths_and_base64(tmp_path, monkeypatch):
 def test_pipeline_skips_bad_records_counts_and_logs(data, caplog):
   paths, good, bad = data
   caplog.set_level(logging.WARNING, logger="deepeyes_jax.data.pipeline")
-  it, stats = pl.make_eval_iterator(paths, 4)
+  # One pass in file order with the last partial batch kept (what an evaluation over a file asks for).
+  it, stats = pl.make_train_iterator(paths, seed=0, batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False)
   batches = list(it)
   assert _uids(batches)[-1] == good[-(len(good) % 4 or 4) :]  # the last partial batch is kept
   assert [u for b in _uids(batches) for u in b] == good  # file order, bad rows dropped
@@ -444,4 +445,4 @@ def test_bad_arguments_raise(data):
   with pytest.raises(ValueError, match="batch_size"):
     pl.make_train_iterator(paths, seed=0, batch_size=0)
   with pytest.raises(ValueError, match="no records"):
-    pl.make_eval_iterator(paths, 2, process_index=50, process_count=51)
+    pl.make_train_iterator(paths, seed=0, batch_size=2, process_index=50, process_count=51)

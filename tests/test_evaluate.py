@@ -14,11 +14,11 @@ from benchmark_fixtures import write_vstar
 from deepeyes_jax.agent import prompts
 from deepeyes_jax.agent.rollout import AgentConfig, run_rollouts
 from deepeyes_jax.data import benchmarks as bm
-from deepeyes_jax.eval import runner, scoring
+from deepeyes_jax.eval import loop, runner, scoring
 from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.rl.judge import Judge
+from deepeyes_jax.processing.tokenizer import load_tokenizer
+from deepeyes_jax.reward.judge import Judge
 from deepeyes_jax.sampling import rules
-from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def test_end_to_end_tiny_model_scripted(tmp_path, tiny_vlm):
 
   settings = runner.EvalSettings(benchmark="vstar", seed=0, batch_size=2, checkpoint="tiny")
   out = str(tmp_path / "run")
-  summary = runner.evaluate(items, rollout_fn, out, settings, tokenizer=tok, load_report=report)
+  summary = runner.evaluate_benchmark(items, rollout_fn, out, settings, tokenizer=tok, load_report=report)
   assert calls == [["direct_attributes/sa_1", "direct_attributes/sa_2"], ["relative_position/sa_3"]]
   recs = [json.loads(x) for x in open(os.path.join(out, "results.jsonl"))]
   assert [(r["item_id"], r["greedy_correct"]) for r in recs] == [
@@ -157,9 +157,10 @@ def test_end_to_end_tiny_model_scripted(tmp_path, tiny_vlm):
   ]  # fmt: skip
   s1 = recs[0]["samples"][0]
   assert s1["successful_tool_calls"] == 1 and s1["turns"] == 2 and s1["answer"] == "red" and s1["how"] == "rule"
-  assert summary["by_category"]["direct_attributes"]["greedy"] == 100.0
+  assert summary["by_category"]["direct_attributes"]["greedy"] == 1.0
   assert summary["by_category"]["relative_position"]["greedy"] == 0.0
-  assert summary["overall"]["greedy"] == pytest.approx(200 / 3)
+  assert set(summary["overall"]) == set(loop.SUMMARY_KEYS)
+  assert summary["overall"]["greedy"] == pytest.approx(2 / 3)  # fractions in summary.json, percent in summary.md
   assert summary["overall"]["tool_calls_per_traj"] == pytest.approx(1 / 3)
   trajs = [json.loads(x)["task_id"] for x in open(os.path.join(out, "trajectories.jsonl"))]
   assert sorted(trajs) == sorted(correct_text)
@@ -167,15 +168,16 @@ def test_end_to_end_tiny_model_scripted(tmp_path, tiny_vlm):
   assert "| direct_attributes | 2 | 100.0 |" in md and "| DeepEyes-7B | 90.1 |" in md and "| this run | 66.7 |" in md
   # A second run finds everything done: no rollout, same tables.
   calls.clear()
-  again = runner.evaluate(items, rollout_fn, out, settings, tokenizer=tok, load_report=report)
+  again = runner.evaluate_benchmark(items, rollout_fn, out, settings, tokenizer=tok, load_report=report)
   assert calls == [] and again["overall"] == summary["overall"]
   with pytest.raises(ValueError, match="other settings"):
-    runner.evaluate(items, rollout_fn, out, runner.EvalSettings(benchmark="vstar", seed=1, checkpoint="tiny"))
+    runner.evaluate_benchmark(items, rollout_fn, out, runner.EvalSettings(benchmark="vstar", seed=1, checkpoint="tiny"))
 
 
-def _cli(config_args, env_extra=None):
-  cmd = [sys.executable, "-m", "deepeyes_jax.evaluate", *config_args]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(env_extra or {}))
+def _cli(config_args, kill=None):
+  launcher = [os.path.join(ROOT, "tests", "kill_hooks.py"), kill] if kill else ["-m"]  # kill: SIGKILL it there
+  cmd = [sys.executable, *launcher, "deepeyes_jax.evaluate", *config_args]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
@@ -186,7 +188,7 @@ def test_cli_killed_midway_resumes_without_redoing_items(tmp_path, tiny_vlm):
     f"--config={ROOT}/configs/eval_vstar.py:size=tiny", f"--config.checkpoint={tiny_vlm[0]}",
     f"--config.data_path={data}", f"--config.out_dir={out}",
   ]  # fmt: skip
-  killed = _cli(args, {runner.KILL_ENV: "1"})  # SIGKILL after the first batch (2 items) is written
+  killed = _cli(args, kill="items=1")  # SIGKILL after the first batch (2 items) is written
   assert killed.returncode == -9, killed.stderr[-3000:]
   first = (out / "results.jsonl").read_text().splitlines()
   assert [json.loads(x)["item_id"] for x in first] == ["direct_attributes/sa_1", "direct_attributes/sa_2"]

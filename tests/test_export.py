@@ -14,9 +14,9 @@ from flax import nnx
 
 from deepeyes_jax import export
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, Checkpointer
 from deepeyes_jax.rl.train_step import Learner, LearnerConfig
-from deepeyes_jax.sampling.generate import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,8 @@ from transformers import Qwen2VLImageProcessorPil
 
 from deepeyes_jax import sampling as smp
 from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.sampling.generate import generate, load_tokenizer
+from deepeyes_jax.processing.tokenizer import load_tokenizer
+from deepeyes_jax.sampling.generate import generate
 
 MAXPIX = 64 * 28 * 28
 

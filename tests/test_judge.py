@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from deepeyes_jax.rl import judge as J
-from deepeyes_jax.rl import rewards as R
+from deepeyes_jax.reward import judge as J
+from deepeyes_jax.reward import rewards as R
 
 MODEL = "judge-72b"
 QUESTION = "What color is the umbrella?"

@@ -17,6 +17,11 @@ from deepeyes_jax.sampling import sampler as sampler_lib
 GRIDS = [[(1, 8, 8)], [(1, 4, 6), (1, 2, 4)], []]  # per row: two rows with images, one text-only
 
 
+def learner_shardings(state, mesh):
+  """The parameters' own layout (DEFAULT_RULES, as `from_pretrained` places them): the sampler's "learner" one."""
+  return sampler_lib.sampling_shardings(state, mesh, "learner")
+
+
 def _row_batch(cfg) -> PackedBatch:
   """Three packed rows of 64 tokens in the row layout; row 1 holds two sequences."""
   rows = [
@@ -137,7 +142,7 @@ def test_sampler_lays_weights_out_tensor_parallel_in_the_compute_dtype():
   mesh = shd.make_mesh(2, 2, 2)
   model = qvl.init_random(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed=5)
   state = nnx.state(model)
-  placed = jax.device_put(state, shd.state_shardings(state, mesh))
+  placed = jax.device_put(state, learner_shardings(state, mesh))
   out = sampler_lib.sampling_layout(placed, jnp.bfloat16, mesh)
   specs = set()
   for x in jax.tree.leaves(out):
@@ -165,7 +170,7 @@ def test_sampler_weight_layouts_sample_the_same_tokens():
   for layout in ("tensor_parallel", "learner"):
     model = qvl.init_random(cfg, seed=6)
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, shd.state_shardings(state, mesh)))
+    nnx.update(model, jax.device_put(state, learner_shardings(state, mesh)))
     s = sampler_lib.Sampler(model, mesh=mesh, weight_layout=layout)
     cache = s.init_cache(4, 128)
     cache, logits = s.extend(cache, chunks)
@@ -180,7 +185,7 @@ def test_sampler_weight_push_compiles_once_and_release_frees_the_copy():
   mesh = shd.make_mesh(2, 2, 2)
   model = qvl.init_random(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, seed=7)
   state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, shd.state_shardings(state, mesh)))
+  nnx.update(model, jax.device_put(state, learner_shardings(state, mesh)))
   s = sampler_lib.Sampler(model, mesh=mesh, weight_layout="tensor_parallel")
   pushes = len(sampler_lib._CAST_FNS)
   for _ in range(3):  # one jitted cast per layout, reused by every push (a new jit per push recompiled each step)
@@ -198,7 +203,7 @@ def test_sampler_weight_push_compiles_once_and_release_frees_the_copy():
 
 
 def test_micro_batches_fill_every_row_parallel_group():
-  from deepeyes_jax.rl.trainer import micro_batch_num_rows, rows_per_micro_batch
+  from deepeyes_jax.rl.packing import micro_batch_num_rows, rows_per_micro_batch
 
   mesh = shd.make_mesh(1, 8, 1)
   assert rows_per_micro_batch(8, None) == 8

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deepeyes_jax.benchmarks import rollout as bench
+from deepeyes_jax.perf import rollout as bench
 
 ENGINE_KEYS = (
   "wall_s",

@@ -3,7 +3,7 @@ and our greedy tokens equal HF's (the benchmark's own parity check, fp32)."""
 
 import json
 
-from deepeyes_jax.benchmarks import sampling as bench
+from deepeyes_jax.perf import sampling as bench
 
 
 def test_quick_run_writes_interleaved_rounds_and_matches_hf_tokens(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Tests of the DeepEyes prompts and of one assistant turn (deepeyes_jax.agent.prompts / .protocol).
 
-Expected observation strings are written out by hand from SPEC.md section 2, never built with the module's helpers.
+Expected observation strings are written out by hand from docs/reference.md ("Prompts"), never built with the module's
+helpers.
 """
 
 import json
@@ -16,7 +17,7 @@ from deepeyes_jax.agent import prompts, protocol
 from deepeyes_jax.agent.protocol import execute_turn
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Literal copies of SPEC.md section 2 ("Prompts"), byte for byte.
+# Literal copies of docs/reference.md (section "Prompts"), byte for byte.
 
 SPEC_SYSTEM_PROMPT_LINES = [
   "You are a helpful assistant.",
@@ -107,6 +108,18 @@ def test_user_suffix_is_byte_exact():
   assert prompts.USER_SUFFIX.count("  ") == 3
 
 
+def test_reference_doc_quotes_the_prompts_byte_for_byte():
+  """docs/reference.md ("Prompts") is where a reader finds these bytes: it must not drift from the constants."""
+  import pathlib
+  import re
+
+  doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text(encoding="utf-8")
+  section = doc.split("\n## Prompts\n", 1)[1].split("\n## ", 1)[0]
+  assert re.search(r"### System prompt\n.*?\n```\n(.*?)\n```\n", section, re.DOTALL)[1] == SPEC_SYSTEM_PROMPT
+  for value in (SPEC_USER_SUFFIX, SUCCESS_OBS, INVALID_OBS):
+    assert "`" + json.dumps(value) + "`" in section
+
+
 def test_constants():
   assert prompts.TOOL_NAME == "image_zoom_in_tool"
   assert prompts.IMAGE_PLACEHOLDER == "<|vision_start|><|image_pad|><|vision_end|>"
@@ -134,8 +147,10 @@ def test_error_observations():
   )
 
 
-def test_deepeyes_messages_image_first():
-  messages = prompts.deepeyes_messages("hello", IMAGE)
+def test_task_messages_image_first():
+  from deepeyes_jax.agent.rollout import Task
+
+  messages = Task(task_id="t", image=IMAGE, user_text="hello").messages()
   assert messages == [
     {"role": "system", "content": SPEC_SYSTEM_PROMPT},
     {"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "hello"}]},

@@ -1,4 +1,4 @@
-"""Rewards against hand-worked values from SPEC.md section 2 ("Reward (per data source)")."""
+"""Rewards against hand-worked values from the formulas of docs/reference.md (section "Reward")."""
 
 import threading
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 
 from deepeyes_jax.agent.prompts import SUCCESS_OBSERVATION, error_observation
-from deepeyes_jax.rl import rewards as R
+from deepeyes_jax.reward import rewards as R
 
 # A successful crop observation exactly as the rollout writes it (4 image pads instead of a real count).
 CROP = SUCCESS_OBSERVATION.replace("<|image_pad|>", "<|image_pad|>" * 4)
@@ -103,14 +103,14 @@ def test_format_rules_in_detail():
 
 # --- extraction ----------------------------------------------------------------------------------------------
 def test_extract_answer():
-  assert R.extract_answer(answer_turn(" B. red car \n")) == "B. red car"
-  assert R.extract_answer("<answer>A</answer> then <answer>C</answer>") == "C"  # the last one
-  assert R.extract_answer("<answer>A</answer> <answer>C") is None  # the last one is not closed
-  assert R.extract_answer("<think>no answer</think>") is None
+  assert R.response_answer(answer_turn(" B. red car \n")) == "B. red car"
+  assert R.response_answer("<answer>A</answer> then <answer>C</answer>") == "C"  # the last one
+  assert R.response_answer("<answer>A</answer> <answer>C") is None  # the last one is not closed
+  assert R.response_answer("<think>no answer</think>") is None
   # After a crop the model stopped: the only <answer> left is the observation's "<answer>...</answer>" suffix.
   assert "<answer>...</answer>" in CROP
-  assert R.extract_answer("<think>zoom</think>" + TOOL_CALL + CROP) is None
-  assert R.extract_answer(with_crop(answer_turn("D"))) == "D"
+  assert R.response_answer("<think>zoom</think>" + TOOL_CALL + CROP) is None
+  assert R.response_answer(with_crop(answer_turn("D"))) == "D"
 
 
 def test_extract_boxed():
@@ -339,7 +339,7 @@ def test_registry_aliases_and_custom_reward():
     R.register_reward("unit_test_source", overwrite=True)(R.visual_reward)
     assert R.get_reward_fn("unit_test_source") is R.visual_reward
   finally:
-    R.REWARD_FNS.pop("unit_test_source", None)
+    R.REWARD_FNS.unregister("unit_test_source")
 
 
 def test_unknown_data_source():
@@ -347,6 +347,8 @@ def test_unknown_data_source():
     R.compute_reward("no_such_source", answer_turn("B"), "B", num_successful_tool_calls=0)
   message = str(err.value)
   assert "no_such_source" in message and "vstar" in message and "thinklite_eureka" in message
+  with pytest.raises(R.UnknownDataSourceError, match="did you mean 'vstar'"):
+    R.get_reward_fn("vstra")  # a typo gets the nearest source
   r = R.compute_reward("no_such_source", answer_turn("B"), "B", num_successful_tool_calls=1, default="vstar")
   assert r.total == pytest.approx(2.0) and r.details["data_source"] == "no_such_source"
   assert R.get_reward_fn("no_such_source", default=R.math_reward) is R.math_reward

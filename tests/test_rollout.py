@@ -16,8 +16,8 @@ from deepeyes_jax.agent import prompts
 from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
 from deepeyes_jax.agent.trajectory import load_trajectories, save_trajectories
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.sampling import rules
-from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
 SMALL = dict(min_pixels=4 * 28 * 28, max_pixels=48 * 28 * 28)
@@ -159,7 +159,7 @@ def test_max_concurrent_rows_is_validated_and_read_from_configs():
   with pytest.raises(ValueError, match="max_concurrent_rows"):
     AgentConfig(max_concurrent_rows=-1)
   from deepeyes_jax.config_reference import ROOT, load_module
-  from deepeyes_jax.rl.trainer import agent_config
+  from deepeyes_jax.run_setup import agent_config
 
   deepeyes_7b = load_module(ROOT / "configs" / "deepeyes_7b.py")
 

@@ -13,8 +13,8 @@ from PIL import Image
 from deepeyes_jax.agent import prompts
 from deepeyes_jax.agent.rollout import AgentConfig, RolloutStats, Task, run_rollouts
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.sampling import paged, rules
-from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
 SMALL = dict(min_pixels=4 * 28 * 28, max_pixels=48 * 28 * 28)

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepeyes_jax.agent import protocol
+from deepeyes_jax.agent import prompts, protocol
 from deepeyes_jax.agent.rollout import AgentConfig, run_rollouts
 from deepeyes_jax.data import synthetic as syn
 from deepeyes_jax.data.deepeyes import decode_example
 from deepeyes_jax.data.pipeline import make_train_iterator
+from deepeyes_jax.eval.tasks import record_task
 from deepeyes_jax.processing import image as improc
-from deepeyes_jax.rl import rewards, warmstart
-from deepeyes_jax.rl.trainer import example_to_task
+from deepeyes_jax.reward import rewards
+from deepeyes_jax.rl import warmstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = syn.SceneConfig(min_size=336, max_size=448, clutter=20, decoys=4)
@@ -176,7 +177,8 @@ def test_checks_are_one_gray_in_the_global_view_and_two_colours_in_a_crop():
 def test_digit_and_badge_details():
   digit = syn.make_scene(1, config=syn.SceneConfig(detail="digit"))
   t = digit.objects[digit.target]
-  assert digit.answer == t.label and digit.answer.isdigit() and digit.question.startswith(("What digit", "Which", "Read"))
+  assert digit.answer == t.label and digit.answer.isdigit()
+  assert digit.question.startswith(("What digit", "Which", "Read"))
   cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
   patch = np.asarray(digit.image.crop((cx - 40, cy - 40, cx + 40, cy + 40))).min(-1)
   assert (patch < 30).any() and (patch > 235).any()  # black strokes on a white plate
@@ -210,7 +212,7 @@ def test_global_view_is_six_by_six_tokens_and_the_zoom_magnifies_about_eightfold
 
 
 def test_background_says_which_cell_a_pixel_is_in():
-  """"cells": the red level grows with the column and the blue level with the row, one level per cell."""
+  """ "cells": the red level grows with the column and the blue level with the row, one level per cell."""
   cfg = syn.SceneConfig(clutter=0, decoys=0, min_objects=1, max_objects=1)
   s = syn.make_scene(0, config=cfg)
   img = np.asarray(s.image).astype(int)
@@ -303,7 +305,7 @@ def test_draw_modes_with_perception_exercises():
 
 
 def test_perception_exercises_match_what_the_zoom_tool_does():
-  """"ground" answers with the box the demonstrator zooms on; "read" shows exactly the crop the zoom tool cuts for
+  """ "ground" answers with the box the demonstrator zooms on; "read" shows exactly the crop the zoom tool cuts for
   that box (through the real protocol), with the target's digit as the answer."""
   src = syn.SyntheticSource(8)
   agent = _agent()
@@ -324,7 +326,7 @@ def test_perception_exercises_match_what_the_zoom_tool_does():
 def test_host_demonstrations_equal_scripted_rollouts_of_the_real_agent(tiny_vlm):
   """`demonstrate` (host only, no model) builds exactly what the rollout engine builds for the same script."""
   from deepeyes_jax.models import qwen2_5_vl as qvl
-  from deepeyes_jax.sampling.generate import load_tokenizer
+  from deepeyes_jax.processing.tokenizer import load_tokenizer
   from deepeyes_jax.sampling.sampler import Sampler
 
   path, _, cfg = tiny_vlm
@@ -339,7 +341,7 @@ def test_host_demonstrations_equal_scripted_rollouts_of_the_real_agent(tiny_vlm)
     examples, modes, demonstrator="synthetic", tokenizer=tok, agent_config=agent, model_config=cfg
   )
   sampler = Sampler(qvl.from_pretrained(str(path), dtype=jax.numpy.float32))
-  tasks = [example_to_task(e) if m != "no_tool" else syn_task_no_tool(e) for e, m in zip(examples, modes, strict=True)]
+  tasks = [record_task(e) if m != "no_tool" else syn_task_no_tool(e) for e, m in zip(examples, modes, strict=True)]
   rolled = run_rollouts(sampler, tok, tasks, config=agent, scripted_turns=scripts)
   assert [d.num_successful_tool_calls for d in demos] == [1, 0, 0]
   for d, r in zip(demos, rolled, strict=True):
@@ -355,8 +357,8 @@ def test_host_demonstrations_equal_scripted_rollouts_of_the_real_agent(tiny_vlm)
 def test_skill_accuracy_counts_content_tokens_only(tiny_vlm):
   """The warm-start probe: a demonstration counts as right when every content token (box digits, the answer) is
   predicted; a wrong format token does not matter, one wrong digit does."""
-  from deepeyes_jax.rl.trainer import minibatches
-  from deepeyes_jax.sampling.generate import load_tokenizer
+  from deepeyes_jax.processing.tokenizer import load_tokenizer
+  from deepeyes_jax.rl.packing import minibatches
 
   path, _, cfg = tiny_vlm
   tok = load_tokenizer(str(path))
@@ -374,7 +376,7 @@ def test_skill_accuracy_counts_content_tokens_only(tiny_vlm):
   class _NoMesh:
     mesh = None
 
-  packed = minibatches(trajs, np.zeros(4, np.float32), config, cfg.vision, _NoMesh())[0]
+  packed = minibatches(trajs, np.zeros(4, np.float32), config.rl, cfg.vision, _NoMesh())[0]
   content = warmstart.content_token_ids(tok, [e.ground_truth for e in examples])
 
   class Oracle:  # predicts the next token exactly, except where told
@@ -409,8 +411,8 @@ def test_skill_accuracy_counts_content_tokens_only(tiny_vlm):
 def syn_task_no_tool(example):
   import dataclasses
 
-  t = example_to_task(example)
-  return dataclasses.replace(t, messages_override=syn.no_tool_messages(example.images[0], example.question))
+  t = record_task(example)
+  return dataclasses.replace(t, messages_override=prompts.no_tool_messages(example.images[0], example.question))
 
 
 def test_tiny_checkpoint_loads_through_transformers_and_our_loader(tmp_path):
@@ -470,9 +472,11 @@ def test_fan_in_init_scales_kernels_by_fan_in():
 # --------------------------------------------------------------------------------------------------------------
 # The embedded default, shortened (every stage runs; learning is not asserted)
 # --------------------------------------------------------------------------------------------------------------
-def _run(workdir, env_extra=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env_extra or {}))
-  cmd = [sys.executable, "-m", "deepeyes_jax.train", "--config", "configs/synthetic.py:variant=ci"]
+def _run(workdir, kill=None):
+  """The train CLI on the ci variant; ``kill``: a tests/kill_hooks.py point to SIGKILL it at."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  launcher = [os.path.join(ROOT, "tests", "kill_hooks.py"), kill] if kill else ["-m"]
+  cmd = [sys.executable, *launcher, "deepeyes_jax.train", "--config", "configs/synthetic.py:variant=ci"]
   return subprocess.run(
     cmd + ["--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
@@ -511,11 +515,11 @@ def test_ci_run_writes_every_artefact(ci_run):
   for ckpt, step in (("warmstart", 4), ("final", 6)):
     for mode in ("tool", "no_tool"):
       m = final["checkpoints"][ckpt][mode]
-      assert m["step"] == step and m["num_questions"] == 4
-      for key in ("accuracy", "tool_calls_per_question", "tool_success_rate", "mean_iou"):
-        assert 0.0 <= m[key] <= (10.0 if key == "tool_calls_per_question" else 1.0)
+      assert m["step"] == step and m["items"] == 4
+      for key in ("accuracy", "tool_calls_per_traj", "tool_success_rate", "mean_iou"):
+        assert 0.0 <= m[key] <= (10.0 if key == "tool_calls_per_traj" else 1.0)
       if mode == "no_tool":
-        assert m["tool_calls_per_question"] <= 1.0  # one turn: at most one (never executed) call
+        assert m["tool_calls_per_traj"] <= 1.0  # one turn: at most one (never executed) call
 
   html = (workdir / "report.html").read_text()
   assert "report.png" in html and "Held-out evaluation" in html
@@ -530,7 +534,7 @@ def test_ci_run_is_deterministic_and_resumes_to_the_same_result(ci_run, tmp_path
   """Same seed, same machine -> the same final_eval.json, also for a run killed (SIGKILL) in its first GRPO
   step and restarted (it resumes from the warm-start checkpoint)."""
   workdir, _ = ci_run
-  killed = _run(tmp_path, {"DEEPEYES_TEST_KILL_AT_STEP": "5"})
+  killed = _run(tmp_path, kill="rollouts=1")  # mid-way through the first GRPO step (step 5)
   assert killed.returncode == -9
   assert not (tmp_path / "final_eval.json").exists()
   resumed = _run(tmp_path)

@@ -101,13 +101,14 @@ def test_tiny_variant_end_to_end(tmp_path, tiny_vlm, train_data):
   assert json.loads((workdir / "train_config.json").read_text())["model"]["checkpoint"] == str(tiny_vlm[0])
 
 
-def _run(workdir, ckpt, data, steps, env_extra=None):
+def _run(workdir, ckpt, data, steps, kill=None):
+  launcher = [os.path.join(ROOT, "tests", "kill_hooks.py"), kill] if kill else ["-m"]  # kill: SIGKILL it there
   cmd = [
-    sys.executable, "-m", "deepeyes_jax.train", f"--config={ROOT}/configs/deepeyes_7b.py:size=tiny",
+    sys.executable, *launcher, "deepeyes_jax.train", f"--config={ROOT}/configs/deepeyes_7b.py:size=tiny",
     f"--workdir={workdir}", f"--config.model.checkpoint={ckpt}", f"--config.data.train={data}",
     f"--config.total_steps={steps}", "--config.reward.plugins=reward_plugin",
   ]  # fmt: skip
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"), **(env_extra or {}))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"))
   return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
@@ -115,7 +116,7 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path, tiny_vlm, 
   ckpt = tiny_vlm[0]
   full = _run(tmp_path / "full", ckpt, train_data, 3)
   assert full.returncode == 0, full.stderr[-3000:]
-  killed = _run(tmp_path / "killed", ckpt, train_data, 3, {"DEEPEYES_TEST_KILL_AT_STEP": "3"})
+  killed = _run(tmp_path / "killed", ckpt, train_data, 3, kill="rollouts=3")  # after step 3's rollouts
   assert killed.returncode == -9, killed.stderr[-3000:]
   resumed = _run(tmp_path / "killed", ckpt, train_data, 3)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -30,9 +30,10 @@ from PIL import Image
 
 from deepeyes_jax.agent.trajectory import ToolRecord, Trajectory, Turn, load_trajectories, save_trajectories
 from deepeyes_jax.data.benchmarks import BenchmarkItem
-from deepeyes_jax.eval import runner
+from deepeyes_jax.eval import held_out, runner
 from deepeyes_jax.rl import metrics as metrics_lib
 from deepeyes_jax.rl.checkpoint import normalize_directory
+from deepeyes_jax.rl.report import write_report
 
 # --- the fake gs:// -----------------------------------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ def test_eval_runner_writes_and_resumes_on_gs(gcs):
     return trajs
 
   settings = runner.EvalSettings(benchmark="vstar", seed=0, batch_size=2, checkpoint="fake")
-  summary = runner.evaluate(_items(), rollout_fn, out, settings)
+  summary = runner.evaluate_benchmark(_items(), rollout_fn, out, settings)
   assert calls == [["direct_attributes/sa_1", "direct_attributes/sa_2"], ["relative_position/sa_3"]]
   recs = _rows(f"{out}/results.jsonl")
   assert [(r["item_id"], r["greedy_correct"]) for r in recs] == [
@@ -264,7 +265,7 @@ def test_eval_runner_writes_and_resumes_on_gs(gcs):
   ]  # fmt: skip
   assert json.loads(_read(f"{out}/run_config.json")) == settings.pinned()
   assert json.loads(_read(f"{out}/summary.json")) == json.loads(json.dumps(summary))
-  assert summary["overall"]["greedy"] == pytest.approx(200 / 3)
+  assert summary["overall"]["greedy"] == pytest.approx(2 / 3)  # fractions in summary.json, percent in summary.md
   md = _read(f"{out}/summary.md")
   assert "| direct_attributes | 2 | 50.0 |" in md and "| relative_position | 1 | 100.0 |" in md
   trajs = load_trajectories(out, filename=runner.TRAJECTORIES)
@@ -273,10 +274,11 @@ def test_eval_runner_writes_and_resumes_on_gs(gcs):
   assert all(np.array_equal(np.asarray(t.images[0]), np.asarray(by_id[t.task_id].image)) for t in trajs)
   # Resumed: everything is done (read back from gs://), nothing is rolled out again.
   calls.clear()
-  again = runner.evaluate(_items(), rollout_fn, out, settings)
+  again = runner.evaluate_benchmark(_items(), rollout_fn, out, settings)
   assert calls == [] and again["overall"] == summary["overall"]
   with pytest.raises(ValueError, match="other settings"):  # run_config.json read back from gs://
-    runner.evaluate(_items(), rollout_fn, out, runner.EvalSettings(benchmark="vstar", seed=1, checkpoint="fake"))
+    other = runner.EvalSettings(benchmark="vstar", seed=1, checkpoint="fake")
+    runner.evaluate_benchmark(_items(), rollout_fn, out, other)
 
 
 def test_eval_resume_rewrites_a_torn_results_file_on_gs(gcs):
@@ -297,13 +299,11 @@ def test_eval_resume_rewrites_a_torn_results_file_on_gs(gcs):
 
 
 def _eval_result(step: int, acc: float) -> dict:
-  m = {"accuracy": acc, "tool_calls_per_question": 1.0, "tool_success_rate": 1.0, "mean_iou": 0.5, "answered": 1.0}
+  m = {"accuracy": acc, "tool_calls_per_traj": 1.0, "tool_success_rate": 1.0, "mean_iou": 0.5, "answered": 1.0}
   return {"tool": {"step": step, **m}, "no_tool": {"step": step, **m, "accuracy": acc / 2}}
 
 
 def test_held_out_results_final_eval_and_report_on_gs(gcs):
-  from deepeyes_jax.rl.trainer import HeldOut
-
   workdir = f"{gcs}/train"
   epath.Path(workdir).mkdir(parents=True)
   w = metrics_lib.JsonlWriter(epath.Path(workdir) / "metrics.jsonl")
@@ -313,7 +313,7 @@ def test_held_out_results_final_eval_and_report_on_gs(gcs):
   config = ml_collections.ConfigDict(
     {"seed": 0, "eval": {"num_questions": 2, "data": "synthetic"}, "log": {"report": True, "report_trajectories": 1}}
   )
-  held = HeldOut(config, workdir, None, None, None, writer=None)
+  held = held_out.HeldOut(config, workdir, None, None, None, writer=None, make_tasks=list)
   assert str(held.dir) == f"{workdir}/eval"
   (held.dir).mkdir(parents=True, exist_ok=True)
   (held.dir / "warmstart.json").write_text(json.dumps(_eval_result(2, 0.25)))
@@ -323,8 +323,10 @@ def test_held_out_results_final_eval_and_report_on_gs(gcs):
     _trajectory("t/0", "t", [_image(5, (64, 48)), _image(6, (20, 20))], "red",
                 {"question": "What colour?", "ground_truth": "red", "correct": True, "target_box": [1, 2, 20, 20]})
   ]  # fmt: skip
-  held.write_final(warm_steps=2)
+  returned = held.write_final()
   final = json.loads(_read(f"{workdir}/final_eval.json"))
+  assert returned == final
+  write_report(workdir, final, held.trajectories, warmstart_steps=2, title="deepeyes_jax: " + workdir)
   assert final["rl_gain_points"] == 50.0 and set(final["checkpoints"]) == {"warmstart", "final"}
   html = _read(f"{workdir}/report.html")
   assert "<title>deepeyes_jax: " + workdir + "</title>" in html and "What colour?" in html

@@ -1,9 +1,10 @@
 """DeepEyes prompt strings and observation templates (byte-exact copies of the strings the checkpoints were trained on).
 
-Every constant here is copied byte for byte from SPEC.md section 2 ("Prompts"), which matches the original DeepEyes
-code (Visual-Agent/DeepEyes): mind the quirks they keep on purpose -- the tool schema says ``"required":["bbox"]``
-although the argument is ``bbox_2d``, the system prompt has two trailing spaces after ``**Example**:``, after
-``<tool_call>``, after the example call, and the user suffix has double spaces inside and one trailing space.
+Every constant here is copied byte for byte from docs/reference.md (section "Prompts"), which matches the original
+DeepEyes code (Visual-Agent/DeepEyes): mind the quirks they keep on purpose -- the tool schema says
+``"required":["bbox"]`` although the argument is ``bbox_2d``, the system prompt has two trailing spaces after
+``**Example**:``, after ``<tool_call>``, after the example call, and the user suffix has double spaces inside and one
+trailing space.
 Do not "fix" any of them: trained checkpoints are sensitive to these bytes.
 """
 
@@ -51,6 +52,10 @@ TOOL_NAME = "image_zoom_in_tool"
 # Ours, not DeepEyes': the prompt of the "tool disabled" evaluation of a trained model (no tool offered, one turn).
 NO_TOOL_SYSTEM_PROMPT: str = "You are a helpful assistant."
 NO_TOOL_SUFFIX: str = "\nAnswer from the image. Format strictly as:  <think>...</think>  <answer>...</answer> "
+# The usual Qwen2.5-VL benchmark instructions: the no-tool baseline of benchmark evaluation and the no-tool / crop
+# conditions of data selection (a plain reply, no tags).
+NO_TOOL_CHOICE_SUFFIX: str = "\nAnswer with the option's letter from the given choices directly."
+NO_TOOL_OPEN_SUFFIX: str = "\nAnswer the question using a single word or phrase."
 
 
 def no_tool_messages(image: Any, question: str) -> list[dict]:
@@ -101,11 +106,3 @@ def error_observation(message: str) -> str:
 def json_error_observation(content: str, error: Exception) -> str:
   """The observation for a tool call whose JSON does not parse (``content`` is stripped, as the original does)."""
   return error_observation(f"Invalid tool call format: {content.strip()}. Error: {error}")
-
-
-def deepeyes_messages(user_text: str, image: Any) -> list[dict]:
-  """The opening chat messages: the system prompt, then one user message with the image FIRST and the text after."""
-  return [
-    {"role": "system", "content": SYSTEM_PROMPT},
-    {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": user_text}]},
-  ]

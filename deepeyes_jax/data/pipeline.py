@@ -3,7 +3,7 @@
 Pipeline (grain 0.2.18 dataset API)::
 
     MapDataset.source(DeepEyesSource(paths))
-      .seed(seed).shuffle()                  # global index shuffle, a different permutation per epoch (train only)
+      .seed(seed).shuffle()                  # global index shuffle, a different permutation per epoch (shuffle=True)
       [process_index::process_count]         # this process's shard: disjoint, the union over processes = the epoch
       .repeat(num_epochs)                    # None = forever
       .map(decode)                           # record -> Example, or a Skipped marker for a bad record
@@ -144,22 +144,32 @@ def _mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _build(
+def make_train_iterator(
   paths: Paths,
   *,
   seed: int,
   batch_size: int,
-  shuffle: bool,
-  num_epochs: int | None,
-  process_index: int,
-  process_count: int,
-  worker_count: int,
-  drop_remainder: bool,
-  max_decoded_pixels: int,
-  read_threads: int,
-  prefetch_buffer_size: int | None,
-  cache_row_groups: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int = 0,
+  drop_remainder: bool = True,
+  max_decoded_pixels: int = MAX_DECODED_PIXELS,
+  read_threads: int = 8,
+  prefetch_buffer_size: int | None = None,
+  cache_row_groups: int = 4,
 ) -> IteratorAndStats:
+  """Training batches (``list[Example]`` of ``batch_size``) for this JAX process; see the module docstring.
+
+  ``paths``: files, glob patterns or directories (``deepeyes.expand_paths``), or a ready ``DeepEyesSource``.
+  ``process_index``/``process_count``: normally ``jax.process_index()``/``jax.process_count()``; ``batch_size`` is
+  per process. ``num_epochs=None`` repeats forever. ``drop_remainder`` drops a final partial batch (only happens with
+  a finite ``num_epochs``). ``worker_count > 0`` decodes in that many worker processes (``mp_prefetch``);
+  ``read_threads`` and ``prefetch_buffer_size`` (elements, default ``max(batch_size, 2 * read_threads)``) bound the
+  threaded read-ahead, i.e. how many decoded images are held in memory ahead of the consumer.
+  Returns ``(iterator, stats)``: a checkpointable ``grain.DatasetIterator`` and this process's ``DataStats``.
+  """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if process_count < 1 or not 0 <= process_index < process_count:
@@ -192,79 +202,3 @@ def _build(
   stats = DataStats()
   it_ds = it_ds.filter(CountAndDrop(stats)).batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
   return IteratorAndStats(iter(it_ds), stats)
-
-
-def make_train_iterator(
-  paths: Paths,
-  *,
-  seed: int,
-  batch_size: int,
-  shuffle: bool = True,
-  num_epochs: int | None = None,
-  process_index: int = 0,
-  process_count: int = 1,
-  worker_count: int = 0,
-  drop_remainder: bool = True,
-  max_decoded_pixels: int = MAX_DECODED_PIXELS,
-  read_threads: int = 8,
-  prefetch_buffer_size: int | None = None,
-  cache_row_groups: int = 4,
-) -> IteratorAndStats:
-  """Training batches (``list[Example]`` of ``batch_size``) for this JAX process; see the module docstring.
-
-  ``paths``: files, glob patterns or directories (``deepeyes.expand_paths``), or a ready ``DeepEyesSource``.
-  ``process_index``/``process_count``: normally ``jax.process_index()``/``jax.process_count()``; ``batch_size`` is
-  per process. ``num_epochs=None`` repeats forever. ``drop_remainder`` drops a final partial batch (only happens with
-  a finite ``num_epochs``). ``worker_count > 0`` decodes in that many worker processes (``mp_prefetch``);
-  ``read_threads`` and ``prefetch_buffer_size`` (elements, default ``max(batch_size, 2 * read_threads)``) bound the
-  threaded read-ahead, i.e. how many decoded images are held in memory ahead of the consumer.
-  Returns ``(iterator, stats)``: a checkpointable ``grain.DatasetIterator`` and this process's ``DataStats``.
-  """
-  return _build(
-    paths,
-    seed=seed,
-    batch_size=batch_size,
-    shuffle=shuffle,
-    num_epochs=num_epochs,
-    process_index=process_index,
-    process_count=process_count,
-    worker_count=worker_count,
-    drop_remainder=drop_remainder,
-    max_decoded_pixels=max_decoded_pixels,
-    read_threads=read_threads,
-    prefetch_buffer_size=prefetch_buffer_size,
-    cache_row_groups=cache_row_groups,
-  )
-
-
-def make_eval_iterator(
-  paths: Paths,
-  batch_size: int,
-  *,
-  process_index: int = 0,
-  process_count: int = 1,
-  worker_count: int = 0,
-  max_decoded_pixels: int = MAX_DECODED_PIXELS,
-  read_threads: int = 8,
-  prefetch_buffer_size: int | None = None,
-  cache_row_groups: int = 4,
-) -> IteratorAndStats:
-  """One pass in file order, no shuffle, the last partial batch kept; bad records skipped and counted as in training.
-
-  With several processes each gets every ``process_count``-th record, so shards (and batch counts) may differ by one.
-  """
-  return _build(
-    paths,
-    seed=0,
-    batch_size=batch_size,
-    shuffle=False,
-    num_epochs=1,
-    process_index=process_index,
-    process_count=process_count,
-    worker_count=worker_count,
-    drop_remainder=False,
-    max_decoded_pixels=max_decoded_pixels,
-    read_threads=read_threads,
-    prefetch_buffer_size=prefetch_buffer_size,
-    cache_row_groups=cache_row_groups,
-  )

@@ -47,11 +47,8 @@ from PIL import Image, ImageDraw
 from deepeyes_jax.agent import prompts, protocol
 from deepeyes_jax.data import deepeyes
 from deepeyes_jax.processing import image as improc
-from deepeyes_jax.rl import rewards as rewards_lib
 
-DATA_SOURCE = "synthetic_zoom"
-# Scored as the fine-grained V* source: 0.8 acc + 0.2 fmt + 1.2 tool (the conditional tool bonus).
-rewards_lib.register_reward(DATA_SOURCE, overwrite=True)(rewards_lib.visual_reward)
+DATA_SOURCE = "synthetic_zoom"  # scored as the fine-grained V* source (reward/rewards.py: visual_reward)
 
 # The global view (and crop) budget: smart_resize of any square image -> 168 x 168 px = 6 x 6 vision tokens.
 # (170^2, not 168^2: smart_resize floors sqrt(max_pixels)/28, and 168.0 can come out as 167.99...)
@@ -64,7 +61,6 @@ SHORT_SYSTEM_PROMPT = (
   'Call it as <tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}\n</tool_call>'
 )
 NO_TOOL_SYSTEM_PROMPT, NO_TOOL_SUFFIX = prompts.NO_TOOL_SYSTEM_PROMPT, prompts.NO_TOOL_SUFFIX
-no_tool_messages = prompts.no_tool_messages
 
 COLORS: dict[str, tuple[int, int, int]] = {
   "red": (225, 25, 25),
@@ -184,7 +180,9 @@ class SceneConfig:
     if self.background not in ("cells", "gradient"):
       raise ValueError(f"background must be 'cells' or 'gradient', got {self.background!r}")
     if not 0 <= self.object_jitter <= 1 or not 0 < self.object_scale[0] <= self.object_scale[1] < 1:
-      raise ValueError(f"need 0 <= object_jitter <= 1 and 0 < object_scale <= 1, got {self.object_jitter}, {self.object_scale}")
+      raise ValueError(
+        f"need 0 <= object_jitter <= 1 and 0 < object_scale <= 1, got {self.object_jitter}, {self.object_scale}"
+      )
     if not 0 <= self.zoom_inset < 0.5:
       raise ValueError(f"zoom_inset must be in [0, 0.5), got {self.zoom_inset}")
     if self.system_prompt not in ("short", "deepeyes"):
@@ -192,7 +190,8 @@ class SceneConfig:
 
   @property
   def questions(self) -> tuple[str, ...]:
-    return {"digit": QUESTIONS, "checks": CHECK_QUESTIONS, "strokes": STROKE_QUESTIONS}.get(self.detail, BADGE_QUESTIONS)
+    by_detail = {"digit": QUESTIONS, "checks": CHECK_QUESTIONS, "strokes": STROKE_QUESTIONS}
+    return by_detail.get(self.detail, BADGE_QUESTIONS)
 
   @property
   def labels(self) -> tuple[str, ...]:
@@ -455,7 +454,7 @@ CHECK_QUESTIONS = (  # detail="checks"
 
 
 def cell_name(cell: tuple[int, int], grid: int) -> str:
-  """"top left cell" for (0, 0) of a 3 x 3 grid; "row 2, column 4 cell" for other grids."""
+  """ "top left cell" for (0, 0) of a 3 x 3 grid; "row 2, column 4 cell" for other grids."""
   c, r = cell
   if grid == 3:
     return f"{('top', 'middle', 'bottom')[r]} {('left', 'centre', 'right')[c]} cell"
@@ -635,7 +634,8 @@ def corpus(n: int = 200, seed: int = 0, config: SceneConfig = SceneConfig()) -> 
     obj = SceneObject(color=color, shape=shape, label=labels[i % len(labels)], cell=(c, r), box=(0, 0, 1, 1))
     target, where = _where(obj, config)
     q = config.questions[i % len(config.questions)].format(where=where)
-    info = {"question": q, "answer": obj.label, "target": target, "target_cell": json.dumps([c, r]), "grid": config.grid}
+    info = {"question": q, "answer": obj.label, "target": target, "target_cell": json.dumps([c, r])}
+    info["grid"] = config.grid
     texts.append(q + prompts.USER_SUFFIX)
     texts.extend(demonstration(info, (168, 168), zoom=i % 2 == 0))
     texts.extend([GROUND_QUESTION.format(target=target), *grounding(info, (168, 168))[1]])

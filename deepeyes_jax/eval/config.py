@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from deepeyes_jax.config_args import parse_arg
 from deepeyes_jax.processing import image as improc
+
+# The variants every eval config accepts (`configs/eval_*.py:size=tiny,no_tool=1`), with their defaults.
+VARIANT_SPEC = dict(size="full", no_tool=False)
+
+
+# The inference-time rollout budget: the evaluation configs and the flags of `infer` / `select`
+# (`run_setup.RolloutFlags`) start from it. Training configs set their own (configs/deepeyes_7b.py).
+ROLLOUT_DEFAULTS = {"max_turns": 5, "max_tokens_per_turn": 2048, "max_total_tokens": 16384}
 
 
 def base_config(benchmark: str) -> ml_collections.ConfigDict:
@@ -29,10 +38,10 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
   c.batch_size = 16  # items per rollout batch; rows in the KV cache = batch_size * num_samples
   c.save_trajectories = True
 
-  c.rollout = ml_collections.ConfigDict()  # field names as in configs/deepeyes_7b.py (trainer.agent_config)
-  c.rollout.max_turns = 5
-  c.rollout.max_tokens_per_turn = 2048
-  c.rollout.max_total_tokens = 16384
+  c.rollout = ml_collections.ConfigDict()  # field names as in configs/deepeyes_7b.py (run_setup.agent_config)
+  c.rollout.max_turns = ROLLOUT_DEFAULTS["max_turns"]
+  c.rollout.max_tokens_per_turn = ROLLOUT_DEFAULTS["max_tokens_per_turn"]
+  c.rollout.max_total_tokens = ROLLOUT_DEFAULTS["max_total_tokens"]
   c.rollout.max_images = 5
   c.rollout.temperature = 0.0  # greedy
   c.rollout.top_p = 1.0
@@ -47,7 +56,7 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
   c.rollout.segment_steps = 128  # decode steps per segment at most
   c.rollout.segment_release = 0.25  # a segment also ends once this fraction of the rows in flight ended a turn
 
-  c.reward = ml_collections.ConfigDict()  # the judge, as in training (trainer.make_judge)
+  c.reward = ml_collections.ConfigDict()  # the judge, as in training (run_setup.make_judge)
   c.reward.use_judge = True  # asked only when the rule cannot decide; needs judge_url or $DEEPEYES_JUDGE_URL
   c.reward.judge_url = ml_collections.config_dict.placeholder(str)
   c.reward.judge_model = ""
@@ -60,12 +69,18 @@ def base_config(benchmark: str) -> ml_collections.ConfigDict:
   return c
 
 
-def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """``:size=tiny`` (CPU tests: small images, short turns, float32) and ``:no_tool=1``."""
-  args = dict(kv.split("=") for kv in arg.split(",")) if arg else {}
-  if args.get("no_tool", "0") in ("1", "true", "True"):
+def apply_variant(
+  c: ml_collections.ConfigDict, arg: str | ml_collections.ConfigDict | None
+) -> ml_collections.ConfigDict:
+  """``:size=tiny`` (CPU tests: small images, short turns, float32; ``size=full``, the default, changes nothing) and
+  ``:no_tool=1``. ``arg``: the config's argument, or what `parse_arg` made of it with `VARIANT_SPEC`'s keys (a config
+  with keys of its own parses them all at once)."""
+  args = arg if isinstance(arg, ml_collections.ConfigDict) else parse_arg(arg, **VARIANT_SPEC)
+  if args.size not in ("full", "tiny"):
+    raise ValueError(f"config argument size must be 'full' or 'tiny', got {args.size!r}")
+  if args.no_tool:
     c.no_tool = True
-  if args.get("size") == "tiny":
+  if args.size == "tiny":
     c.dtype = "float32"
     c.batch_size = 2
     c.rollout.max_turns = 3

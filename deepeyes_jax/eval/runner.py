@@ -1,6 +1,6 @@
 """Benchmark evaluation with the zoom agent: batched rollouts, scoring, resumable per-item results, tables.
 
-``evaluate(items, rollout_fn, out_dir, settings)`` runs every item ``settings.num_samples`` times (greedy by
+``evaluate_benchmark(items, rollout_fn, out_dir, settings)`` runs every item ``settings.num_samples`` times (greedy by
 default), in batches of ``settings.batch_size`` items, through ``rollout_fn(tasks, group_size, seed)`` (the
 sampler-backed ``run_rollouts`` in production, sharded over the mesh like training rollouts). After each batch it
 appends one JSON line per item to ``out_dir/results.jsonl`` (flushed and fsynced) and that batch's trajectories to
@@ -10,7 +10,8 @@ and trajectories of unfinished items are dropped first. ``run_config.json`` pins
 numbers (benchmark, seed, shuffle, samples, no-tool, checkpoint): resuming with different ones is refused.
 
 At the end: ``summary.json`` and ``summary.md`` (accuracy by category: greedy / avg@k / pass@k, tool use, turns;
-then a comparison against the published numbers of SPEC.md section 2).
+then a comparison against the published numbers of docs/reference.md, "Published results"). Accuracies are
+fractions in summary.json (``eval.loop.SUMMARY_KEYS``) and percent in summary.md.
 """
 
 from __future__ import annotations
@@ -19,26 +20,23 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from etils import epath
 
-from deepeyes_jax.agent.rollout import Task
 from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
 from deepeyes_jax.data.benchmarks import BenchmarkItem, LoadReport
-from deepeyes_jax.eval import scoring
-from deepeyes_jax.processing.image import ImageError
+from deepeyes_jax.eval import loop, scoring
+from deepeyes_jax.eval import tasks as tasks_lib
+from deepeyes_jax.eval.loop import RolloutFn
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 TRAJECTORIES = "trajectories.jsonl"
-KILL_ENV = "DEEPEYES_TEST_KILL_AFTER_ITEMS"  # test hook: SIGKILL once this many items were written by this process
 
-# SPEC.md section 2, "Published results" (accuracy %). V*: measured with the correct option always "A".
+# docs/reference.md, "Published results" (accuracy %). V*: measured with the correct option always "A".
 PUBLISHED: dict[str, dict[str, float]] = {
   "GPT-4o": {"vstar": 66.0, "hrbench_4k": 59.0, "hrbench_8k": 55.5},
   "Qwen2.5-VL-7B": {"vstar": 71.2, "hrbench_4k": 68.8, "hrbench_8k": 65.3},
@@ -46,9 +44,6 @@ PUBLISHED: dict[str, dict[str, float]] = {
   "ZoomEye-7B (training-free search)": {"vstar": 90.6, "hrbench_4k": 69.6, "hrbench_8k": 69.3},
   "DeepEyes-7B": {"vstar": 90.1, "hrbench_4k": 75.1, "hrbench_8k": 72.6},
 }
-
-RolloutFn = Callable[[Sequence[Task], int, int], list[Trajectory]]
-"""``rollout_fn(tasks, group_size, seed) -> trajectories`` in (task, sample) order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,21 +125,10 @@ def _check_settings(out_dir: str | os.PathLike, settings: EvalSettings) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The loop: eval/loop.py's, with a benchmark's task builder and scorer, writing each batch as it finishes
 
 
-def make_task(item: BenchmarkItem, shown: scoring.Shown) -> Task:
-  """The agent task for an item (decodes its image; raises ImageError for a corrupt one)."""
-  image = item.load_image()
-  meta = {"benchmark": item.benchmark, "category": item.category, "ground_truth": shown.ground_truth}
-  if item.messages is not None:  # a DeepEyes record: its own prompt, byte for byte
-    return Task(task_id=item.item_id, image=image, messages_override=item.messages, metadata=meta)
-  return Task(
-    task_id=item.item_id, image=image, user_text=shown.user_text, system_prompt=shown.system_prompt, metadata=meta
-  )
-
-
-def evaluate(
+def evaluate_benchmark(
   items: Sequence[BenchmarkItem],
   rollout_fn: RolloutFn,
   out_dir: str | os.PathLike,
@@ -170,17 +154,34 @@ def evaluate(
     raise ValueError("benchmark item ids are not unique")
   if done:
     print(f"resuming: {len(done)} of {len(items)} items already done, {len(todo)} to go", flush=True)
-  kill_after = int(os.environ.get(KILL_ENV, "-1"))
-  written, t0 = 0, time.time()
-  for start in range(0, len(todo), settings.batch_size):
-    batch = todo[start : start + settings.batch_size]
-    records = _run_batch(batch, rollout_fn, out_dir, settings, tokenizer, judge, write)
+  shown = {
+    it.item_id: scoring.show(it, seed=settings.seed, shuffle=settings.shuffle_options, no_tool=settings.no_tool)
+    for it in todo
+  }
+  scorer = scoring.BenchmarkScorer(
+    {it.item_id: it for it in todo}, shown, tokenizer=tokenizer, judge=judge, no_tool=settings.no_tool
+  )
+
+  def on_batch(batch, tasks, trajs, records):
+    records = [_describe(item, shown[item.item_id], rec) for item, rec in zip(batch, records)]
+    if write:
+      _write_batch(out_dir, settings, trajs, records)
     for rec in records:
       done[rec["item_id"]] = rec
-    written += len(records)
-    print(_progress(done, written, len(todo), time.time() - t0, len(items)), flush=True)
-    if 0 <= kill_after <= written:
-      os.kill(os.getpid(), signal.SIGKILL)
+
+  loop.run(
+    todo,
+    lambda item: tasks_lib.benchmark_task(item, shown[item.item_id]),
+    rollout_fn,
+    scorer,
+    item_id=lambda item: item.item_id,
+    group_size=settings.num_samples,
+    seed=settings.seed,
+    batch_size=settings.batch_size,
+    label=settings.benchmark,
+    on_batch=on_batch,
+    done_before=len(done),
+  )
   summary = summarize([done[i] for i in ids if i in done], settings, load_report)
   if write:
     (epath.Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -188,63 +189,11 @@ def evaluate(
   return summary
 
 
-def _run_batch(batch, rollout_fn, out_dir, settings, tokenizer, judge, write) -> list[dict]:
-  k = settings.num_samples
-  records, tasks, shown_by_id = [], [], {}
-  for item in batch:
-    shown = scoring.show(item, seed=settings.seed, shuffle=settings.shuffle_options, no_tool=settings.no_tool)
-    try:
-      tasks.append(make_task(item, shown))
-      shown_by_id[item.item_id] = shown
-    except (ImageError, OSError) as e:  # reported and skipped, never fatal
-      src = item.metadata.get("image_path", item.item_id)
-      log.warning("%s: skipping %s: image does not decode (%s)", item.benchmark, src, e)
-      records.append(_record(item, shown, [], error=f"{src}: image does not decode: {e}"))
-  trajs = rollout_fn(tasks, k, settings.seed) if tasks else []
-  by_item = {item.item_id: item for item in batch}
-  for i, task in enumerate(tasks):
-    item, shown = by_item[task.task_id], shown_by_id[task.task_id]
-    samples = [_sample(item, shown, t, settings, tokenizer, judge) for t in trajs[i * k : (i + 1) * k]]
-    records.append(_record(item, shown, samples))
-  if write:
-    if settings.save_trajectories and trajs:
-      save_trajectories(trajs, out_dir, filename=TRAJECTORIES)
-    with (epath.Path(out_dir) / RESULTS).open("a") as f:  # results last: a result line means "done"
-      f.write("".join(json.dumps(rec) + "\n" for rec in records))
-      f.flush()
-      try:
-        fd = f.fileno()
-      except (AttributeError, OSError):  # gs://: no descriptor (TF's GFile has no fileno); close() uploads the file
-        fd = None
-      if fd is not None:
-        os.fsync(fd)
-  return records
-
-
-def _sample(item, shown, traj: Trajectory, settings, tokenizer, judge) -> dict:
-  last = traj.turns[-1].text if traj.turns else ""
-  if item.messages is not None:
-    response = tokenizer.decode(traj.token_ids[traj.prompt_length :].tolist(), skip_special_tokens=False)
-    verdict = scoring.score_with_reward(item, response, traj.num_successful_tool_calls, judge)
-    answer = traj.answer
-  else:
-    answer = scoring.final_answer(traj.answer, last, settings.no_tool)
-    verdict = scoring.score_answer(answer, shown, judge, item.question)
-  return {
-    "sample": traj.sample_index,
-    "answer": answer,
-    "correct": verdict.correct,
-    "how": verdict.how,
-    "tool_calls": traj.num_tool_calls,
-    "successful_tool_calls": traj.num_successful_tool_calls,
-    "turns": len(traj.turns),
-    "stop_reason": traj.stop_reason,
-    "response_tokens": traj.response_length,
-  }
-
-
-def _record(item: BenchmarkItem, shown: scoring.Shown, samples: list[dict], error: str | None = None) -> dict:
-  n = len(samples)
+def _describe(item: BenchmarkItem, shown: scoring.Shown, record: dict) -> dict:
+  """A loop record with the item's benchmark fields, for results.jsonl."""
+  if record["error"] is not None:
+    src = item.metadata.get("image_path", item.item_id)
+    record = {**record, "error": f"{src}: {record['error']}"}
   return {
     "item_id": item.item_id,
     "benchmark": item.benchmark,
@@ -254,56 +203,36 @@ def _record(item: BenchmarkItem, shown: scoring.Shown, samples: list[dict], erro
     "option_order": list(shown.order),
     "ground_truth": shown.ground_truth,
     "answer_text": item.answer,
-    "samples": samples,
-    "greedy_correct": bool(samples[0]["correct"]) if samples else None,
-    "acc": sum(s["correct"] for s in samples) / n if n else None,
-    "pass": any(s["correct"] for s in samples) if n else None,
-    "error": error,
+    **record,
   }
 
 
-def _progress(done: dict, written: int, todo: int, elapsed: float, total: int) -> str:
-  scored = [r for r in done.values() if r["error"] is None]
-  acc = sum(r["acc"] for r in scored) / max(1, len(scored))
-  tools = sum(s["tool_calls"] for r in scored for s in r["samples"]) / max(1, sum(len(r["samples"]) for r in scored))
-  per = elapsed / max(1, written)
-  eta = per * (todo - written)
-  return (
-    f"items {len(done)}/{total} | acc {acc:.3f} | tools/traj {tools:.2f} | {per:.1f} s/item | "
-    f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s"
-  )
+def _write_batch(out_dir, settings: EvalSettings, trajs: list[Trajectory], records: list[dict]) -> None:
+  if settings.save_trajectories and trajs:
+    save_trajectories(trajs, out_dir, filename=TRAJECTORIES)
+  with (epath.Path(out_dir) / RESULTS).open("a") as f:  # results last: a result line means "done"
+    f.write("".join(json.dumps(rec) + "\n" for rec in records))
+    f.flush()
+    try:
+      fd = f.fileno()
+    except (AttributeError, OSError):  # gs://: no descriptor (TF's GFile has no fileno); close() uploads the file
+      fd = None
+    if fd is not None:
+      os.fsync(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 
 
-def _row(records: list[dict]) -> dict[str, float]:
-  scored = [r for r in records if r["error"] is None]
-  n, samples = len(scored), [s for r in scored for s in r["samples"]]
-  m = max(1, len(samples))
-  return {
-    "items": n,
-    "skipped": len(records) - n,
-    "greedy": 100.0 * sum(r["greedy_correct"] for r in scored) / max(1, n),  # sample 0
-    "avg_at_k": 100.0 * sum(r["acc"] for r in scored) / max(1, n),
-    "pass_at_k": 100.0 * sum(r["pass"] for r in scored) / max(1, n),
-    "tool_calls_per_traj": sum(s["tool_calls"] for s in samples) / m,
-    "successful_crops_per_traj": sum(s["successful_tool_calls"] for s in samples) / m,
-    "turns_per_traj": sum(s["turns"] for s in samples) / m,
-    "judged_fraction": sum(s["how"] == "judge" for s in samples) / m,
-    "no_answer_fraction": sum(s["how"] == "no_answer" for s in samples) / m,
-  }
-
-
 def summarize(records: list[dict], settings: EvalSettings, load_report: LoadReport | None = None) -> dict[str, Any]:
   """Accuracy (%) by category and overall (micro average over items), plus the comparison rows."""
   cats = sorted({r["category"] for r in records})
-  by_cat = {c: _row([r for r in records if r["category"] == c]) for c in cats}
-  overall = _row(records)
-  ours = overall["avg_at_k"]
+  by_cat = {c: loop.summarize([r for r in records if r["category"] == c]) for c in cats}
+  overall = loop.summarize(records)
+  ours = 100.0 * overall["accuracy"]
   comparison = [
-    {"model": name, "accuracy": nums[settings.benchmark], "source": "published (SPEC.md)"}
+    {"model": name, "accuracy": nums[settings.benchmark], "source": "published (docs/reference.md)"}
     for name, nums in PUBLISHED.items()
     if settings.benchmark in nums
   ]
@@ -339,13 +268,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     f"seed {s['seed']}, options {'shuffled' if s['shuffle_options'] else 'in release order'}, "
     f"{'greedy' if k == 1 else f'{k} samples'}, {'no tool (one turn)' if s['no_tool'] else 'zoom tool'}\n\n"
   )
-  cols = ["items", "greedy", "avg_at_k", "pass_at_k", "tool_calls_per_traj", "successful_crops_per_traj"]
+  percent = ("greedy", "accuracy", "pass_at_k")  # fractions in summary.json, percent in the table
+  cols = ["items", *percent, "tool_calls_per_traj", "successful_crops_per_traj"]
   cols += ["turns_per_traj", "judged_fraction", "no_answer_fraction", "skipped"]
-  lines = ["| category | " + " | ".join(c.replace("_at_k", f"@{k}") for c in cols) + " |"]
+  names = {"greedy": "greedy %", "accuracy": f"avg@{k} %", "pass_at_k": f"pass@{k} %"}
+  lines = ["| category | " + " | ".join(names.get(c, c) for c in cols) + " |"]
   lines.append("|---" * (len(cols) + 1) + "|")
   rows = list(summary["by_category"].items()) + [("**overall**", summary["overall"])]
   for name, row in rows:
-    cells = [f"{row[c]:.1f}" if c in ("greedy", "avg_at_k", "pass_at_k") else _fmt(row[c]) for c in cols]
+    cells = [f"{100 * row[c]:.1f}" if c in percent else _fmt(row[c]) for c in cols]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   comp = ["", "## Against the published numbers (accuracy %)", "", "| model | accuracy | source |", "|---|---|---|"]
   for r in summary["comparison"]:
@@ -358,7 +289,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     )
   if len(summary["comparison"]) == 1:
     comp.append("")
-    comp.append("SPEC.md lists no published numbers for this benchmark.")
+    comp.append("docs/reference.md lists no published numbers for this benchmark.")
   return head + "\n".join(lines + comp) + "\n"
 
 

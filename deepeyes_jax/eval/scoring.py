@@ -1,6 +1,6 @@
 """How a benchmark item is shown to the model and how its answer is scored.
 
-Prompts (SPEC.md section 2, "Eval user text"): a multiple-choice item is shown as
+Prompts (docs/reference.md, "Prompts"): a multiple-choice item is shown as
 ``"Question: {q}\\nOptions: {opts}\\n" + USER_SUFFIX`` (``prompts.eval_user_text``) after the image, with the
 DeepEyes system prompt. An open item (POPE's yes/no) is shown as ``"\\n" + q + USER_SUFFIX``, the layout of the
 DeepEyes training prompts (``<image>\\n{question}{suffix}``). A DeepEyes-format item keeps its own messages.
@@ -24,16 +24,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from deepeyes_jax.agent import prompts
+from deepeyes_jax.agent.prompts import NO_TOOL_CHOICE_SUFFIX, NO_TOOL_OPEN_SUFFIX, NO_TOOL_SYSTEM_PROMPT
+from deepeyes_jax.agent.rollout import Task
+from deepeyes_jax.agent.trajectory import Trajectory
 from deepeyes_jax.data.benchmarks import LETTERS, BenchmarkItem
-from deepeyes_jax.rl import rewards
-
-NO_TOOL_SYSTEM_PROMPT = "You are a helpful assistant."
-NO_TOOL_CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
-NO_TOOL_OPEN_SUFFIX = "\nAnswer the question using a single word or phrase."
+from deepeyes_jax.reward import rewards
 
 _THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 _SPECIAL_RE = re.compile(r"<\|im_end\|>|<\|endoftext\|>")
@@ -113,10 +113,13 @@ def final_answer(answer: str | None, last_turn_text: str, no_tool: bool) -> str 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   """``correct``; ``how``: ``rule`` | ``judge`` | ``no_answer`` | ``undecided`` (rule could not decide and no judge
-  verdict: scored wrong) | ``reward`` (a DeepEyes-format item scored by its reward function)."""
+  verdict: scored wrong) | ``reward`` (a DeepEyes-format item scored by its reward function); ``reward``: the total
+  reward when a reward function scored it; ``answer``: the answer that was scored (None: none found)."""
 
   correct: bool
   how: str
+  reward: float | None = None
+  answer: str | None = None
 
 
 def _yes_no(text: str) -> str | None:
@@ -156,5 +159,83 @@ def score_with_reward(item: BenchmarkItem, response: str, num_successful_tool_ca
     default="vstar",
   )
   if result.answer is None:
-    return Verdict(False, "no_answer")
-  return Verdict(result.acc == 1.0, "judge" if result.judged else "reward")
+    return Verdict(False, "no_answer", reward=float(result.total))
+  return Verdict(result.acc == 1.0, "judge" if result.judged else "reward", reward=float(result.total))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorers: ``scorer(tasks, trajectories) -> verdicts`` (trajectories in (task, sample) order), the interface of
+# ``eval.loop.run``.
+
+
+def response_text(traj: Trajectory, tokenizer) -> str:
+  """Everything after the prompt, special tokens kept: what a reward function scores."""
+  return tokenizer.decode(traj.token_ids[traj.prompt_length :].tolist(), skip_special_tokens=False)
+
+
+class RewardScorer:
+  """DeepEyes-format data: ``acc`` of the reward function of the trajectory's ``data_source`` (rule, then the judge;
+  judge questions of a batch are sent together). ``plain=True``: a one-turn plain reply (no tags; the no-tool and
+  crop conditions of data selection) whose answer (``final_answer``) is wrapped as that reward expects it.
+  ``default``: the reward of an unknown data source (None: an unknown source raises)."""
+
+  def __init__(self, tokenizer, judge=None, *, plain: bool = False, default: str | None = None):
+    self.tokenizer, self.judge, self.plain, self.default = tokenizer, judge, plain, default
+
+  def _response(self, traj: Trajectory) -> tuple[str, str | None]:
+    text = response_text(traj, self.tokenizer)
+    if not self.plain:
+      return text, traj.answer
+    answer = final_answer(rewards.response_answer(text), text, no_tool=True)
+    fn = rewards.get_reward_fn(traj.metadata["data_source"], default=self.default)
+    wrapped = f"\\boxed{{{answer or ''}}}" if fn is rewards.math_reward else f"<answer>{answer or ''}</answer>"
+    return wrapped, answer
+
+  def __call__(self, tasks: Sequence[Task], trajs: Sequence[Trajectory]) -> list[Verdict]:
+    del tasks  # what the reward needs travels in each trajectory's metadata
+    responses = [self._response(t) for t in trajs]
+    items = [
+      rewards.RewardItem(
+        data_source=t.metadata["data_source"],
+        response=text,
+        ground_truth=t.metadata["ground_truth"],
+        num_successful_tool_calls=t.num_successful_tool_calls,
+        question=t.metadata.get("question"),
+      )
+      for t, (text, _) in zip(trajs, responses)
+    ]
+    results = rewards.score_batch(items, judge=self.judge, default=self.default)
+    out = []
+    for (_, answer), r in zip(responses, results):
+      how = "no_answer" if r.answer is None else "judge" if r.judged else "reward"
+      out.append(Verdict(r.acc == 1.0, how, reward=float(r.total), answer=answer))
+    return out
+
+
+class BenchmarkScorer:
+  """Benchmark items as ``show`` presented them (``shown`` by item id): the rule, then the judge; a DeepEyes-format
+  item (its own messages) by its data source's reward function."""
+
+  def __init__(
+    self,
+    items: Mapping[str, BenchmarkItem],
+    shown: Mapping[str, Shown],
+    *,
+    tokenizer=None,
+    judge=None,
+    no_tool: bool = False,
+  ):
+    self.items, self.shown, self.tokenizer, self.judge, self.no_tool = items, shown, tokenizer, judge, no_tool
+
+  def __call__(self, tasks: Sequence[Task], trajs: Sequence[Trajectory]) -> list[Verdict]:
+    del tasks
+    return [self.score(t) for t in trajs]
+
+  def score(self, traj: Trajectory) -> Verdict:
+    item = self.items[traj.task_id]
+    if item.messages is not None:
+      v = score_with_reward(item, response_text(traj, self.tokenizer), traj.num_successful_tool_calls, self.judge)
+      return dataclasses.replace(v, answer=traj.answer)
+    last = traj.turns[-1].text if traj.turns else ""
+    answer = final_answer(traj.answer, last, self.no_tool)
+    return dataclasses.replace(score_answer(answer, self.shown[traj.task_id], self.judge, item.question), answer=answer)

@@ -1,6 +1,7 @@
-"""DeepEyes' tool-use-oriented data selection (SPEC.md section 2, "Data").
+"""DeepEyes' tool-use-oriented data selection (docs/reference.md, "Data").
 
-For each DeepEyes-format item, with a given policy (a checkpoint through ``AgentPolicy``, or a scripted one):
+For each DeepEyes-format item, with a given policy (a checkpoint through ``loop.agent_rollouts``, or a scripted
+rollout function):
 
 1. **difficulty filter**: sample ``k`` answers with the zoom tool (the record's own prompt, multi-turn); drop items
    solved 0/k (``never_solved``: no learning signal, or a wrong label) or k/k (``always_solved``: nothing to learn);
@@ -16,6 +17,7 @@ Correctness is the ``acc`` of the item's reward function (``rewards.compute_rewa
 when one is given). Answers of the one-turn modes are taken as DeepEyes does for plain replies: the ``<answer>``
 content when present, else the whole reply.
 
+A thin caller of ``eval.loop.run`` (task builders ``tasks.mode_task``, scorer ``scoring.RewardScorer``).
 ``select(...)`` returns one ``Decision`` per item; ``write_selection`` writes the kept records (unchanged, plus a
 ``selection`` column with the statistics) as parquet and every decision as JSON lines.
 """
@@ -25,60 +27,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Sequence
-from typing import Protocol
 
-from PIL import Image
-
-from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
-from deepeyes_jax.data.deepeyes import Example
-from deepeyes_jax.eval.scoring import NO_TOOL_OPEN_SUFFIX, NO_TOOL_SYSTEM_PROMPT, final_answer
-from deepeyes_jax.rl import rewards
-
-log = logging.getLogger(__name__)
-
-MODES = ("tool", "no_tool", "crop")
-MIN_CROP_SIDE = 28  # one 28-px patch block: a smaller crop is grown around its centre
-
-
-@dataclasses.dataclass(frozen=True)
-class Response:
-  """One sampled answer: the decoded response (everything after the prompt) and the crops that succeeded."""
-
-  text: str
-  num_successful_tool_calls: int = 0
-
-
-class Policy(Protocol):
-  """Samples ``k`` responses for every task; ``mode`` says how the tasks were built (see ``MODES``)."""
-
-  def sample(self, tasks: Sequence[Task], k: int, seed: int, mode: str) -> list[list[Response]]: ...
-
-
-class AgentPolicy:
-  """A checkpoint through the sampler and the rollout engine (``mode != "tool"``: one turn)."""
-
-  def __init__(self, sampler, tokenizer, config: AgentConfig):
-    self.sampler, self.tokenizer, self.config = sampler, tokenizer, config
-
-  def sample(self, tasks, k, seed, mode):
-    config = self.config if mode == "tool" else dataclasses.replace(self.config, max_turns=1)
-    trajs = run_rollouts(self.sampler, self.tokenizer, tasks, group_size=k, config=config, seed=seed)
-    out = []
-    for i in range(len(tasks)):
-      group = trajs[i * k : (i + 1) * k]
-      out.append(
-        [
-          Response(
-            self.tokenizer.decode(t.token_ids[t.prompt_length :].tolist(), skip_special_tokens=False),
-            t.num_successful_tool_calls,
-          )
-          for t in group
-        ]
-      )
-    return out
+from deepeyes_jax.data.deepeyes import Example, write_deepeyes_parquet
+from deepeyes_jax.eval import loop, scoring
+from deepeyes_jax.eval import tasks as tasks_lib
+from deepeyes_jax.eval.loop import RolloutFn
+from deepeyes_jax.eval.tasks import gt_box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,77 +68,35 @@ class Decision:
   solved_crop: int | None = None
 
 
-def gt_box(example: Example) -> list[float] | None:
-  """``extra_info.bbox`` as ``[x1, y1, x2, y2]``, or None."""
-  box = example.extra.get("extra_info", {}).get("bbox")
-  if isinstance(box, list | tuple) and len(box) == 4 and all(isinstance(v, int | float) for v in box):
-    return [float(v) for v in box]
-  return None
-
-
-def crop(image: Image.Image, box: Sequence[float]) -> Image.Image:
-  """The box clamped to the image, grown to at least ``MIN_CROP_SIDE`` px a side around its centre."""
-  w, h = image.size
-  x1, y1, x2, y2 = box
-  cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-  half_w, half_h = max(x2 - x1, MIN_CROP_SIDE) / 2, max(y2 - y1, MIN_CROP_SIDE) / 2
-  left, top = max(0, int(round(cx - half_w))), max(0, int(round(cy - half_h)))
-  right, bottom = min(w, int(round(cx + half_w))), min(h, int(round(cy + half_h)))
-  return image.crop((left, top, right, bottom))
-
-
-def tool_task(example: Example) -> Task:
-  """The record's own prompt, byte for byte (as in training)."""
-  meta = {"data_source": example.data_source, "ground_truth": example.ground_truth, "question": example.question}
-  return Task(task_id=example.uid, image=example.images[0], messages_override=example.messages, metadata=meta)
-
-
-def plain_task(example: Example, with_crop: bool) -> Task:
-  """One turn, no tool: the image (and the ground-truth crop after it), then the question."""
-  content = [{"type": "image", "image": example.images[0]}]
-  if with_crop:
-    content.append({"type": "image", "image": crop(example.images[0], gt_box(example))})
-  content.append({"type": "text", "text": example.question + NO_TOOL_OPEN_SUFFIX})
-  messages = [{"role": "system", "content": NO_TOOL_SYSTEM_PROMPT}, {"role": "user", "content": content}]
-  return Task(task_id=example.uid, image=example.images[0], messages_override=messages)
-
-
-def is_correct(example: Example, response: Response, mode: str, judge=None) -> bool:
-  """``acc`` of the item's reward function; a one-turn reply is wrapped as the reward expects its answer."""
-  text = response.text
-  if mode != "tool":
-    answer = final_answer(rewards.extract_answer(text), text, no_tool=True) or ""
-    is_math = rewards.get_reward_fn(example.data_source, default="vstar") is rewards.math_reward
-    text = f"\\boxed{{{answer}}}" if is_math else f"<answer>{answer}</answer>"
-  result = rewards.compute_reward(
-    example.data_source,
-    text,
-    example.ground_truth,
-    num_successful_tool_calls=response.num_successful_tool_calls,
-    judge=judge,
-    question=example.question,
-    default="vstar",
+def _solved(examples, rollout_fn, tokenizer, config, mode, judge, seed_offset) -> list[int]:
+  """Correct samples out of k for each example in ``mode`` (see ``tasks.MODES``)."""
+  records = loop.run(
+    examples,
+    lambda e: tasks_lib.mode_task(e, mode),
+    rollout_fn,
+    scoring.RewardScorer(tokenizer, judge, plain=mode != "tool", default="vstar"),
+    item_id=lambda e: e.uid,
+    group_size=config.k,
+    seed=config.seed + seed_offset,
+    batch_size=config.batch_size,
+    label=f"selection ({mode})",
   )
-  return result.acc == 1.0
+  return [sum(s["correct"] for s in r["samples"]) for r in records]
 
 
-def _solved(examples, policy, config, mode, judge, seed_offset) -> list[int]:
-  counts = []
-  for start in range(0, len(examples), config.batch_size):
-    batch = examples[start : start + config.batch_size]
-    tasks = [tool_task(e) if mode == "tool" else plain_task(e, with_crop=mode == "crop") for e in batch]
-    groups = policy.sample(tasks, config.k, config.seed + seed_offset, mode)
-    if len(groups) != len(batch) or any(len(g) != config.k for g in groups):
-      raise ValueError(f"policy returned {[len(g) for g in groups]} responses for {len(batch)} tasks x k={config.k}")
-    counts += [sum(is_correct(e, r, mode, judge) for r in g) for e, g in zip(batch, groups)]
-    log.info("selection: %s %d/%d", mode, min(start + config.batch_size, len(examples)), len(examples))
-  return counts
-
-
-def select(examples: Sequence[Example], policy: Policy, config: SelectionConfig, judge=None) -> list[Decision]:
-  """One ``Decision`` per example, in order (see the module docstring)."""
+def select(
+  examples: Sequence[Example],
+  rollout_fn: RolloutFn,
+  one_turn_fn: RolloutFn,
+  tokenizer,
+  config: SelectionConfig,
+  judge=None,
+) -> list[Decision]:
+  """One ``Decision`` per example, in order (see the module docstring). ``rollout_fn``: the agent with the tool
+  (``loop.agent_rollouts``); ``one_turn_fn``: the same agent limited to one turn (the no-tool and crop conditions);
+  ``tokenizer`` decodes the responses for the reward functions."""
   k = config.k
-  solved = _solved(list(examples), policy, config, "tool", judge, 0)
+  solved = _solved(list(examples), rollout_fn, tokenizer, config, "tool", judge, 0)
   decisions = []
   for e, s in zip(examples, solved):
     reason = "never_solved" if s == 0 else "always_solved" if s == k else "kept"
@@ -196,8 +110,8 @@ def select(examples: Sequence[Example], policy: Policy, config: SelectionConfig,
       d.kept = config.missing_box == "keep"
   if boxed:
     ex = [e for _, e in boxed]
-    no_tool = _solved(ex, policy, config, "no_tool", judge, 1)
-    with_crop = _solved(ex, policy, config, "crop", judge, 2)
+    no_tool = _solved(ex, one_turn_fn, tokenizer, config, "no_tool", judge, 1)
+    with_crop = _solved(ex, one_turn_fn, tokenizer, config, "crop", judge, 2)
     for (d, _), nt, cr in zip(boxed, no_tool, with_crop):
       d.solved_no_tool, d.solved_crop = nt, cr
       if nt / k > config.no_tool_max:
@@ -226,8 +140,6 @@ def report(decisions: Sequence[Decision]) -> str:
 
 def write_selection(records: Sequence[dict], decisions: Sequence[Decision], out_path: str) -> tuple[str, str]:
   """Kept raw records (with a ``selection`` column) -> ``out_path`` (parquet); every decision -> ``<out>.jsonl``."""
-  from deepeyes_jax.data.deepeyes import write_deepeyes_parquet
-
   if len(records) != len(decisions):
     raise ValueError(f"{len(records)} records but {len(decisions)} decisions")
   kept = [{**r, "selection": dataclasses.asdict(d)} for r, d in zip(records, decisions) if d.kept]

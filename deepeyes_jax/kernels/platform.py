@@ -21,6 +21,8 @@ import threading
 
 import jax
 
+from deepeyes_jax.parallel import sharding as shd
+
 PLATFORMS = ("cpu", "gpu", "tpu")
 _local = threading.local()
 
@@ -60,12 +62,13 @@ def compiling_for(target):
   `target_mesh()` is that mesh too (the TPU attention kernels run per shard over it, see `tpu_attention`)."""
   platform = _normalise(target) if isinstance(target, str) else platform_of(target)
   mesh = target if hasattr(target, "axis_names") else None
-  previous = getattr(_local, "platform", None), getattr(_local, "mesh", None)
-  _local.platform, _local.mesh = platform, mesh
+  previous = getattr(_local, "platform", None)
+  _local.platform = platform
   try:
-    yield platform
+    with shd.targeting(mesh):
+      yield platform
   finally:
-    _local.platform, _local.mesh = previous
+    _local.platform = previous
 
 
 def scope(mesh):
@@ -74,36 +77,18 @@ def scope(mesh):
   return contextlib.nullcontext() if mesh is None else compiling_for(mesh)
 
 
-_NO_MESH = object()
-
-
 @contextlib.contextmanager
 def no_mesh(executing: str | None = None):
   """Within the block, `target_mesh()` is None: code traced per shard (inside `shard_map`) sees no mesh, so that
   nothing in it shards again. `executing`: the platform of the mesh's devices, which still run the code
   (`executing_platform`)."""
-  previous = getattr(_local, "mesh", None), getattr(_local, "executing", None)
-  _local.mesh, _local.executing = _NO_MESH, executing
+  previous = getattr(_local, "executing", None)
+  _local.executing = executing
   try:
-    yield
+    with shd.targeting(shd.NO_MESH):
+      yield
   finally:
-    _local.mesh, _local.executing = previous
-
-
-def _mesh_in_scope():
-  try:
-    mesh = jax.sharding.get_mesh()
-  except ValueError:  # inside jit only the abstract mesh is known (it names its platform)
-    mesh = jax.sharding.get_abstract_mesh()
-  if not getattr(mesh, "empty", True):
-    return mesh
-  try:  # a legacy `with mesh:` block
-    from jax._src import mesh as mesh_lib
-
-    physical = mesh_lib.thread_resources.env.physical_mesh
-    return None if physical.empty else physical
-  except (ImportError, AttributeError):
-    return None
+    _local.executing = previous
 
 
 def executing_platform() -> str:
@@ -113,7 +98,7 @@ def executing_platform() -> str:
   mesh = target_mesh()
   if mesh is not None:
     return platform_of(mesh)
-  if getattr(_local, "mesh", None) is _NO_MESH and getattr(_local, "executing", None):
+  if shd.shard_local() and getattr(_local, "executing", None):
     return _local.executing
   return _normalise(jax.default_backend())
 
@@ -123,7 +108,7 @@ def target_platform() -> str:
   platform = getattr(_local, "platform", None)
   if platform is not None:
     return platform
-  mesh = _mesh_in_scope()
+  mesh = shd.mesh_in_scope()
   if mesh is not None:
     return platform_of(mesh)
   return _normalise(jax.default_backend())
@@ -131,8 +116,5 @@ def target_platform() -> str:
 
 def target_mesh():
   """The mesh the code being traced is sharded over: the one given to `compiling_for`, else the mesh in scope,
-  else None (a single device, or sharding left to the caller)."""
-  mesh = getattr(_local, "mesh", None)
-  if mesh is _NO_MESH:
-    return None
-  return mesh if mesh is not None else _mesh_in_scope()
+  else None (a single device, or sharding left to the caller). Kept in `parallel.sharding` (`constrain` reads it)."""
+  return shd.target_mesh()

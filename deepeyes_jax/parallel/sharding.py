@@ -1,4 +1,4 @@
-"""Meshes and the logical-axis -> mesh-axis rules table (DESIGN.md principle 6).
+"""Meshes and the logical-axis -> mesh-axis rules table: changing parallelism is a config change.
 
 Every parameter carries logical axis names in its `out_sharding` metadata (e.g. `('embed', 'mlp')`). One rules
 table maps logical names to mesh axes; changing the parallelism of a run is a change of mesh shape or rules, not
@@ -12,6 +12,8 @@ dimension only.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -107,25 +109,68 @@ def variable_sharding(variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedShardin
   return logical_to_sharding(names, variable.shape, mesh, rules)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The mesh the code being traced is compiled for. `kernels.platform` sets it (`compiling_for(mesh)`, `scope(mesh)`,
+# `no_mesh()`) together with the target platform; it lives here so that `constrain` reads it without importing the
+# kernels (which import this module).
+# --------------------------------------------------------------------------------------------------------------
+NO_MESH = object()  # `targeting(NO_MESH)`: code traced per shard (inside shard_map) sees no mesh
+_target = threading.local()
+
+
+@contextlib.contextmanager
+def targeting(mesh):
+  """Within the block `target_mesh()` is `mesh`: a mesh, NO_MESH (none), or None (the mesh in scope, as outside
+  any block)."""
+  previous = getattr(_target, "mesh", None)
+  _target.mesh = mesh
+  try:
+    yield
+  finally:
+    _target.mesh = previous
+
+
+def shard_local() -> bool:
+  """Inside `targeting(NO_MESH)` (the per-shard code of a shard_map)."""
+  return getattr(_target, "mesh", None) is NO_MESH
+
+
+def mesh_in_scope():
+  """The mesh set with `jax.set_mesh` (the abstract one inside jit) or a legacy `with mesh:` block, else None."""
+  try:
+    mesh = jax.sharding.get_mesh()
+  except ValueError:  # inside jit only the abstract mesh is known (it names its platform)
+    mesh = jax.sharding.get_abstract_mesh()
+  if not getattr(mesh, "empty", True):
+    return mesh
+  try:  # a legacy `with mesh:` block
+    from jax._src import mesh as mesh_lib
+
+    physical = mesh_lib.thread_resources.env.physical_mesh
+    return None if physical.empty else physical
+  except (ImportError, AttributeError):
+    return None
+
+
+def target_mesh():
+  """The mesh the code being traced is sharded over: the one given to `targeting` (`platform.compiling_for`), else
+  the mesh in scope, else None (a single device, or sharding left to the caller)."""
+  mesh = getattr(_target, "mesh", None)
+  if mesh is NO_MESH:
+    return None
+  return mesh if mesh is not None else mesh_in_scope()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
   """Pins an activation inside jit to the sharding its logical axis `names` give on the mesh the program is
-  compiled for (`kernels.platform.target_mesh()`, set by `platform.scope(mesh)` around the trainer's and sampler's
-  calls); unchanged outside a mesh scope or on one device.
+  compiled for (`target_mesh()`, set by `kernels.platform.scope(mesh)` around the trainer's and sampler's calls);
+  unchanged outside a mesh scope or on one device.
 
   Why: without constraints XLA propagates the parameters' FSDP sharding (the hidden size over fsdp) into the
   activations and keeps every row on every chip (the 7B learner then needs TiBs per chip); pinning rows to
   data x fsdp keeps each chip's rows on that chip, the weights being all-gathered layer by layer instead.
   """
-  from deepeyes_jax.kernels import platform  # the compile target; kernels import nothing from here
-
-  mesh = platform.target_mesh()
+  mesh = target_mesh()
   if mesh is None or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_sharding(names, x.shape, mesh, rules))
-
-
-def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
-  """Maps an `nnx.State` of Variables to a matching tree of NamedShardings."""
-  from flax import nnx
-
-  return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))

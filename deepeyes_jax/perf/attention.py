@@ -1,8 +1,8 @@
 """Attention kernels: time, TFLOP/s and fraction of the measured matmul peak, per implementation and shape class.
 
-    python -m deepeyes_jax.benchmarks.attention                        # full shapes (meant for a GPU)
-    python -m deepeyes_jax.benchmarks.attention --quick                # small shapes, < 1 minute on a CPU
-    python -m deepeyes_jax.benchmarks.attention --out bench.json --dtype bfloat16 --impls xla,pallas
+    python -m deepeyes_jax.perf.attention                        # full shapes (meant for a GPU)
+    python -m deepeyes_jax.perf.attention --quick                # small shapes, < 1 minute on a CPU
+    python -m deepeyes_jax.perf.attention --out bench.json --dtype bfloat16 --impls xla,pallas
 
 Implementations: every `attention(impl=...)` available on the backend: "xla" always, "pallas" (on CPU in interpret
 mode: a correctness smoke run, its times say nothing about the kernel), "cudnn" on GPU only.

@@ -1,12 +1,13 @@
 """Multi-turn rollout throughput: the continuous engine (paged KV pool, decode slots) against the lock-step one.
 
-    python -m deepeyes_jax.benchmarks.rollout --out FILE.json     # full: 4 tasks x G=8, text 2 x 256, ~5 min
-    python -m deepeyes_jax.benchmarks.rollout --quick              # tiny config, 4 tasks x G=4 (a smoke run)
-    python -m deepeyes_jax.benchmarks.rollout --slots 16 --segment_release 0.5 --layers 4 --tasks 8
+    python -m deepeyes_jax.perf.rollout --out FILE.json     # full: 4 tasks x G=8, text 2 x 256, ~5 min
+    python -m deepeyes_jax.perf.rollout --quick              # tiny config, 4 tasks x G=4 (a smoke run)
+    python -m deepeyes_jax.perf.rollout --slots 16 --segment_release 0.5 --layers 4 --tasks 8
 
 Set-up. A small Qwen2.5-VL-shaped model and the tiny tokenizer (534 ids) written by
-`models.qwen2_5_vl.tiny.build_tiny_checkpoint` into a temporary directory (full: text `--layers` (2) x 256, 4 heads
-/ 2 KV heads, head_dim 64, a 2-block vision tower 64 wide; quick: 2 x 64; random normal(0.02) weights, seed 0) and
+`models.qwen2_5_vl.tiny.build_tiny_checkpoint` into a temporary directory (the preset "rollout_bench": text
+`--layers` (2) x 256, 4 heads / 2 KV heads, head_dim 64, a 2-block vision tower 64 wide; quick: the preset
+"rollout_bench_quick", 2 x 64; random normal(0.02) weights, seed 0) and
 read back with `qvl.from_pretrained(dir, float32)` (no downloads). Two
 layers, not four, keep the full run at ~5 min on the 2-core machine: both engines' costs scale with the layers.
 
@@ -71,10 +72,10 @@ from PIL import Image
 from deepeyes_jax.agent import prompts
 from deepeyes_jax.agent.rollout import AgentConfig, RolloutStats, Task, run_rollouts
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl import presets
 from deepeyes_jax.models.qwen2_5_vl.tiny import build_tiny_checkpoint
-from deepeyes_jax.processing import tokenizer as toklib
+from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.sampling import rules
-from deepeyes_jax.sampling.generate import load_tokenizer
 from deepeyes_jax.sampling.sampler import Sampler
 
 ZOOM = (
@@ -122,14 +123,14 @@ def num_cores() -> int:
 # Model and tokenizer
 # --------------------------------------------------------------------------------------------------------------
 def build_agent(quick: bool, seed: int, layers: int = 2):
-  """(sampler, tokenizer, config, param count): a random model (`tiny.build_tiny_checkpoint`; full: text layers x
-  256 wide, 4 heads / 2 KV heads, head_dim 64, a 2-block vision tower 64 wide; quick: 2 x 64) saved and loaded
-  through a temporary directory."""
-  size = (
-    dict(hidden_size=64, num_layers=2, vision_hidden_size=32) if quick else dict(hidden_size=256, num_layers=layers)
-  )
+  """(sampler, tokenizer, config, param count): a random model of the preset "rollout_bench" (text `layers` x 256
+  wide, 4 heads / 2 KV heads, head_dim 64, a 2-block vision tower 64 wide) or "rollout_bench_quick" (2 x 64), with
+  the tiny tokenizer (`tiny.build_tiny_checkpoint`), saved and loaded through a temporary directory."""
+  config = presets.preset("rollout_bench_quick" if quick else "rollout_bench")
+  if not quick:
+    config = config.replace(text=dataclasses.replace(config.text, num_hidden_layers=layers))
   with tempfile.TemporaryDirectory(prefix="bench_rollout_") as d:
-    cfg = build_tiny_checkpoint(d, vocab_size=toklib.DEFAULT_VOCAB_SIZE, seed=seed, **size)
+    cfg = build_tiny_checkpoint(d, config=config, seed=seed)
     model = qvl.from_pretrained(d, dtype=jnp.float32)
     tok = load_tokenizer(d)
   return Sampler(model), tok, cfg, qvl.param_count(model)
@@ -291,9 +292,7 @@ def print_table(res: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(
-    prog="python -m deepeyes_jax.benchmarks.rollout", description=__doc__.split("\n\n")[0].strip()
-  )
+  ap = argparse.ArgumentParser(prog="python -m deepeyes_jax.perf.rollout", description=__doc__.split("\n\n")[0].strip())
   ap.add_argument("--quick", action="store_true", help="tiny config, 4 tasks x G=4, short turns (a smoke run)")
   ap.add_argument("--out", help="write the results as JSON to this file")
   ap.add_argument("--rounds", type=int, help="timed rounds of both engines (default 3; quick 2)")

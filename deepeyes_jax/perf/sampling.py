@@ -1,12 +1,13 @@
 """Sampling throughput: our KV-cache sampler against HF transformers `generate`, on the same random weights.
 
-    python -m deepeyes_jax.benchmarks.sampling                    # full: batches 1,8,32, prompt 256, 64 new tokens
-    python -m deepeyes_jax.benchmarks.sampling --quick            # tiny config, a smoke run of the whole script
-    python -m deepeyes_jax.benchmarks.sampling --out bench.json --dtype bfloat16 --batches 1,8 --skip_hf
-    python -m deepeyes_jax.benchmarks.sampling --device_roofline  # on a GPU: decode against the bandwidth floor
+    python -m deepeyes_jax.perf.sampling                    # full: batches 1,8,32, prompt 256, 64 new tokens
+    python -m deepeyes_jax.perf.sampling --quick            # tiny config, a smoke run of the whole script
+    python -m deepeyes_jax.perf.sampling --out bench.json --dtype bfloat16 --batches 1,8 --skip_hf
+    python -m deepeyes_jax.perf.sampling --device_roofline  # on a GPU: decode against the bandwidth floor
 
-Set-up. A small Qwen2.5-VL-shaped config (full: text 8 layers x 1024, 16 heads, 4 KV heads, head_dim 64,
-vocab 32000, untied lm_head, ~161M parameters; a 4-block vision tower that text-only prompts never run) is
+Set-up. A small Qwen2.5-VL-shaped config (the preset "sampling_bench": text 8 layers x 1024, 16 heads, 4 KV heads,
+head_dim 64, vocab 32000, untied lm_head, ~161M parameters; a 4-block vision tower that text-only prompts never run;
+`--quick`: "sampling_bench_quick") is
 initialised randomly (`qvl.init_random`, fp32, seed 0), written with `qvl.save_pretrained` and read back by both
 sides: ours with `qvl.from_pretrained(dir, dtype)` (the real loader), HF with
 `Qwen2_5_VLForConditionalGeneration.from_pretrained(dir, attn_implementation="sdpa", dtype)` (`--hf_attn` picks
@@ -65,71 +66,9 @@ from flax import nnx
 
 from deepeyes_jax import sampling as smp
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl import presets
 
 CHECK_FIRST = 4  # tokens of ours and HF that must agree at batch 1 (fp32)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------------------------
-def _config(text: qvl.TextConfig, vision: qvl.VisionConfig) -> qvl.Qwen25VLConfig:
-  """Special tokens at the top of the vocabulary; prompts are drawn below them."""
-  v = text.vocab_size
-  return qvl.Qwen25VLConfig(
-    text=text,
-    vision=vision,
-    tie_word_embeddings=False,
-    image_token_id=v - 4,
-    video_token_id=v - 3,
-    vision_start_token_id=v - 2,
-    vision_end_token_id=v - 1,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-  )
-
-
-def full_config() -> qvl.Qwen25VLConfig:
-  """~161M parameters: text 8 x 1024 (16 heads, 4 KV heads, head_dim 64), vocab 32000; vision 4 x 256."""
-  return _config(
-    qvl.TextConfig(
-      vocab_size=32000,
-      hidden_size=1024,
-      intermediate_size=2816,
-      num_hidden_layers=8,
-      num_attention_heads=16,
-      num_key_value_heads=4,
-      mrope_section=(8, 12, 12),
-      max_position_embeddings=32768,
-    ),
-    qvl.VisionConfig(
-      depth=4,
-      hidden_size=256,
-      intermediate_size=512,
-      num_heads=4,
-      out_hidden_size=1024,
-      fullatt_block_indexes=(1, 3),
-    ),
-  )
-
-
-def quick_config() -> qvl.Qwen25VLConfig:
-  """~1.1M parameters: text 2 x 128 (4 heads, 2 KV heads, head_dim 32), vocab 2048; vision 2 x 64."""
-  return _config(
-    qvl.TextConfig(
-      vocab_size=2048,
-      hidden_size=128,
-      intermediate_size=256,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      mrope_section=(4, 6, 6),
-      max_position_embeddings=4096,
-    ),
-    qvl.VisionConfig(
-      depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, fullatt_block_indexes=(1,)
-    ),
-  )
 
 
 FULL_DEFAULTS = dict(batches="1,8,32", prompt_len=256, new_tokens=64, reps=3)
@@ -418,7 +357,7 @@ def print_table(rows: list[dict], hf_label: str | None, roof: bool) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(
-    prog="python -m deepeyes_jax.benchmarks.sampling", description=__doc__.split("\n\n")[0].strip()
+    prog="python -m deepeyes_jax.perf.sampling", description=__doc__.split("\n\n")[0].strip()
   )
   ap.add_argument("--quick", action="store_true", help="tiny config, batches 1,2, prompt 32, 8 new tokens")
   ap.add_argument("--out", help="write the results as JSON to this file")
@@ -447,7 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  cfg = quick_config() if args.quick else full_config()
+  cfg = presets.preset("sampling_bench_quick" if args.quick else "sampling_bench")
   dtype = jnp.dtype(args.dtype)
   cores = num_cores()
   backend = jax.default_backend()

@@ -2,7 +2,7 @@
 
 DeepEyes asks a judge model (Qwen2.5-72B-Instruct served by vLLM, temperature 0.3) whether the model's final answer
 is consistent with the ground truth, with a few-shot prompt whose examples end in ``Judgement: 1`` or
-``Judgement: 0`` (SPEC.md section 2, "Reward"). This module is our own version of that judge:
+``Judgement: 0`` (docs/reference.md, "Reward"). This module is our own version of that judge:
 
 * the prompt (:func:`build_judge_prompt`) is written in the same style -- instructions, seven worked examples, then
   the item ending in ``Judgement:`` -- but with our own wording and examples;

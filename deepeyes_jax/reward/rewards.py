@@ -1,4 +1,4 @@
-"""DeepEyes rewards, per data source (SPEC.md section 2, "Reward (per data source)").
+"""DeepEyes rewards, per data source (docs/reference.md, "Reward").
 
 =============================================  ==========================================
 data_source                                    reward
@@ -52,7 +52,8 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from deepeyes_jax.rl.judge import Judge
+from deepeyes_jax.registry import Registry, UnknownNameError
+from deepeyes_jax.reward.judge import Judge
 
 try:  # math-verify (HuggingFace): LaTeX/sympy equivalence for the math source.
   from math_verify import parse as _mv_parse
@@ -106,7 +107,7 @@ def assistant_text(response: str) -> str:
   return _OBSERVATION_RE.sub("", response)
 
 
-def extract_answer(response: str) -> str | None:
+def response_answer(response: str) -> str | None:
   """The stripped text between the last ``<answer>`` and the ``</answer>`` that follows it; None when there is no
   ``<answer>`` or the last one is not closed. Observation turns are skipped (see the module doc)."""
   text = assistant_text(response)
@@ -147,14 +148,14 @@ def extract_boxed(text: str) -> str | None:
 
 # --- format --------------------------------------------------------------------------------------------------
 def format_errors(response: str, answer: str | None = None) -> list[str]:
-  """The format rules ``response`` breaks (empty list: none). Each rule, as in SPEC.md section 2:
+  """The format rules ``response`` breaks (empty list: none). Each rule, as in docs/reference.md, "Reward":
 
   * ``"think_tags"``: the numbers of ``<think>`` and ``</think>`` differ;
   * ``"vision_tags"``: the numbers of ``<|vision_start|>`` and ``<|vision_end|>`` differ;
   * ``"answer_tags"``: after the last ``</think>`` (the whole response if there is none), the numbers of
     ``<answer>`` and ``</answer>`` differ;
   * ``"answer_too_long"``: the answer has >= 1000 characters. ``answer`` is the extracted final answer (the
-    ``\\boxed{}`` content for math); None means ``extract_answer(response)``. No answer breaks no rule here.
+    ``\\boxed{}`` content for math); None means ``response_answer(response)``. No answer breaks no rule here.
 
   The tag rules count over the whole response, observations included (each observation's format suffix holds a
   balanced ``<think>...</think>`` and ``<answer>...</answer>`` pair, so it changes no count difference).
@@ -168,7 +169,7 @@ def format_errors(response: str, answer: str | None = None) -> list[str]:
   if tail.count(ANSWER_OPEN) != tail.count(ANSWER_CLOSE):
     errors.append("answer_tags")
   if answer is None:
-    answer = extract_answer(response)
+    answer = response_answer(response)
   if answer is not None and len(answer) >= MAX_ANSWER_CHARS:
     errors.append("answer_too_long")
   return errors
@@ -404,29 +405,18 @@ def math_equal(answer: str, ground_truth: str) -> bool:
 RewardFn = Callable[..., RewardResult]
 """``fn(response, ground_truth, *, num_successful_tool_calls, judge, question) -> RewardResult``."""
 
-REWARD_FNS: dict[str, RewardFn] = {}
+REWARD_FNS: Registry[RewardFn] = Registry("reward function")
 
 
-class UnknownDataSourceError(KeyError):
-  """No reward function is registered for a data source."""
-
-  def __str__(self) -> str:
-    return str(self.args[0]) if self.args else ""
+class UnknownDataSourceError(UnknownNameError):
+  """No reward function is registered for a data source (a KeyError)."""
 
 
 def register_reward(name: str, *aliases: str, overwrite: bool = False) -> Callable[[RewardFn], RewardFn]:
   """Decorator registering a reward function under ``name`` (and ``aliases``) in :data:`REWARD_FNS`.
 
   Registering a name that already has another function raises ValueError unless ``overwrite=True``."""
-
-  def decorator(fn: RewardFn) -> RewardFn:
-    for n in (name, *aliases):
-      if n in REWARD_FNS and REWARD_FNS[n] is not fn and not overwrite:
-        raise ValueError(f"a reward function is already registered for {n!r}; pass overwrite=True to replace it")
-      REWARD_FNS[n] = fn
-    return fn
-
-  return decorator
+  return REWARD_FNS.register(name, *aliases, overwrite=overwrite)
 
 
 def get_reward_fn(data_source: str, default: str | RewardFn | None = None) -> RewardFn:
@@ -434,16 +424,14 @@ def get_reward_fn(data_source: str, default: str | RewardFn | None = None) -> Re
 
   Unknown sources raise :class:`UnknownDataSourceError` (a KeyError) naming the source and the known ones, unless
   ``default`` is given: a registered name or a reward function to use instead."""
-  if data_source in REWARD_FNS:
-    return REWARD_FNS[data_source]
-  key = str(data_source).strip().lower()
-  if key in REWARD_FNS:
-    return REWARD_FNS[key]
+  for key in (data_source, str(data_source).strip().lower()):
+    if key in REWARD_FNS:
+      return REWARD_FNS[key]
   if default is not None:
     return default if callable(default) else get_reward_fn(default)
   raise UnknownDataSourceError(
-    f"no reward function registered for data_source {data_source!r}; known data sources: {sorted(REWARD_FNS)}. "
-    f"Register one with @register_reward({data_source!r}) or pass default=<a known source>."
+    f"{REWARD_FNS.unknown_message(data_source)}. Register one with @register_reward({data_source!r}) or pass "
+    "default=<a known source>."
   )
 
 
@@ -451,7 +439,9 @@ def _combine(weights: RewardWeights, acc: float, fmt: float, tool: float) -> flo
   return weights.acc * acc + weights.fmt * fmt + weights.tool * tool
 
 
-@register_reward("vstar", "chart", "vl_agent")
+# "synthetic_zoom": the embedded default's task (data/synthetic.py), scored as the fine-grained V* source. Registered
+# here, with the others, so that importing a data module changes no registry.
+@register_reward("vstar", "chart", "vl_agent", "synthetic_zoom")
 def visual_reward(
   response: str,
   ground_truth: str,
@@ -461,7 +451,7 @@ def visual_reward(
   question: str | None = None,
 ) -> RewardResult:
   """Fine-grained perception (V*) and charts: ``0.8*acc + 0.2*fmt + 1.2*tool``, tool only when correct."""
-  answer = extract_answer(response)
+  answer = response_answer(response)
   errors = format_errors(response, answer)
   fmt = -1.0 if errors else 0.0
   details: dict[str, Any] = {"format_errors": errors}

@@ -1,1 +1,2 @@
-"""Reinforcement learning: GRPO losses, sequence packing, the learner step, rewards and the LLM judge."""
+"""Reinforcement learning: GRPO advantages and losses, sequence packing, the learner step, the warm start and the
+training loop."""

@@ -16,36 +16,26 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-ADVANTAGES: dict[str, Callable] = {}
-POLICY_LOSSES: dict[str, Callable] = {}
+from deepeyes_jax.registry import Registry
+
+ADVANTAGES: Registry[Callable] = Registry("advantage estimator")
+POLICY_LOSSES: Registry[Callable] = Registry("policy loss")
 
 
-def register_advantage(name: str):
-  def wrap(fn):
-    ADVANTAGES[name] = fn
-    return fn
-
-  return wrap
+def register_advantage(name: str, *aliases: str, overwrite: bool = False):
+  return ADVANTAGES.register(name, *aliases, overwrite=overwrite)
 
 
-def register_policy_loss(name: str):
-  def wrap(fn):
-    POLICY_LOSSES[name] = fn
-    return fn
-
-  return wrap
+def register_policy_loss(name: str, *aliases: str, overwrite: bool = False):
+  return POLICY_LOSSES.register(name, *aliases, overwrite=overwrite)
 
 
 def get_advantage_fn(name: str) -> Callable:
-  if name not in ADVANTAGES:
-    raise KeyError(f"unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGES)}")
-  return ADVANTAGES[name]
+  return ADVANTAGES.get(name)
 
 
 def get_policy_loss(name: str) -> Callable:
-  if name not in POLICY_LOSSES:
-    raise KeyError(f"unknown policy loss {name!r}; registered: {sorted(POLICY_LOSSES)}")
-  return POLICY_LOSSES[name]
+  return POLICY_LOSSES.get(name)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from clu import metric_writers
 from etils import epath
 
 from deepeyes_jax.agent.trajectory import Trajectory
-from deepeyes_jax.rl.held_out import zoom_ious
+from deepeyes_jax.eval.loop import zoom_ious
+from deepeyes_jax.reward import rewards as rewards_lib
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +171,15 @@ def make_writer(workdir: str, resume_step: int | None = None) -> metric_writers.
 
 
 def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) -> dict[str, float]:
-  """Reward and each component, accuracy, tool use, failure reasons, turns, lengths, stop reasons."""
+  """Reward and each component, judge and format-error rates, accuracy, tool use, failure reasons, turns, lengths,
+  stop reasons."""
   n = max(1, len(trajectories))
   m: dict[str, float] = {}
-  m["reward/mean"] = float(np.mean([r.total for r in rewards])) if rewards else 0.0
+  rm = rewards_lib.reward_metrics(rewards)  # reward, its components, judged / judge-unavailable / format-error rates
+  m["reward/mean"] = rm.get("reward", 0.0)
   m["reward/std"] = float(np.std([r.total for r in rewards])) if rewards else 0.0
-  for comp in ("acc", "fmt", "tool"):
-    m[f"reward/{comp}"] = float(np.mean([getattr(r, comp) for r in rewards])) if rewards else 0.0
+  for key in ("acc", "fmt", "tool", "judged", "judge_unavailable", "format_error"):
+    m[f"reward/{key}"] = rm.get(key, 0.0)
   m["accuracy"] = m["reward/acc"]
   calls = [t.num_tool_calls for t in trajectories]
   ok = [t.num_successful_tool_calls for t in trajectories]

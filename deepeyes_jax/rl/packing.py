@@ -111,3 +111,58 @@ def pack(
     pixel_values = row_patches(pvs, p, vision.patch_dim)
     plan = make_row_plans(grids, vision, pad_to=p)
   return PackedBatch(tokens, seg, positions, pos_ids, mask, old, adv, pixel_values, plan)
+
+
+def minibatches(trajs, adv, rl, vision_cfg, learner) -> list[list]:
+  """Splits the kept trajectories into `rl.num_minibatches` mini-batches of packed micro-batches (`rl`: the
+  config's `rl` block; `learner`: an `rl.train_step.Learner`).
+
+  With `rl.old_logprobs == "recompute"`, the behaviour log-probs are recomputed here with the current (pre-update)
+  parameters, so every PPO epoch uses the same old policy.
+  """
+  lengths = [len(t.token_ids) for t in trajs]
+  row_len = bucket(max(lengths), rl.min_row_len)
+  per = rows_per_micro_batch(rl.micro_batch_rows, learner.mesh)
+  n_rows = lambda k: micro_batch_num_rows(k, per, learner.mesh)  # noqa: E731
+  out = []
+  for mb_idx in np.array_split(np.arange(len(trajs)), rl.num_minibatches):
+    idx = list(mb_idx)
+    if not idx:
+      continue
+    rows = [[idx[j] for j in row] for row in assign_rows([lengths[i] for i in idx], row_len)]
+    micro = [
+      pack(trajs, adv, rows[k : k + per], row_len=row_len, vision=vision_cfg, num_rows=n_rows(len(rows[k : k + per])))
+      for k in range(0, len(rows), per)
+    ]
+    if rl.old_logprobs == "recompute":
+      for mb in micro:
+        mb.old_logprobs = learner.logprobs(mb) * mb.loss_mask
+    elif rl.old_logprobs != "sampler":
+      raise ValueError(f"rl.old_logprobs must be 'sampler' or 'recompute', got {rl.old_logprobs!r}")
+    out.append(micro)
+  return out
+
+
+def rows_per_micro_batch(micro_batch_rows: int, mesh) -> int:
+  """Packed rows per micro-batch: `rl.micro_batch_rows` rounded up to a multiple of the mesh's row-parallel size
+  (data x fsdp). Every chip group gets a real row; rounding only the padded shape up (8 rows on a 32-way fsdp mesh
+  padded to 32) ran three padding rows, vision tower included, for every real one."""
+  per = max(1, micro_batch_rows)
+  return per if mesh is None else _round_up(per, _row_multiple(mesh))
+
+
+def micro_batch_num_rows(k: int, per: int, mesh) -> int:
+  """Rows of a micro-batch holding k packed rows (at most `per`, config.rl.micro_batch_rows): the next power of two,
+  rounded up to a multiple of the mesh's row-parallel size (data x fsdp) so that the rows shard evenly."""
+  # Padded to the next power of two (at most `per`), not to `per`: a last micro-batch holding one or two rows would
+  # otherwise cost as much as a full one. log2(per) shapes at most.
+  multiple = 1 if mesh is None else _row_multiple(mesh)
+  return _round_up(min(per, bucket(k, 1)), multiple)
+
+
+def _row_multiple(mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k

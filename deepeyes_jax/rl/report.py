@@ -29,7 +29,7 @@ PANELS = (
   ("warm-start loss (nll)", "train/nll", None),
   ("reward", "reward/mean", None),
   ("accuracy", "accuracy", "eval/accuracy"),
-  ("tool calls / trajectory", "tool/calls_per_traj", "eval/tool_calls_per_question"),
+  ("tool calls / trajectory", "tool/calls_per_traj", "eval/tool_calls_per_traj"),
   ("tool success rate", "tool/success_rate", "eval/tool_success_rate"),
   ("IoU of zoom boxes with the target", "tool/iou", "eval/mean_iou"),
 )
@@ -79,7 +79,7 @@ def plot(rows: Sequence[dict], out_png: str | os.PathLike, *, warmstart_steps: i
 
 
 def _table(final_eval: dict) -> str:
-  keys = ("accuracy", "tool_calls_per_question", "tool_success_rate", "mean_iou", "answered")
+  keys = ("accuracy", "tool_calls_per_traj", "tool_success_rate", "mean_iou", "answered")
   head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
   body = []
   for ckpt, modes in final_eval.get("checkpoints", {}).items():

@@ -27,26 +27,27 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from deepeyes_jax import run_setup
+from deepeyes_jax.agent import prompts
 from deepeyes_jax.agent.rollout import AgentConfig, Task, demonstrate
 from deepeyes_jax.agent.trajectory import Trajectory
+from deepeyes_jax.data import synthetic
+from deepeyes_jax.data.deepeyes import decode_example
+from deepeyes_jax.registry import Registry
+from deepeyes_jax.rl import packing
 
 Demonstrator = Callable[..., tuple[list[dict], list[str]]]
-DEMONSTRATORS: dict[str, Demonstrator] = {}
+DEMONSTRATORS: Registry[Demonstrator] = Registry("demonstrator")
 MODES = ("zoom", "direct", "no_tool", "ground", "read")
 
 
-def register_demonstrator(name: str) -> Callable[[Demonstrator], Demonstrator]:
-  def deco(fn: Demonstrator) -> Demonstrator:
-    DEMONSTRATORS[name] = fn
-    return fn
-
-  return deco
+def register_demonstrator(name: str, *aliases: str, overwrite: bool = False) -> Callable[[Demonstrator], Demonstrator]:
+  return DEMONSTRATORS.register(name, *aliases, overwrite=overwrite)
 
 
 def get_demonstrator(name: str) -> Demonstrator:
-  if name not in DEMONSTRATORS:
-    raise ValueError(f"unknown demonstrator {name!r}; registered: {sorted(DEMONSTRATORS)}")
-  return DEMONSTRATORS[name]
+  """The demonstrator registered as `name`; UnknownNameError (a KeyError and a ValueError) otherwise."""
+  return DEMONSTRATORS.get(name)
 
 
 def draw_modes(
@@ -143,15 +144,13 @@ def skill_accuracy(learner, packed: dict[str, list], content_ids: np.ndarray) ->
 @register_demonstrator("synthetic")
 def synthetic_demonstrator(example, mode: str, *, agent_config: AgentConfig) -> tuple[list[dict], list[str]]:
   """The scripted teacher of the synthetic zoom task (`data/synthetic.py`)."""
-  from deepeyes_jax.data import synthetic
-
   info = example.extra["extra_info"]
   image = example.images[0]
   if agent_config.coordinate_frame != "resized":
     raise ValueError("the synthetic demonstrator writes boxes in the frame the model sees: coordinate_frame='resized'")
   seen = synthetic.seen_size(image.size, min_pixels=agent_config.min_pixels, max_pixels=agent_config.max_pixels)
   if mode == "no_tool":
-    return synthetic.no_tool_messages(image, info["question"]), synthetic.demonstration(info, seen, zoom=False)
+    return prompts.no_tool_messages(image, info["question"]), synthetic.demonstration(info, seen, zoom=False)
   if mode == "ground":
     question, turns = synthetic.grounding(info, seen)
     return synthetic.plain_messages(image, question), turns
@@ -159,3 +158,65 @@ def synthetic_demonstrator(example, mode: str, *, agent_config: AgentConfig) -> 
     crop, question, turns = synthetic.reading(image, info, seen)
     return synthetic.plain_messages(crop, question), turns, crop
   return example.messages, synthetic.demonstration(info, seen, zoom=mode == "zoom")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# In the trainer: the skill probe and one behaviour-cloning step
+# --------------------------------------------------------------------------------------------------------------
+class SkillProbe:
+  """`skill_accuracy` on fixed demonstrations of `probe_questions` held-out questions
+  (`eval.data`), built once: which skills (grounding, reading, both through the protocol) the warm start has
+  learned so far, as `skills/{ground,read,zoom}` metrics."""
+
+  MODES = ("ground", "read", "zoom")
+
+  def __init__(self, config, tokenizer, agent_cfg: AgentConfig, model_cfg, learner):
+    ws = config.warmstart
+    source = run_setup.data_source(config.eval.data, config)
+    n = min(ws.get("probe_questions", 32), len(source))
+    examples = [decode_example(source[i], i, source_name=repr(source)) for i in range(n)]
+    labels = sorted({e.ground_truth for e in examples})
+    self.content_ids = content_token_ids(tokenizer, labels)
+    probe_cfg = config.copy_and_resolve_references()
+    probe_cfg.rl.old_logprobs = "sampler"  # demonstrations: nothing to recompute
+    self.packed = {}
+    for mode in self.MODES:
+      trajs = demonstrations(
+        examples,
+        [mode] * n,
+        demonstrator=ws.demonstrator,
+        tokenizer=tokenizer,
+        agent_config=agent_cfg,
+        model_config=model_cfg,
+      )
+      zeros = np.zeros(n, np.float32)
+      self.packed[mode] = packing.minibatches(trajs, zeros, probe_cfg.rl, model_cfg.vision, learner)[0]
+
+  def __call__(self, learner) -> dict[str, float]:
+    return skill_accuracy(learner, self.packed, self.content_ids)
+
+
+def warmstart_step(ws_iter, config, tokenizer, agent_cfg: AgentConfig, model_cfg, learner, step: int):
+  """One behaviour-cloning step on a batch of the demonstrator's trajectories (`demonstrations`)."""
+  ws = config.warmstart
+  examples = next(ws_iter)
+  modes = draw_modes(
+    [e.uid for e in examples],
+    zlib.crc32(f"{config.seed}/warmstart/{step}".encode()),
+    zoom_fraction=ws.zoom_fraction,
+    no_tool_fraction=ws.no_tool_fraction,
+    ground_fraction=ws.get("ground_fraction", 0.0),
+    read_fraction=ws.get("read_fraction", 0.0),
+  )
+  trajs = demonstrations(
+    examples, modes, demonstrator=ws.demonstrator, tokenizer=tokenizer, agent_config=agent_cfg, model_config=model_cfg
+  )
+  update: dict[str, float] = {}
+  for micro in packing.minibatches(trajs, np.ones(len(trajs), np.float32), config.rl, model_cfg.vision, learner):
+    update = learner.update(micro)
+  out = {f"train/{k}": v for k, v in update.items()}
+  out["loss"] = update.get("loss", 0.0)
+  for mode in MODES:
+    out[f"warmstart/{mode}_fraction"] = modes.count(mode) / max(1, len(modes))
+  out["length/total"] = float(np.mean([len(t.token_ids) for t in trajs]))
+  return out

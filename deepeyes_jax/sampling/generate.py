@@ -1,6 +1,6 @@
 """`generate`: chat messages with images in, text out — the sampler end to end.
 
-    tok = load_tokenizer(checkpoint_dir)          # transformers tokenizer from a local directory
+    tok = processing.tokenizer.load_tokenizer(checkpoint_dir)   # transformers tokenizer from a local directory
     texts = generate(sampler, tok, [[{"role": "user", "content": [{"type": "image", "image": pil},
                                                                   {"type": "text", "text": "What is this?"}]}]])
 
@@ -19,13 +19,6 @@ from deepeyes_jax.processing import chat
 from deepeyes_jax.processing import image as improc
 from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.sampler import Chunk, Sampler, bucket, row_keys
-
-
-def load_tokenizer(path: str):
-  """A transformers tokenizer from a local directory (never the hub)."""
-  import transformers
-
-  return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def message_images(messages: Sequence[dict]) -> list[Any]:

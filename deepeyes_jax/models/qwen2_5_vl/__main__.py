@@ -1,6 +1,7 @@
 """Smoke-run Qwen2.5-VL: load a checkpoint through the real loader and run one image+text forward.
 
     python -m deepeyes_jax.models.qwen2_5_vl                       # embedded tiny random model, no downloads
+    python -m deepeyes_jax.models.qwen2_5_vl --preset tiny         # a random model of any preset (presets.py)
     python -m deepeyes_jax.models.qwen2_5_vl --checkpoint DIR --image PATH --dtype bfloat16 --mesh 1,1,8
 
 Prints the config, parameter count, load / compile / run times and the top next-token ids.
@@ -18,33 +19,18 @@ from absl import app, flags
 from PIL import Image
 
 from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl import presets
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.processing import image as improc
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "HF Qwen2.5-VL directory; default: an embedded tiny random model")
+_CKPT = flags.DEFINE_string("checkpoint", None, "HF Qwen2.5-VL directory; default: a random model of --preset")
+_PRESET = flags.DEFINE_enum(
+  "preset", "smoke", presets.names(), "model preset (presets.py) of the random model written when --checkpoint is unset"
+)
 _IMAGE = flags.DEFINE_string("image", None, "image file; default: a generated test pattern")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and compute dtype")
 _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh shape, e.g. 1,2,4 (default: one device)")
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", 256 * 28 * 28, "max_pixels for the image processor")
-
-
-def embedded_config() -> qvl.Qwen25VLConfig:
-  """A small Qwen2.5-VL-shaped config (~6M parameters) with the real special-token ids and vocabulary layout."""
-  return qvl.Qwen25VLConfig(
-    text=qvl.TextConfig(
-      vocab_size=151936,
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      mrope_section=(1, 1, 2),
-    ),
-    vision=qvl.VisionConfig(
-      depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=32, fullatt_block_indexes=(1, 3)
-    ),
-    tie_word_embeddings=True,
-  )
 
 
 def test_pattern(size=(448, 336)) -> Image.Image:
@@ -59,8 +45,8 @@ def main(argv):
   ckpt = _CKPT.value
   if ckpt is None:
     ckpt = tempfile.mkdtemp(prefix="qwen25vl_tiny_")
-    print(f"writing an embedded tiny random checkpoint to {ckpt}")
-    qvl.save_pretrained(qvl.init_random(embedded_config(), dtype=dtype), ckpt)
+    print(f"writing a random checkpoint of the {_PRESET.value!r} preset to {ckpt}")
+    qvl.save_pretrained(qvl.init_random(presets.preset(_PRESET.value), dtype=dtype), ckpt)
   mesh = shd.make_mesh(*(int(x) for x in _MESH.value.split(","))) if _MESH.value else None
 
   t = time.perf_counter()

@@ -1,13 +1,14 @@
 """A tiny Qwen2.5-VL and its tokenizer, made by code: the model of the embedded default (`configs/synthetic.py`).
 
 `build_tiny_checkpoint(out_dir, ...)` writes a transformers-loadable directory -- a byte-level BPE tokenizer with the
-22 Qwen added tokens and the Qwen2.5-VL chat template (`processing/tokenizer.py`), `config.json` and
+22 Qwen added tokens and the Qwen2.5-VL chat template (`processing/tiny_tokenizer.py`), `config.json` and
 `model.safetensors` of a randomly initialised Qwen2.5-VL -- which the trainer then loads through the real loader
 (`from_pretrained`), exactly as it loads a hub checkpoint. Deterministic: the same arguments give the same files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from flax import nnx
 from deepeyes_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.model import init_random
 from deepeyes_jax.models.qwen2_5_vl.weights import save_pretrained
-from deepeyes_jax.processing import tokenizer as tokenizer_lib
+from deepeyes_jax.processing import tiny_tokenizer as tokenizer_lib
 
 
 def tiny_config(
@@ -36,9 +37,9 @@ def tiny_config(
   """A Qwen2.5-VL config with the tiny tokenizer's id layout (`vocab_size` regular tokens + 22 added ones).
 
   Everything else is the real architecture: GQA, M-RoPE, window + full attention in the vision tower (window 112 px,
-  the last block full), the 2x2 patch merger.
+  the last block full), the 2x2 patch merger. The defaults with `vocab_size=768` are the embedded default's model,
+  the preset "tiny" (`presets.py`).
   """
-  ids = tokenizer_lib.added_token_ids(vocab_size)
   head_dim = hidden_size // num_heads
   if head_dim % 8:
     raise ValueError(f"hidden_size / num_heads = {head_dim} must be a multiple of 8 (M-RoPE sections)")
@@ -65,6 +66,14 @@ def tiny_config(
       fullatt_block_indexes=(vision_depth - 1,),
     ),
     tie_word_embeddings=False,
+    **tokenizer_ids(vocab_size),
+  )
+
+
+def tokenizer_ids(vocab_size: int) -> dict[str, int]:
+  """The special-token fields of a config for the tiny tokenizer with `vocab_size` regular tokens."""
+  ids = tokenizer_lib.added_token_ids(vocab_size)
+  return dict(
     image_token_id=ids["<|image_pad|>"],
     video_token_id=ids["<|video_pad|>"],
     vision_start_token_id=ids["<|vision_start|>"],
@@ -73,6 +82,13 @@ def tiny_config(
     eos_token_id=ids["<|im_end|>"],
     pad_token_id=ids["<|endoftext|>"],
   )
+
+
+def with_tiny_tokenizer(config: Qwen25VLConfig, vocab_size: int = tokenizer_lib.DEFAULT_VOCAB_SIZE) -> Qwen25VLConfig:
+  """`config`'s shape with the tiny tokenizer's vocabulary (`vocab_size` regular tokens + the 22 added ones) and
+  special-token ids: any preset as a model the tiny tokenizer (`build_tiny_tokenizer`) can drive."""
+  text = dataclasses.replace(config.text, vocab_size=vocab_size + tokenizer_lib.NUM_ADDED_TOKENS)
+  return dataclasses.replace(config, text=text, **tokenizer_ids(vocab_size))
 
 
 def fan_in_init(model, seed: int = 0):
@@ -106,21 +122,32 @@ def fan_in_init(model, seed: int = 0):
 def build_tiny_checkpoint(
   out_dir: str | os.PathLike,
   *,
-  vocab_size: int = 768,
+  vocab_size: int | None = None,
   corpus: Sequence[str] = (),
   seed: int = 0,
   init: str = "normal",
+  config: Qwen25VLConfig | None = None,
   **model_kwargs,
 ) -> Qwen25VLConfig:
   """Writes tokenizer + config + random weights (float32) to `out_dir`. `corpus`: extra tokenizer training texts.
 
   `init`: "normal" (normal(0.02), the HF convention; tests) or "fan_in" (`fan_in_init`; training from scratch).
 
-  Returns the config. `model_kwargs` go to `tiny_config`.
+  Returns the config: `tiny_config(vocab_size=vocab_size or 768, **model_kwargs)`, or `config` (e.g. a preset) in the
+  tiny tokenizer's layout (`with_tiny_tokenizer`) with `vocab_size` regular tokens (default: `config`'s vocabulary
+  less the added tokens, for a config already in that layout).
   """
   out_dir = os.fspath(out_dir)
+  if config is not None:
+    if model_kwargs:
+      raise ValueError(f"pass a config or tiny_config's arguments, not both: {sorted(model_kwargs)}")
+    if vocab_size is None:
+      vocab_size = config.text.vocab_size - tokenizer_lib.NUM_ADDED_TOKENS
+    cfg = with_tiny_tokenizer(config, vocab_size)
+  else:
+    vocab_size = 768 if vocab_size is None else vocab_size
+    cfg = tiny_config(vocab_size=vocab_size, **model_kwargs)
   tokenizer_lib.build_tiny_tokenizer(out_dir, vocab_size, corpus)
-  cfg = tiny_config(vocab_size=vocab_size, **model_kwargs)
   model = init_random(cfg, dtype=jnp.float32, seed=seed)
   if init == "fan_in":
     fan_in_init(model, seed)

@@ -1,0 +1,228 @@
+"""Run set-up shared by every entry point: distributed init, mesh, model + tokenizer + sampler, agent config, judge,
+data source.
+
+``train`` (through ``rl/trainer.py``), ``evaluate``, ``select``, ``infer`` and ``export`` set a run up through these
+functions only, so that a config field means the same thing everywhere. Config is validated here before anything
+loads or compiles (``model_options``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+
+from deepeyes_jax.agent.rollout import AgentConfig, Task
+from deepeyes_jax.data import synthetic
+from deepeyes_jax.data.deepeyes import DeepEyesSource, decode_example
+from deepeyes_jax.eval import config as eval_config
+from deepeyes_jax.eval import tasks as tasks_lib
+from deepeyes_jax.models import qwen2_5_vl as qvl
+from deepeyes_jax.models.qwen2_5_vl.layers import check_remat
+from deepeyes_jax.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+from deepeyes_jax.parallel import sharding as shd
+from deepeyes_jax.processing import image as improc
+from deepeyes_jax.processing.tokenizer import load_tokenizer
+from deepeyes_jax.reward.judge import JudgeConfig, LLMJudge
+from deepeyes_jax.sampling import rules
+from deepeyes_jax.sampling.sampler import WEIGHT_LAYOUTS, Sampler
+
+log = logging.getLogger(__name__)
+
+
+def maybe_init_distributed() -> None:
+  """Multi-process runs: `jax.distributed.initialize()`.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0) + JAX_NUM_PROCESSES + JAX_PROCESS_ID (what
+  `launch/slurm.sh` and the tests set). DEEPEYES_DISTRIBUTED=1 (set by `launch/tpu.sh`): JAX's own cluster
+  detection (Cloud TPU pods). Also a multi-task SLURM job.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+  elif os.environ.get("DEEPEYES_DISTRIBUTED") == "1" or os.environ.get("SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+
+
+def model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.model.checkpoint, or (when it is empty and `config.model.tiny` is set) a tiny Qwen2.5-VL + tokenizer
+  made by code in `workdir/base_model` (the embedded default: nothing to download)."""
+  if config.model.checkpoint:
+    return config.model.checkpoint
+  tiny = config.model.get("tiny")
+  if not tiny:
+    raise ValueError("set config.model.checkpoint (an HF Qwen2.5-VL directory) or config.model.tiny")
+  out = os.path.join(workdir, "base_model")
+  if not os.path.exists(os.path.join(out, "config.json")):
+    kw = dict(tiny.to_dict())
+    corpus = synthetic.corpus(config=scene_config(config)) if kw.pop("corpus", "") == "synthetic" else ()
+    if jax.process_index() == 0:
+      print(f"writing a tiny Qwen2.5-VL and its tokenizer (made by code) to {out}", flush=True)
+      build_tiny_checkpoint(out + ".tmp", corpus=corpus, seed=config.seed, **kw)
+      os.replace(out + ".tmp", out)  # atomic: a killed run never leaves half a model behind
+  return out
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict:
+  """The model's precision and execution options from `config.model`, validated (before anything loads):
+  dtype (compute), param_dtype (stored parameters and optimizer moments; "" = dtype), remat, scan_layers; also
+  checks `config.rollout.weight_layout` (the sampler's copy of the weights)."""
+  m = config.model
+  try:
+    dtype = jnp.dtype(m.dtype)
+    param_dtype = jnp.dtype(m.get("param_dtype") or m.dtype)
+  except TypeError as e:
+    raise ValueError(f"config.model.dtype / param_dtype: {e}") from None
+  remat = m.get("remat", "none")
+  check_remat(remat)
+  layout = config.rollout.get("weight_layout", "tensor_parallel") if "rollout" in config else "tensor_parallel"
+  if layout not in WEIGHT_LAYOUTS:
+    raise ValueError(f"config.rollout.weight_layout={layout!r}: must be one of {', '.join(WEIGHT_LAYOUTS)}")
+  return dict(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=bool(m.get("scan_layers", False)))
+
+
+def load_model(config: ml_collections.ConfigDict, mesh, checkpoint: str | None = None) -> qvl.Qwen25VL:
+  opts = model_options(config)
+  model = qvl.from_pretrained(
+    checkpoint or config.model.checkpoint,
+    dtype=opts["dtype"],
+    param_dtype=opts["param_dtype"],
+    mesh=mesh,
+    attention_impl=config.model.attention_impl,
+  )
+  return model.set_remat(opts["remat"], opts["scan_layers"])
+
+
+def scene_config(config: ml_collections.ConfigDict) -> synthetic.SceneConfig:
+  return synthetic.SceneConfig(**config.synthetic.scene.to_dict()) if "synthetic" in config else synthetic.SceneConfig()
+
+
+def data_source(spec: str, config: ml_collections.ConfigDict):
+  """`data.train` / `eval.data`: comma-separated parquet/JSONL paths or globs, or "synthetic:SPLIT" (scenes drawn on
+  the fly by `data/synthetic.py`, `config.synthetic.num_records` of them)."""
+  if spec.startswith("synthetic:"):
+    split = spec.split(":", 1)[1]
+    return synthetic.SyntheticSource(
+      config.synthetic.num_records, seed=config.seed, split=split, config=scene_config(config)
+    )
+  return [p for p in spec.split(",") if p]
+
+
+def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
+  r = config.rollout
+  params = rules.SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+  return AgentConfig(
+    max_turns=r.max_turns,
+    max_tokens_per_turn=r.max_tokens_per_turn,
+    max_total_tokens=r.max_total_tokens,
+    max_images=r.max_images,
+    coordinate_frame=r.coordinate_frame,
+    min_pixels=r.min_pixels,
+    max_pixels=r.max_pixels,
+    sampling=params,
+    # Absent from older configs: the defaults (all rows at once, the continuous engine).
+    max_concurrent_rows=r.get("max_concurrent_rows", 0),
+    engine=r.get("engine", AgentConfig.engine),
+    page_size=r.get("page_size", AgentConfig.page_size),
+    kv_pages=r.get("kv_pages", AgentConfig.kv_pages),
+    segment_steps=r.get("segment_steps", AgentConfig.segment_steps),
+    segment_release=r.get("segment_release", AgentConfig.segment_release),
+  )
+
+
+def make_judge(config: ml_collections.ConfigDict, workdir: str):
+  """The LLM judge from config.reward.judge_url or $DEEPEYES_JUDGE_URL; None (rules only) when neither is set."""
+  overrides = dict(max_workers=config.reward.judge_workers, cache_path=os.path.join(workdir, "judge_cache.jsonl"))
+  if config.reward.judge_model:
+    overrides["model"] = config.reward.judge_model
+  if config.reward.judge_url:
+    jc = JudgeConfig(url=config.reward.judge_url, **overrides)
+  else:
+    jc = JudgeConfig.from_env(**overrides)
+  if jc is None:
+    log.info("no judge endpoint configured: accuracy from rule matching only")
+    return None
+  log.info("LLM judge at %s (model %s)", jc.url, jc.model or "<first listed>")
+  return LLMJudge(jc)
+
+
+def held_out_tasks(config: ml_collections.ConfigDict) -> list[Task]:
+  """The first ``config.eval.num_questions`` records of ``config.eval.data`` as tool tasks."""
+  source = data_source(config.eval.data, config)
+  if isinstance(source, list):
+    source = DeepEyesSource(source)
+  n = min(config.eval.num_questions, len(source))
+  return [tasks_lib.record_task(decode_example(source[i], i, source_name=repr(source))) for i in range(n)]
+
+
+def make_mesh(mesh_config) -> jax.sharding.Mesh:
+  """``config.mesh`` (data, fsdp, tensor; -1 = the remaining devices) -> the device mesh."""
+  return shd.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+
+
+def parse_mesh(spec: str | None) -> jax.sharding.Mesh | None:
+  """A ``"data,fsdp,tensor"`` flag (e.g. ``"1,-1,1"``) -> the device mesh; None or "" -> None (one device)."""
+  if not spec:
+    return None
+  try:
+    data, fsdp, tensor = (int(x) for x in spec.split(","))
+  except ValueError:
+    raise ValueError(f"mesh {spec!r}: expected three integers data,fsdp,tensor (e.g. 1,-1,1)") from None
+  return shd.make_mesh(data, fsdp, tensor)
+
+
+def load_for_inference(
+  checkpoint: str,
+  *,
+  dtype: str = "bfloat16",
+  mesh=None,
+  attention_impl: str = "auto",
+  tokenizer: str | None = None,
+) -> tuple[qvl.Qwen25VL, object, Sampler]:
+  """(model, tokenizer, sampler) of an HF checkpoint directory (tokenizer files there unless ``tokenizer``)."""
+  try:
+    jdtype = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"dtype {dtype!r}: {e}") from None
+  model = qvl.from_pretrained(checkpoint, dtype=jdtype, mesh=mesh, attention_impl=attention_impl)
+  return model, load_tokenizer(tokenizer or checkpoint), Sampler(model, mesh=mesh)
+
+
+class RolloutFlags:
+  """The rollout flags of the command-line tools without a config file (``infer``, ``select``), defined once, with
+  the defaults of the evaluation configs' ``rollout`` block. ``RolloutFlags()`` defines them (call it from the
+  tool's ``_define_flags``); ``agent_config()`` reads them."""
+
+  def __init__(self, temperature: float = 1.0):
+    d, dflt = flags.DEFINE_integer, eval_config.ROLLOUT_DEFAULTS
+    self.max_turns = d("max_turns", dflt["max_turns"], "assistant turns at most")
+    self.max_tokens_per_turn = d("max_tokens_per_turn", dflt["max_tokens_per_turn"], "tokens per turn at most")
+    self.max_total_tokens = d("max_total_tokens", dflt["max_total_tokens"], "tokens per trajectory at most")
+    self.max_pixels = d("max_pixels", improc.MAX_PIXELS, "max_pixels for the image and the crops")
+    self.coordinate_frame = flags.DEFINE_enum(
+      "coordinate_frame", "original", ["original", "resized"], "frame of the zoom boxes"
+    )
+    self.greedy = flags.DEFINE_bool("greedy", False, "greedy decoding (default: sample at --temperature)")
+    self.temperature = flags.DEFINE_float("temperature", temperature, "sampling temperature")
+    self.top_p = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+    self.dtype = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
+
+  def agent_config(self) -> AgentConfig:
+    params = rules.GREEDY if self.greedy.value else rules.SamplingParams(self.temperature.value, top_p=self.top_p.value)
+    return AgentConfig(
+      max_turns=self.max_turns.value,
+      max_tokens_per_turn=self.max_tokens_per_turn.value,
+      max_total_tokens=self.max_total_tokens.value,
+      max_pixels=self.max_pixels.value,
+      coordinate_frame=self.coordinate_frame.value,
+      sampling=params,
+    )

@@ -1,0 +1,74 @@
+"""Runs a deepeyes_jax command-line module and SIGKILLs it at a chosen point: how the tests kill runs mid-way.
+
+    python tests/kill_hooks.py rollouts=3 deepeyes_jax.train --config ... --workdir ...
+    python tests/kill_hooks.py items=2 deepeyes_jax.evaluate --config ...
+
+- ``rollouts=N``: the trainer is killed right after the rollouts of its N-th GRPO step, i.e. mid-step; every
+  checkpoint before it is durable (saves are made synchronous here), so the test knows where the run resumes.
+- ``items=N``: the benchmark evaluation is killed once N items' results were written.
+
+The hooks are monkeypatches applied here, so that the package itself holds no test code.
+"""
+
+import os
+import runpy
+import signal
+import sys
+
+
+def _kill() -> None:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_after_rollouts(n: int) -> None:
+  from deepeyes_jax.rl import checkpoint, trainer
+
+  save = checkpoint.Checkpointer.save
+
+  def durable_save(self, *args, **kwargs):
+    out = save(self, *args, **kwargs)
+    self.wait()
+    return out
+
+  checkpoint.Checkpointer.save = durable_save
+  real, calls = trainer.run_rollouts, [0]
+
+  def rollouts(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == n:
+      _kill()
+    return out
+
+  trainer.run_rollouts = rollouts
+
+
+def kill_after_items(n: int) -> None:
+  from deepeyes_jax.eval import runner
+
+  real, written = runner._write_batch, [0]
+
+  def write_batch(out_dir, settings, trajs, records):
+    real(out_dir, settings, trajs, records)
+    written[0] += len(records)
+    if written[0] >= n:
+      _kill()
+
+  runner._write_batch = write_batch
+
+
+HOOKS = {"rollouts": kill_after_rollouts, "items": kill_after_items}
+
+
+def main() -> None:
+  spec, module, *args = sys.argv[1:]
+  what, n = spec.split("=")
+  HOOKS[what](int(n))
+  sys.argv = [module, *args]
+  runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+  main()
