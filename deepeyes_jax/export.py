@@ -32,7 +32,7 @@ from deepeyes_jax import run_setup
 from deepeyes_jax.models import qwen2_5_vl as qvl
 from deepeyes_jax.models.qwen2_5_vl.weights import SAFE_INDEX
 from deepeyes_jax.parallel import sharding as shd
-from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE
+from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, normalize_directory
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def _saved_dtype(step_dir: epath.Path):
 
 def restore_params(workdir: str, config: qvl.Qwen25VLConfig, step: int | None = None, dtype=None, mesh=None):
   """(step, model) with the parameters of a training checkpoint (cast to `dtype`, default the trained dtype)."""
-  directory = epath.Path(workdir) / "checkpoints"  # epath: local or gs://
+  # epath: local or gs://; a relative local path made absolute (orbax reads no metadata from a relative one)
+  directory = epath.Path(normalize_directory(epath.Path(workdir) / "checkpoints"))
   if not directory.is_dir():
     raise ExportError(f"{directory}: no checkpoints directory (is {workdir} a train --workdir?)")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
@@ -102,6 +103,18 @@ def restore_params(workdir: str, config: qvl.Qwen25VLConfig, step: int | None = 
   return step, nnx.merge(graphdef, out.state["params"])
 
 
+def check_out_dir(out: str) -> None:
+  """Refuses an `out` that holds anything but an earlier export; removes an earlier export's weight files."""
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  names = os.listdir(out)
+  if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+    raise ExportError(f"--out {out} is not empty and holds no earlier export: choose an empty or new directory")
+  for name in names:  # an earlier export: its weights go (a 3-shard export over a 5-shard one left 2 stale shards)
+    if name in _WEIGHT_FILES or name.endswith(_WEIGHT_SUFFIXES):
+      os.remove(os.path.join(out, name))
+
+
 def copy_tokenizer_files(base: str, out: str) -> list[str]:
   """Copies everything but the weights and config.json (tokenizer, processor, chat template, generation config)."""
   copied = []
@@ -124,7 +137,11 @@ def export(
   mesh=None,
   max_shard_bytes: int = 5 * 2**30,
 ) -> int:
-  """Writes step `step` (default latest) of the run in `workdir` to `out` as an HF checkpoint. Returns the step."""
+  """Writes step `step` (default latest) of the run in `workdir` to `out` as an HF checkpoint. Returns the step.
+
+  `out` must be empty or absent, or hold an earlier export (then its weight files are replaced: no stale shard of
+  the earlier export survives next to the new ones); anything else is refused before any work."""
+  check_out_dir(out)
   base = base or base_checkpoint(workdir)
   config = qvl.Qwen25VLConfig.from_json_file(base)
   step, model = restore_params(workdir, config, step=step, dtype=dtype, mesh=mesh)

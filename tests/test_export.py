@@ -98,3 +98,26 @@ def test_export_errors_say_what_to_pass(run, tiny_vlm, tmp_path):
   (tmp_path / "run2" / "checkpoints").mkdir(parents=True)
   with pytest.raises(export.ExportError, match="pass --base HF_DIR"):
     export.export(str(tmp_path / "run2"), str(tmp_path / "c"))
+
+
+def test_export_cli_relative_workdir_and_out_checks(run, tmp_path):
+  """The README's relative --workdir works (orbax needs absolute paths); --out must be empty, new or an earlier
+  export, whose weight files are replaced."""
+  workdir, saved = run
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  rel = os.path.relpath(workdir, tmp_path)
+  cmd = [sys.executable, "-m", "deepeyes_jax.export", f"--workdir={rel}", "--out=hf"]
+  res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert f"exported step 4 of {rel}" in res.stdout
+  (tmp_path / "hf" / "model-00009-of-00009.safetensors").write_bytes(b"stale")  # as if a bigger export was there
+  export.export(str(workdir), str(tmp_path / "hf"), step=2)  # an earlier export: replaced
+  assert not (tmp_path / "hf" / "model-00009-of-00009.safetensors").exists()
+  got = _flat(nnx.state(qvl.from_pretrained(tmp_path / "hf", dtype=jnp.float32)))
+  for k, v in saved[2].items():
+    np.testing.assert_array_equal(got[k], v, err_msg=str(k))
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "todo.txt").write_text("mine")
+  with pytest.raises(export.ExportError, match="is not empty and holds no earlier export"):
+    export.export(str(workdir), str(tmp_path / "notes"))
+  assert os.listdir(tmp_path / "notes") == ["todo.txt"]

@@ -105,6 +105,19 @@ class FakeJudgeServer:
           return self._send(200, "<html>oops</html>")
         if mode == "sleep":
           time.sleep(server.sleep_s)
+        if mode == "huge":  # a reply far over the client's cap
+          return self._send(200, {"choices": [{"message": {"content": "x" * (4 << 20)}}]})
+        if mode == "drip":  # a valid reply, one byte every 0.1 s: each socket read is quick, the whole is not
+          data = json.dumps({"choices": [{"message": {"content": "Judgement: 1"}}]}).encode()
+          self.send_response(200)
+          self.send_header("Content-Type", "application/json")
+          self.send_header("Content-Length", str(len(data)))
+          self.end_headers()
+          for b in data:
+            self.wfile.write(bytes([b]))
+            self.wfile.flush()
+            time.sleep(0.1)
+          return None
         words = set(re.findall(r"\w+", a.lower()))
         verdict = 1 if words and words <= set(re.findall(r"\w+", gt.lower())) else 0
         content = "I am not sure what you mean." if mode == "garbage" else f"Judgement: {verdict}"
@@ -271,6 +284,27 @@ def test_timeout_then_retry(server):
   assert judge.judge(QUESTION, "blue", GT) is None  # every attempt timed out
   assert time.monotonic() - start < 2.5
   assert judge.metrics()["fallbacks"] == 1
+
+
+def test_wall_clock_bounds_a_dripping_server_and_a_huge_reply(server):
+  """A server that sends its reply one byte every 0.1 s never trips the socket timeout; the attempt is still
+  abandoned after timeout_s of wall clock, and the call after deadline_s. A reply over max_reply_bytes is refused
+  without retry."""
+  server.fail("drip", 10)
+  judge = make_judge(server, timeout_s=0.5, deadline_s=1.5, max_retries=5, backoff_s=0.2)
+  start = time.monotonic()
+  assert judge.judge(QUESTION, "red", GT) is None
+  took = time.monotonic() - start
+  assert took < 3.0, took  # the reply alone would take ~6 s per attempt, 6 attempts
+  m = judge.metrics()
+  assert m["deadline_exceeded"] == 1 and m["fallbacks"] == 1 and 2 <= m["requests"] <= 4
+
+  judge = make_judge(server, max_reply_bytes=1 << 20)
+  with server.lock:
+    server.failures[:] = ["huge"]
+  assert judge.judge(QUESTION, "blue", GT) is None
+  m = judge.metrics()
+  assert m["oversized_replies"] == 1 and m["requests"] == 1  # not retried
 
 
 # --- concurrency and caching ---------------------------------------------------------------------------------

@@ -150,3 +150,38 @@ def test_metrics_jsonl_on_resume_keeps_one_row_per_step(tmp_path):
   assert [json.loads(x)["step"] for x in discarded[:2]] == [2, 3] and discarded[2] == '{"step": 4, "lo'
   JsonlWriter(str(path), resume_step=5).close()  # nothing after step 5: the file is untouched
   assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+DAMAGE = ["state/_METADATA", "meta/metadata", "data/process_0-of-1.json", "state/manifest.ocdbt"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_skips_a_checkpoint_that_does_not_restore(tmp_path, caplog, damage):
+  """An emptied file in the newest checkpoint (a full disk, a copy cut short): resume falls back to the one before,
+  says which it skipped and why, and leaves the bad one on disk; when none restores, the error lists each one."""
+  import grain
+  import jax.numpy as jnp
+
+  from deepeyes_jax.rl.checkpoint import Checkpointer
+
+  it = iter(grain.MapDataset.range(10).to_iter_dataset())
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  for step in (1, 2):
+    next(it)
+    ckpt.save(step, {"w": jnp.full((4,), float(step))}, {"m": jnp.zeros(4)}, learner_step=step, data_iterator=it)
+  ckpt.close()
+  (tmp_path / "ckpt" / "2" / damage).write_text("")
+  like = ({"w": jnp.zeros(4)}, {"m": jnp.ones(4)})
+  fresh = iter(grain.MapDataset.range(10).to_iter_dataset())
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  with caplog.at_level("WARNING"):
+    step, params, opt_state, meta = ckpt.restore_latest(*like, lambda s: fresh)
+  assert (step, meta["learner_step"]) == (1, 1) and float(params["w"][0]) == 1.0
+  assert next(fresh) == 1  # the data iterator continues after step 1's element
+  assert f"{tmp_path / 'ckpt' / '2'}" in caplog.text and "cannot restore the checkpoint of step 2" in caplog.text
+  assert (tmp_path / "ckpt" / "2" / damage).exists()  # kept for inspection
+  (tmp_path / "ckpt" / "1" / damage).write_text("")
+  with pytest.raises(RuntimeError, match="no checkpoint restores") as err:
+    ckpt.restore_latest(*like, lambda s: fresh)
+  assert str(tmp_path / "ckpt" / "1") in str(err.value) and str(tmp_path / "ckpt" / "2") in str(err.value)
+  assert Checkpointer(str(tmp_path / "empty")).restore_latest(*like, lambda s: fresh) is None

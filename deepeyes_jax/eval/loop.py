@@ -28,6 +28,7 @@ import numpy as np
 
 from deepeyes_jax.agent.rollout import AgentConfig, Task, run_rollouts
 from deepeyes_jax.agent.trajectory import Trajectory
+from deepeyes_jax.eval import scoring
 from deepeyes_jax.processing.image import ImageError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ SAMPLE_KEYS = (
   "turns",
   "stop_reason",
   "response_tokens",
+  "error",  # why the rollout (stop_reason "error") or the scoring (how "error") of this sample failed, else None
 )
 SUMMARY_KEYS = (
   "items",  # items scored
@@ -62,6 +64,7 @@ SUMMARY_KEYS = (
   "turns_per_traj",
   "judged_fraction",  # samples decided by the judge
   "no_answer_fraction",
+  "error_fraction",  # samples whose rollout or scoring failed (contained: scored wrong, counted here)
   "mean_iou",  # IoU of every successful zoom box with the task's target box (tasks that record one)
   "first_zoom_iou",  # the same for the first zoom of each sample that zoomed
 )
@@ -125,6 +128,7 @@ def sample_record(traj: Trajectory, verdict) -> dict[str, Any]:
     "turns": len(traj.turns),
     "stop_reason": traj.stop_reason,
     "response_tokens": traj.response_length,
+    "error": verdict.error or traj.metadata.get("error"),
   }
 
 
@@ -161,6 +165,7 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
     "turns_per_traj": sum(s["turns"] for s in samples) / m,
     "judged_fraction": sum(s["how"] == "judge" for s in samples) / m,
     "no_answer_fraction": sum(s["how"] == "no_answer" for s in samples) / m,
+    "error_fraction": sum(s.get("error") is not None for s in samples) / m,
     "mean_iou": float(np.mean(ious)) if ious else 0.0,
     "first_zoom_iou": float(np.mean(first)) if first else 0.0,
   }
@@ -208,8 +213,8 @@ def run(
     trajs = rollout_fn(tasks, group_size, seed) if tasks else []
     if len(trajs) != len(tasks) * group_size:
       raise ValueError(f"rollout_fn returned {len(trajs)} trajectories for {len(tasks)} tasks x {group_size}")
-    verdicts = scorer(tasks, trajs) if tasks else []
     k = group_size
+    verdicts = _score(scorer, tasks, trajs, k, label) if tasks else []
     for i, (item, task) in enumerate(zip(built, tasks)):
       samples = [sample_record(t, v) for t, v in zip(trajs[i * k : (i + 1) * k], verdicts[i * k : (i + 1) * k])]
       batch_records[item_id(item)] = item_record(task.task_id, samples)
@@ -220,6 +225,23 @@ def run(
     if log_fn is not None:
       log_fn(_progress(label, records, done_before, total, time.time() - t0))
   return records
+
+
+def _score(scorer, tasks: list[Task], trajs: list[Trajectory], k: int, label: str) -> list:
+  """``scorer(tasks, trajs)``; when it raises, each sample is scored alone and a sample whose scoring raises is
+  scored wrong with ``how="error"`` (one bad reply never stops an evaluation)."""
+  try:
+    return scorer(tasks, trajs)
+  except Exception as e:  # noqa: BLE001 -- contained per sample below
+    log.warning("%s: scoring a batch raised %s: %s; scoring its samples one by one", label, type(e).__name__, e)
+  out = []
+  for i, traj in enumerate(trajs):
+    try:
+      out += scorer([tasks[i // k]], [traj])
+    except Exception as e:  # noqa: BLE001
+      log.warning("%s: scoring %s raised %s: %s; scored wrong", label, traj.uid, type(e).__name__, e)
+      out.append(scoring.Verdict(False, "error", error=f"{type(e).__name__}: {e}"))
+  return out
 
 
 def _progress(label: str, records: list[dict], done_before: int, total: int, elapsed: float) -> str:

@@ -113,13 +113,15 @@ def final_answer(answer: str | None, last_turn_text: str, no_tool: bool) -> str 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   """``correct``; ``how``: ``rule`` | ``judge`` | ``no_answer`` | ``undecided`` (rule could not decide and no judge
-  verdict: scored wrong) | ``reward`` (a DeepEyes-format item scored by its reward function); ``reward``: the total
+  verdict: scored wrong) | ``reward`` (a DeepEyes-format item scored by its reward function) | ``error`` (scoring
+  raised; see ``error``); ``reward``: the total
   reward when a reward function scored it; ``answer``: the answer that was scored (None: none found)."""
 
   correct: bool
   how: str
   reward: float | None = None
   answer: str | None = None
+  error: str | None = None  # how == "error": scoring this sample raised (the message); counted, scored wrong
 
 
 def _yes_no(text: str) -> str | None:

@@ -9,8 +9,11 @@ is consistent with the ground truth, with a few-shot prompt whose examples end i
 * the reply is parsed robustly (:func:`parse_judgement`): ``Judgement: 1`` -> True, ``Judgement: 0`` -> False
   (also a bare ``1``/``0``, markdown bold, the original prompt's ``Judement`` typo, a leading ``<think>`` block);
   anything else is retried and finally gives None;
-* HTTP uses the standard library only (``urllib.request`` + ``json``), with a per-request timeout and retries with
-  exponential backoff on connection errors, timeouts, HTTP 5xx, 408 and 429 (``Retry-After`` is honoured);
+* HTTP uses the standard library only (``urllib.request`` + ``json``), with retries with exponential backoff on
+  connection errors, timeouts, HTTP 5xx, 408 and 429 (``Retry-After`` is honoured). Time is bounded by the wall
+  clock, not only per socket read: an attempt that has not received its whole reply after ``timeout_s`` is
+  abandoned (a server dripping one byte a second cannot hold it), a call gives up once ``deadline_s`` has passed
+  with its retries, and a reply over ``max_reply_bytes`` is refused;
 * verdicts are cached in memory, keyed by ``(model, question, answer, ground_truth)``, and optionally in a JSON-lines
   file (``cache_path``) that a new :class:`LLMJudge` reloads, so a restarted run does not pay for them again;
 * when the endpoint is down, :meth:`LLMJudge.judge` returns None: the caller (``rewards.compute_reward``) falls back
@@ -119,7 +122,8 @@ class JudgeConfig:
   ``url`` may be the server root (``http://host:8000``), the OpenAI base URL (``http://host:8000/v1``) or the full
   ``.../v1/chat/completions`` URL. An empty ``model`` means: use the first model listed by ``GET /v1/models`` (as
   the original does). ``max_retries`` counts retries after the first attempt; the n-th retry waits
-  ``backoff_s * 2**(n-1)`` seconds (capped by ``max_backoff_s``, plus up to 10% jitter).
+  ``backoff_s * 2**(n-1)`` seconds (capped by ``max_backoff_s``, plus up to 10% jitter). ``timeout_s`` bounds one
+  attempt (connect to last byte), ``deadline_s`` one call with its retries; ``max_reply_bytes`` caps a reply.
   """
 
   url: str
@@ -127,6 +131,8 @@ class JudgeConfig:
   api_key: str = dataclasses.field(default="", repr=False)
   temperature: float = 0.3
   timeout_s: float = 30.0
+  deadline_s: float = 120.0
+  max_reply_bytes: int = 1 << 20
   max_retries: int = 3
   backoff_s: float = 1.0
   max_workers: int = 16
@@ -139,8 +145,10 @@ class JudgeConfig:
   def __post_init__(self):
     if not self.url:
       raise ValueError("JudgeConfig.url must be set (e.g. http://127.0.0.1:8000/v1)")
-    if self.timeout_s <= 0:
-      raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+    if self.timeout_s <= 0 or self.deadline_s <= 0:
+      raise ValueError(f"timeout_s and deadline_s must be > 0, got {self.timeout_s} and {self.deadline_s}")
+    if self.max_reply_bytes < 1024:
+      raise ValueError(f"max_reply_bytes must be >= 1024, got {self.max_reply_bytes}")
     if self.max_retries < 0:
       raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
     if self.backoff_s < 0 or self.max_backoff_s < 0 or self.outage_cooldown_s < 0:
@@ -221,6 +229,8 @@ class LLMJudge:
         "fallbacks",
         "skipped_during_outage",
         "outages",
+        "deadline_exceeded",
+        "oversized_replies",
         "disk_cache_loaded",
         "disk_cache_bad_lines",
       ),
@@ -324,11 +334,17 @@ class LLMJudge:
     """POST until a verdict parses; raises the last :class:`_AttemptError` when the attempts run out."""
     data = json.dumps(payload).encode("utf-8")
     last: _AttemptError | None = None
+    deadline = time.monotonic() + self.config.deadline_s
     for attempt in range(self.config.max_retries + 1):
       if attempt:
+        wait = self._backoff(attempt, last)
+        if time.monotonic() + wait >= deadline:  # no time left for another attempt
+          with self._lock:
+            self._counters["deadline_exceeded"] += 1
+          break
         with self._lock:
           self._counters["retries"] += 1
-        time.sleep(self._backoff(attempt, last))
+        time.sleep(wait)
       with self._lock:
         self._counters["requests"] += 1
       try:
@@ -362,7 +378,7 @@ class LLMJudge:
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
       with self._opener.open(request, timeout=self.config.timeout_s) as response:
-        return response.read().decode("utf-8", errors="replace")
+        return self._read_bounded(response, url)
     except urllib.error.HTTPError as e:
       retry_after = _parse_retry_after(e.headers.get("Retry-After") if e.headers else None)
       retriable = e.code in _RETRIABLE_STATUS
@@ -373,6 +389,24 @@ class LLMJudge:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, DNS, timeouts
       reason = getattr(e, "reason", e)
       raise _AttemptError(f"cannot reach {url}: {reason!r}", retriable=True, transport=True)
+
+  def _read_bounded(self, response, url: str) -> str:
+    """The body, read in chunks against the attempt's wall-clock budget (``timeout_s``; the socket timeout alone
+    bounds each read, so a slow drip would pass it) and the size cap."""
+    deadline = time.monotonic() + self.config.timeout_s
+    chunks, size = [], 0
+    while chunk := response.read1(1 << 16):
+      size += len(chunk)
+      if size > self.config.max_reply_bytes:
+        with self._lock:
+          self._counters["oversized_replies"] += 1
+        raise _AttemptError(f"reply from {url} exceeds {self.config.max_reply_bytes} bytes", retriable=False,
+                            transport=False)  # fmt: skip
+      chunks.append(chunk)
+      if time.monotonic() > deadline:
+        raise _AttemptError(f"reply from {url} not complete after {self.config.timeout_s} s", retriable=True,
+                            transport=True)  # fmt: skip
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
   def _backoff(self, attempt: int, last: _AttemptError | None) -> float:
     delay = min(self.config.backoff_s * 2 ** (attempt - 1), self.config.max_backoff_s)

@@ -2,8 +2,9 @@
 
 All randomness is derived from (config seed, step, row), so these four pieces are everything a killed run needs
 to continue with the same numbers. Saves are asynchronous (training continues while the previous step is being
-written); a checkpoint that was not finalised (a kill mid-write) is ignored by `latest_step`. The grain iterator is
-saved with grain's own orbax handler, one file per process (each process reads its own data shard).
+written); a checkpoint that was not finalised (a kill mid-write) is ignored by `latest_step`, and one that is
+finalised but does not restore (a file emptied or cut short) is skipped by `restore_latest`, which says so. The
+grain iterator is saved with grain's own orbax handler, one file per process (each process reads its own data shard).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -91,6 +93,32 @@ class Checkpointer:
     )
     log.info("restored step %d from %s", step, self.directory)
     return out.state["params"], out.state["opt_state"], dict(out.meta)
+
+  def restore_latest(
+    self, params, opt_state, data_iterator_for: Callable[[int], Any], max_step: int | None = None
+  ) -> tuple[int, Any, Any, dict] | None:
+    """Restores the newest checkpoint that restores (see `restore`); None when there is none.
+
+    A checkpoint that fails to restore (a truncated or emptied file: a disk filled up, a copy cut short) is skipped
+    with a warning naming its directory and the error, and left on disk; the one before is tried. When checkpoints
+    exist but none restores, raises RuntimeError listing each one's error (a run never restarts from scratch over
+    them silently). `data_iterator_for(step)`: the iterator that step's data state restores into (the warm start
+    and GRPO read different ones)."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if max_step is not None:
+      steps = [s for s in steps if s <= max_step]
+    errors = []
+    for step in steps:
+      try:
+        return (step, *self.restore(step, params, opt_state, data_iterator_for(step)))
+      except Exception as e:  # any failure of one checkpoint: try the one before, keep this one for inspection
+        where = os.path.join(self.directory, str(step))
+        errors.append(f"{where}: {type(e).__name__}: {e}")
+        log.warning("cannot restore the checkpoint of step %d (%s): %s: %s; trying the one before it (it stays on "
+                    "disk)", step, where, type(e).__name__, e)  # fmt: skip
+    if errors:
+      raise RuntimeError("no checkpoint restores:\n  " + "\n  ".join(errors))
+    return None
 
   def reached_preemption(self, step: int) -> bool:
     """True at the step all processes agreed to checkpoint at after a preemption notice (SIGTERM)."""

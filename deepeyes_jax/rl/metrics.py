@@ -193,6 +193,10 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
   stops = collections.Counter(t.stop_reason for t in trajectories)
   for s, c in stops.items():
     m[f"stop/{s}"] = c / n
+  # Contained failures, as counts: rows the engine ended with an error or could not fit, rewards that raised.
+  m["errors/rows"] = float(stops.get("error", 0))
+  m["errors/prompt_too_long"] = float(stops.get("prompt_too_long", 0))
+  m["errors/scoring"] = float(sum(bool(getattr(r, "details", {}).get("error")) for r in rewards))
   ious = [x for t in trajectories for x in zoom_ious(t)]
   if ious:  # tasks that record a target box (the synthetic task)
     m["tool/iou"] = float(np.mean(ious))

@@ -147,15 +147,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     async_save=config.checkpoint.async_save,
     save_interval_steps=config.checkpoint.every_steps,
   )
-  start = ckpt.latest_step() or 0
-  in_warmup = start < warm_steps
-  learner = Learner(model, warmstart_learner_config(config) if in_warmup else learner_config(config), mesh=mesh)
+  # The optimiser state has the same structure in both phases (AdamW), so any checkpoint restores into this learner;
+  # its config (loss, schedule) is set once the restored step is known.
+  learner = Learner(model, warmstart_learner_config(config) if warm_steps else learner_config(config), mesh=mesh)
   del model  # the learner owns the parameters from here on
-  if start:
-    learner.state, learner.opt_state, meta = ckpt.restore(
-      start, learner.state, learner.opt_state, ws_iter if in_warmup else data_iter
-    )
-    learner.step = meta["learner_step"]
+  restored = ckpt.restore_latest(
+    learner.state, learner.opt_state, lambda s: ws_iter if s < warm_steps else data_iter, config.total_steps
+  )
+  start = 0
+  if restored is not None:
+    start, state, opt_state, meta = restored
+    phase_cfg = warmstart_learner_config(config) if start < warm_steps else learner_config(config)
+    if phase_cfg != learner.cfg:
+      learner = Learner(nnx.merge(learner.graphdef, state), phase_cfg, mesh=mesh)
+    learner.state, learner.opt_state, learner.step = state, opt_state, meta["learner_step"]
     if start == warm_steps:  # the warm-start checkpoint: GRPO starts with a fresh optimiser
       learner = _switch_to_rl(learner, config, mesh)
     log.info("resuming from step %d", start)
@@ -241,6 +246,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     flops = 2 * n_params * all_tokens + 6 * n_params * train_tokens
     metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
     metrics["data/skipped_records"] = float(getattr(data_stats, "skipped", 0))
+    if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
+      metrics.update({f"judge/{k}": float(v) for k, v in judge.metrics().items()})
     writer.write_scalars(step + 1, metrics)
     if chief:
       print(progress.line(step + 1, metrics), flush=True)
