@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from deepeyes_jax import run_setup
 from deepeyes_jax.data.benchmarks import load_benchmark
+from deepeyes_jax.eval import config as eval_config
 from deepeyes_jax.eval.loop import agent_rollouts
 from deepeyes_jax.eval.runner import EvalSettings, evaluate_benchmark, summary_markdown
 
@@ -55,9 +56,9 @@ def settings(config: ml_collections.ConfigDict) -> EvalSettings:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-  """Loads the benchmark and the model, evaluates (resuming), prints and returns the summary."""
-  if not config.checkpoint or not config.data_path:
-    raise ValueError("set --config.checkpoint=DIR and --config.data_path=PATH")
+  """Validates the config, loads the benchmark and the model, evaluates (resuming), prints and returns the
+  summary."""
+  eval_config.validate(config)  # every bad field named at once, before anything loads or compiles
   s = settings(config)
   run_setup.maybe_init_distributed()
   items, report = load_benchmark(config.benchmark, config.data_path, image_dir=config.image_dir)

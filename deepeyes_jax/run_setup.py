@@ -2,8 +2,10 @@
 data source.
 
 ``train`` (through ``rl/trainer.py``), ``evaluate``, ``select``, ``infer`` and ``export`` set a run up through these
-functions only, so that a config field means the same thing everywhere. Config is validated here before anything
-loads or compiles (``model_options``).
+functions only, so that a config field means the same thing everywhere. Config is validated before anything loads
+or compiles: the model block here (``model_problems`` / ``model_options``), the whole training config by
+``rl/train_config.validate``, an evaluation config by ``eval/config.validate``. ``known_data_source`` is the
+data-source check the data pipeline applies (the reward registry is a later layer than ``data/``).
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import ml_collections
 from absl import flags
 
 from deepeyes_jax.agent.rollout import AgentConfig, Task
+from deepeyes_jax.config_check import Problems
 from deepeyes_jax.data import synthetic
-from deepeyes_jax.data.deepeyes import DeepEyesSource, decode_example
+from deepeyes_jax.data.deepeyes import BadRecord, DeepEyesSource, check_data_source, decode_example
 from deepeyes_jax.eval import config as eval_config
 from deepeyes_jax.eval import tasks as tasks_lib
 from deepeyes_jax.models import qwen2_5_vl as qvl
-from deepeyes_jax.models.qwen2_5_vl.layers import check_remat
+from deepeyes_jax.models.qwen2_5_vl.layers import REMAT_POLICIES
 from deepeyes_jax.models.qwen2_5_vl.tiny import build_tiny_checkpoint
 from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.processing import image as improc
 from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.reward.judge import JudgeConfig, LLMJudge
+from deepeyes_jax.reward.rewards import UnknownDataSourceError, get_reward_fn
 from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.sampler import WEIGHT_LAYOUTS, Sampler
 
@@ -72,22 +76,42 @@ def model_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return out
 
 
+def model_problems(p: Problems, config: ml_collections.ConfigDict) -> None:
+  """Adds to ``p`` the problems of `config.model` (dtype, param_dtype, remat, attention_impl) and of
+  `config.rollout.weight_layout` (the sampler's copy of the weights)."""
+  m = config.model
+  eval_config.check_model_numerics(
+    p, "model.", m.dtype, m.get("attention_impl", "auto"), param_dtype=m.get("param_dtype") or None
+  )
+  p.choice("model.remat", m.get("remat", "none"), REMAT_POLICIES)
+  if "rollout" in config:
+    p.choice("rollout.weight_layout", config.rollout.get("weight_layout", "tensor_parallel"), WEIGHT_LAYOUTS)
+
+
 def model_options(config: ml_collections.ConfigDict) -> dict:
   """The model's precision and execution options from `config.model`, validated (before anything loads):
-  dtype (compute), param_dtype (stored parameters and optimizer moments; "" = dtype), remat, scan_layers; also
-  checks `config.rollout.weight_layout` (the sampler's copy of the weights)."""
+  dtype (compute), param_dtype (stored parameters and optimizer moments; "" = dtype), remat, scan_layers. Raises
+  ``ConfigError`` (a ValueError) listing the problems ``model_problems`` finds."""
+  p = Problems()
+  model_problems(p, config)
+  p.raise_if_any("model config")
   m = config.model
+  return dict(
+    dtype=jnp.dtype(m.dtype),
+    param_dtype=jnp.dtype(m.get("param_dtype") or m.dtype),
+    remat=m.get("remat", "none"),
+    scan_layers=bool(m.get("scan_layers", False)),
+  )
+
+
+def known_data_source(name: str) -> bool:
+  """Whether a reward function is registered for ``name`` (``reward.rewards.get_reward_fn``, plugins included once
+  imported): the ``known_sources`` predicate of ``data.pipeline.make_train_iterator``."""
   try:
-    dtype = jnp.dtype(m.dtype)
-    param_dtype = jnp.dtype(m.get("param_dtype") or m.dtype)
-  except TypeError as e:
-    raise ValueError(f"config.model.dtype / param_dtype: {e}") from None
-  remat = m.get("remat", "none")
-  check_remat(remat)
-  layout = config.rollout.get("weight_layout", "tensor_parallel") if "rollout" in config else "tensor_parallel"
-  if layout not in WEIGHT_LAYOUTS:
-    raise ValueError(f"config.rollout.weight_layout={layout!r}: must be one of {', '.join(WEIGHT_LAYOUTS)}")
-  return dict(dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=bool(m.get("scan_layers", False)))
+    get_reward_fn(name)
+  except UnknownDataSourceError:
+    return False
+  return True
 
 
 def load_model(config: ml_collections.ConfigDict, mesh, checkpoint: str | None = None) -> qvl.Qwen25VL:
@@ -156,12 +180,28 @@ def make_judge(config: ml_collections.ConfigDict, workdir: str):
 
 
 def held_out_tasks(config: ml_collections.ConfigDict) -> list[Task]:
-  """The first ``config.eval.num_questions`` records of ``config.eval.data`` as tool tasks."""
+  """The first ``config.eval.num_questions`` good records of ``config.eval.data`` as tool tasks. A bad record (as
+  the training pipeline judges it: ``decode_example``, an unknown data source) is skipped with a warning naming it;
+  a source with no good record at all raises."""
   source = data_source(config.eval.data, config)
   if isinstance(source, list):
     source = DeepEyesSource(source)
-  n = min(config.eval.num_questions, len(source))
-  return [tasks_lib.record_task(decode_example(source[i], i, source_name=repr(source))) for i in range(n)]
+  tasks, skipped = [], 0
+  for i in range(len(source)):
+    if len(tasks) == config.eval.num_questions:
+      break
+    record = source[i]
+    try:
+      example = decode_example(record, i, source_name=str(record.get("_file", repr(source))))
+      check_data_source(example, known_data_source)
+    except BadRecord as e:
+      skipped += 1
+      log.warning("held-out eval: skipping a bad record [%s]: %s", e.reason, e)
+      continue
+    tasks.append(tasks_lib.record_task(example))
+  if skipped and not tasks:
+    raise ValueError(f"held-out eval: all {skipped} records read from {source!r} were bad (see the warnings)")
+  return tasks
 
 
 def make_mesh(mesh_config) -> jax.sharding.Mesh:

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from benchmark_fixtures import VSTAR_ITEMS, hrbench_rows, image, write_pope, write_tsv, write_vstar
+from hostile_images import bomb_png, png_bytes, thin_image
 
 from deepeyes_jax.agent import prompts
 from deepeyes_jax.data import benchmarks as bm
@@ -177,3 +178,51 @@ def test_tfds_builders_write_array_record_read_by_grain(tmp_path):
   assert examples[0].messages[0]["content"] == prompts.SYSTEM_PROMPT and examples[0].env_name == "visual_toolbox_v2"
   np.testing.assert_array_equal(np.asarray(examples[1].images[0]), np.asarray(image(301)))  # PNG: lossless
   assert json.loads(json.dumps(examples[0].extra["extra_info"]))["answer"] == "red"
+
+
+# Hostile images: a header claiming ~268M pixels (PIL's DecompressionBombError) and a real image of aspect ratio 201
+# (smart_resize raises mid-rollout) are skipped items counted as image_size, never a stopped load.
+
+
+def test_vstar_skips_decompression_bombs_and_thin_images(tmp_path):
+  root = write_vstar(str(tmp_path))
+  da = os.path.join(root, "direct_attributes")
+  with open(os.path.join(da, "sa_1.jpg"), "wb") as f:  # the loader reads NAME.jpg whatever its content
+    f.write(bomb_png())
+  with open(os.path.join(root, "relative_position", "sa_3.jpg"), "wb") as f:
+    f.write(png_bytes(thin_image()))
+  items, report = bm.load_vstar(root)
+  assert [it.item_id for it in items] == ["direct_attributes/sa_2"]
+  assert report.by_reason == {bm.IMAGE_SIZE: 2} and "image_size 2" in report.summary()
+  assert sorted(p for p, _ in report.problems) == [os.path.join(da, "sa_1.jpg"),
+                                                   os.path.join(root, "relative_position", "sa_3.jpg")]  # fmt: skip
+  assert any("aspect ratio 201.0 exceeds 200" in m for _, m in report.problems)
+
+
+def test_hrbench_skips_decompression_bombs_and_thin_images(tmp_path):
+  rows = hrbench_rows(3)
+  rows[0][-1] = base64.b64encode(bomb_png()).decode()
+  rows[2][-1] = base64.b64encode(png_bytes(thin_image(2, 500))).decode()
+  items, report = bm.load_hrbench(write_tsv(str(tmp_path / "hr_bench_4k.tsv"), rows))
+  assert [it.item_id for it in items] == ["1"]
+  assert report.by_reason == {bm.IMAGE_SIZE: 2}
+  assert [p.rsplit(":", 1)[1] for p, _ in report.problems] == ["2", "4"]  # file:line of each bad row
+
+
+def test_pope_skips_decompression_bombs_and_thin_images(tmp_path):
+  path, img_dir = write_pope(str(tmp_path), n=4)
+  with open(os.path.join(img_dir, "COCO_val2014_000000000000.jpg"), "wb") as f:
+    f.write(bomb_png())
+  with open(os.path.join(img_dir, "COCO_val2014_000000000002.jpg"), "wb") as f:
+    f.write(png_bytes(thin_image()))
+  items, report = bm.load_pope(path, img_dir)
+  assert [it.item_id for it in items] == ["adversarial/2", "adversarial/4"]
+  assert report.by_reason == {bm.IMAGE_SIZE: 2}
+
+
+def test_deepeyes_format_skips_hostile_images(tmp_path):
+  recs = _deepeyes_records(3)
+  recs[0]["images"] = [bomb_png()]
+  recs[2]["images"] = [thin_image()]
+  items, report = bm.load_benchmark("deepeyes", str(write_deepeyes_parquet(tmp_path / "d.parquet", recs)))
+  assert [it.item_id for it in items] == ["vstar-1"] and report.by_reason == {"image_size": 2}

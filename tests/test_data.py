@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
+from hostile_images import bomb_png, png_bytes, thin_image
 from PIL import Image
 
 from deepeyes_jax.data import deepeyes as de
@@ -192,6 +193,19 @@ def _unreadable(r):
   r[de.ERROR_KEY] = "invalid JSON line"
 
 
+def _no_image(r):
+  r["images"] = []
+  r["prompt"][1]["content"] = r["prompt"][1]["content"].replace("<image>", "")
+
+
+def _thin_image(r):
+  r["images"] = [thin_image()]  # aspect ratio 201: smart_resize would raise mid-rollout
+
+
+def _bomb_image(r):
+  r["images"] = [bomb_png()]  # a header claiming 16384 x 16384 pixels
+
+
 @pytest.mark.parametrize(
   "mutate,reason",
   [
@@ -206,6 +220,9 @@ def _unreadable(r):
     (_missing_prompt, de.MISSING_FIELD),
     (_missing_image_data, de.MISSING_FIELD),
     (_unreadable, de.UNREADABLE),
+    (_no_image, de.NO_IMAGE),
+    (_thin_image, de.IMAGE_SIZE),
+    (_bomb_image, de.IMAGE_SIZE),
   ],
 )
 def test_decode_example_bad_records_raise_named(mutate, reason):
@@ -226,7 +243,7 @@ def test_decode_example_respects_max_decoded_pixels():
   assert de.decode_example(rec, 0, source_name="m", max_decoded_pixels=2000).images[0].size == (50, 40)
   with pytest.raises(de.BadRecord, match="max_decoded_pixels") as info:
     de.decode_example(rec, 0, source_name="m", max_decoded_pixels=1999)
-  assert info.value.reason == de.BAD_IMAGE
+  assert info.value.reason == de.IMAGE_SIZE  # the processor's size limits, not a corrupt file
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -446,3 +463,80 @@ def test_bad_arguments_raise(data):
     pl.make_train_iterator(paths, seed=0, batch_size=0)
   with pytest.raises(ValueError, match="no records"):
     pl.make_train_iterator(paths, seed=0, batch_size=2, process_index=50, process_count=51)
+
+
+def test_decode_example_without_an_image_when_allowed():
+  rec = _record(1, np.random.default_rng(1))
+  _no_image(rec)
+  assert de.decode_example(rec, 0, source_name="m", require_image=False).images == []
+
+
+@pytest.fixture
+def hostile(tmp_path):
+  """A parquet file whose rows 1-4 are each bad in one of the ways a loader must catch (the rest are good)."""
+  rng = np.random.default_rng(9)
+  recs = [_record(i, rng, source="vstar") for i in range(8)]
+  _no_image(recs[1])
+  _thin_image(recs[2])
+  _bomb_image(recs[3])
+  recs[4]["data_source"] = "no_such_benchmark"  # decodes fine; no reward can score it
+  path = de.write_deepeyes_parquet(tmp_path / "hostile.parquet", recs, row_group_size=3)
+  return str(path)
+
+
+@pytest.mark.parametrize("known", [{"vstar", "chart"}, lambda s: s.startswith("vs")], ids=["set", "predicate"])
+def test_pipeline_skips_hostile_rows_and_counts_them_by_reason(hostile, known):
+  it, stats = pl.make_train_iterator(
+    hostile, seed=0, batch_size=2, shuffle=False, num_epochs=1, drop_remainder=False, known_sources=known
+  )
+  assert [ex.uid for b in it for ex in b] == [f"vstar-{i}" for i in (0, 5, 6, 7)]
+  assert stats.by_reason == {de.NO_IMAGE: 1, de.IMAGE_SIZE: 2, de.UNKNOWN_SOURCE: 1}
+  assert stats.by_source == {hostile: 4}
+  m = stats.metrics()
+  assert m["data/skipped_records"] == 4 and stats.examples == 4
+  assert m["data/skipped_image_size"] == 2 and m["data/skipped_no_image"] == 1
+  assert m["data/skipped_unknown_data_source"] == 1 and m["data/skipped_bad_image"] == 0  # every reason, from 0
+  assert {f"data/skipped_{r}" for r in (*de.REASONS, pl.UNEXPECTED_ERROR)} <= set(m)
+
+
+def test_pipeline_without_known_sources_keeps_any_data_source(hostile):
+  it, stats = pl.make_train_iterator(hostile, seed=0, batch_size=8, shuffle=False, num_epochs=1, drop_remainder=False)
+  assert "no_such_benchmark" in {ex.data_source for b in it for ex in b}
+  assert stats.by_reason == {de.NO_IMAGE: 1, de.IMAGE_SIZE: 2}
+
+
+def test_a_file_that_is_not_parquet_stops_naming_it(tmp_path):
+  bad = tmp_path / "broken.parquet"
+  bad.write_bytes(b"PAR1 this is no parquet file")
+  with pytest.raises(de.DataFileError, match="broken.parquet"):
+    de.DeepEyesSource(str(bad))
+  with pytest.raises(de.DataFileError, match="broken.parquet"):
+    pl.make_train_iterator(str(bad), seed=0, batch_size=1)
+
+
+def test_a_file_unreadable_after_indexing_stops_the_pipeline_naming_it(tmp_path):
+  rng = np.random.default_rng(3)
+  path = de.write_deepeyes_parquet(tmp_path / "gone.parquet", [_record(i, rng) for i in range(4)], row_group_size=2)
+  it, _ = pl.make_train_iterator(str(path), seed=0, batch_size=1, shuffle=False, num_epochs=1, read_threads=1)
+  with open(path, "r+b") as f:  # the row groups' bytes are overwritten (a file replaced or corrupted mid-run)
+    f.seek(4)
+    f.write(b"\0" * (os.path.getsize(path) - 12))
+  with pytest.raises(de.DataFileError, match="gone.parquet"):
+    list(it)
+
+
+def test_a_file_of_bad_lines_stops_naming_it(tmp_path):
+  path = tmp_path / "garbage.jsonl"
+  path.write_text("".join(f"not json {i}\n" for i in range(pl.MAX_LEADING_BAD_RECORDS + 5)))
+  it, _ = pl.make_train_iterator(str(path), seed=0, batch_size=1, shuffle=False, num_epochs=1)
+  with pytest.raises(ValueError, match=f"all bad .*garbage.jsonl \\({pl.MAX_LEADING_BAD_RECORDS}\\)"):
+    next(it)
+
+
+def test_images_of_hostile_bytes_in_jsonl_are_skipped(tmp_path):
+  rng = np.random.default_rng(4)
+  recs = [_record(i, rng) for i in range(3)]
+  recs[1]["images"] = [png_bytes(thin_image(2, 600))]  # tall: 300:1
+  path = de.write_deepeyes_jsonl(tmp_path / "t.jsonl", recs)
+  it, stats = pl.make_train_iterator(str(path), seed=0, batch_size=3, shuffle=False, num_epochs=1, drop_remainder=False)
+  assert [ex.uid for b in it for ex in b] == ["vstar-0", "vstar-2"] and stats.by_reason == {de.IMAGE_SIZE: 1}

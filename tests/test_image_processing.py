@@ -1,12 +1,11 @@
 """deepeyes_jax.processing.image against transformers' Qwen2VLImageProcessorPil (the ground truth)."""
 
-import io
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pytest
+from hostile_images import png_bytes as _png_bytes
+from hostile_images import png_header_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,22 +31,6 @@ def _palette_with_transparency(h, w):
   img = Image.fromarray(_noise(h, w, 1, seed=3, high=16), mode="L").convert("P")
   img.info["transparency"] = 5  # palette index 5 is transparent -> composited onto white
   return img
-
-
-def _png_bytes(img):
-  buf = io.BytesIO()
-  img.save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def _png_header_only(w, h):
-  """A PNG that claims w x h but carries (almost) no pixel data: PIL reads the size lazily."""
-
-  def chunk(tag, data):
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-  ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)  # 1-bit grayscale
-  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 CASES = {
@@ -219,10 +202,10 @@ def test_decompression_bomb_rejected():
   limit_before = Image.MAX_IMAGE_PIXELS
   # Beyond PIL's own hard limit (2 * MAX_IMAGE_PIXELS): PIL's DecompressionBombError -> ImageError.
   with pytest.raises(improc.ImageError, match="<bytes>"):
-    improc.load_image(_png_header_only(30_000, 30_000))
+    improc.load_image(png_header_only(30_000, 30_000))
   # Our limit is checked from the header, before decoding (the data here is empty).
   with pytest.raises(improc.ImageError, match="3000x2000.*max_decoded_pixels=1000000"):
-    improc.load_image(_png_header_only(3000, 2000), max_decoded_pixels=10**6)
+    improc.load_image(png_header_only(3000, 2000), max_decoded_pixels=10**6)
   # The limit is exact on a real image.
   data = _png_bytes(_rgb(64, 64))
   with pytest.raises(improc.ImageError, match="64x64"):
@@ -237,5 +220,39 @@ def test_pil_bomb_warning_does_not_escape():
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     with pytest.raises(improc.ImageError, match="cannot decode"):
-      improc.load_image(_png_header_only(10_000, 10_000))
+      improc.load_image(png_header_only(10_000, 10_000))
   assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_check_resizable_is_the_limit_smart_resize_applies():
+  improc.check_resizable(2, 400)  # 200:1 is allowed
+  assert improc.smart_resize(2, 400)
+  for h, w in ((2, 402), (402, 2), (0, 5), (5, 0)):
+    with pytest.raises(improc.ImageSizeError):
+      improc.check_resizable(h, w)
+    with pytest.raises(improc.ImageSizeError):
+      improc.smart_resize(h, w)
+  with pytest.raises(improc.ImageSizeError, match="'thin'.*aspect ratio 201.0 exceeds 200"):
+    improc.preprocess(Image.new("RGB", (402, 2)), source="thin")
+
+
+def test_probe_image_reads_the_header_and_applies_the_processors_limits(tmp_path):
+  assert improc.probe_image(_png_bytes(_rgb(30, 40))) == (40, 30)
+  path = tmp_path / "ok.png"
+  path.write_bytes(_png_bytes(_rgb(8, 9)))
+  assert improc.probe_image(path) == (9, 8) and improc.probe_image(_rgb(3, 4)) == (4, 3)
+  # A decompression bomb: PIL's own limit, and ours, both from the header (nothing is decoded).
+  with pytest.raises(improc.ImageSizeError, match="<bytes>: refusing to decode"):
+    improc.probe_image(png_header_only(16384, 16384))
+  with pytest.raises(improc.ImageSizeError, match="max_decoded_pixels=1000000"):
+    improc.probe_image(png_header_only(3000, 2000), max_decoded_pixels=10**6)
+  with pytest.raises(improc.ImageSizeError, match="ok2.png.*aspect ratio"):
+    (tmp_path / "ok2.png").write_bytes(_png_bytes(Image.new("RGB", (402, 2))))
+    improc.probe_image(tmp_path / "ok2.png")
+  with pytest.raises(improc.ImageError, match="<bytes>") as info:
+    improc.probe_image(b"\x89PNG\r\n\x1a\n not a png")
+  assert not isinstance(info.value, improc.ImageSizeError)
+  corrupt = bytearray(_png_bytes(_rgb(16, 16)))
+  corrupt[-20] ^= 0xFF  # a chunk checksum no longer matches: verify() fails
+  with pytest.raises(improc.ImageError):
+    improc.probe_image(bytes(corrupt))

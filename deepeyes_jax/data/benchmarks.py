@@ -20,8 +20,11 @@ Layouts (as released):
   the record's messages are kept byte for byte.
 
 Images stay encoded (bytes or a path) until :meth:`BenchmarkItem.load_image`, so an 8K benchmark does not hold
-hundreds of decoded images; at load time each image's header is checked (``PIL.Image.verify``), and a file that
-still fails to decode later is reported by the evaluation as a skipped item.
+hundreds of decoded images; at load time each image's header is checked (``processing.image.probe_image``: PIL's
+``verify``, and the size limits of the processor), so an item whose image is not an image (``bad_image``) or has a
+size the processor refuses (``image_size``: a header claiming more than ``MAX_DECODED_PIXELS`` pixels, a
+decompression bomb, or an aspect ratio above 200) is skipped and counted here, not discovered mid-rollout. A file
+that still fails to decode later is reported by the evaluation as a skipped item.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import collections
 import csv
 import dataclasses
 import glob
-import io
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ from typing import Any
 
 from PIL import Image
 
-from deepeyes_jax.processing.image import load_image
+from deepeyes_jax.processing.image import ImageError, ImageSizeError, load_image, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ MISSING_FILE = "missing_file"
 BAD_JSON = "bad_json"
 BAD_FIELD = "bad_field"
 BAD_IMAGE = "bad_image"
+IMAGE_SIZE = "image_size"
 
 
 class BenchmarkFormatError(ValueError):
@@ -117,10 +120,19 @@ class LoadReport:
     )
 
 
-def _check_image_bytes(data: bytes) -> None:
-  """Raises (OSError / ValueError / SyntaxError from PIL) unless ``data`` starts like a valid image file."""
-  with Image.open(io.BytesIO(data)) as im:
-    im.verify()
+def _image_problem(src: bytes | str) -> tuple[str, str] | None:
+  """None for an image the processor accepts (encoded bytes or a path; its header only), else (reason, message):
+  ``missing_file``, ``bad_image`` (not an image) or ``image_size`` (``probe_image``: a decompression bomb, an empty
+  image or an aspect ratio above 200)."""
+  if isinstance(src, str) and not os.path.isfile(src):
+    return MISSING_FILE, "image file not found"
+  try:
+    probe_image(src)
+  except ImageSizeError as e:
+    return IMAGE_SIZE, f"image size outside the processor's limits ({e})"
+  except (ImageError, OSError) as e:
+    return BAD_IMAGE, f"not a readable image ({e})"
+  return None
 
 
 def _str_list(value: Any) -> list[str] | None:
@@ -198,9 +210,12 @@ def _vstar_item(category: str, image_path: str, report: LoadReport) -> Benchmark
   try:
     with open(image_path, "rb") as f:
       data = f.read()
-    _check_image_bytes(data)
-  except (OSError, ValueError, SyntaxError) as e:
-    report.skip(image_path, BAD_IMAGE, f"not a readable image ({type(e).__name__}: {e})")
+  except OSError as e:
+    report.skip(image_path, BAD_IMAGE, f"not a readable file ({type(e).__name__}: {e})")
+    return None
+  problem = _image_problem(data)
+  if problem is not None:
+    report.skip(image_path, *problem)
     return None
   name = os.path.basename(stem)
   return BenchmarkItem(
@@ -252,9 +267,12 @@ def load_hrbench(path: str, benchmark: str | None = None) -> tuple[list[Benchmar
         continue
       try:
         data = base64.b64decode(row["image"], validate=True)
-        _check_image_bytes(data)
-      except (binascii.Error, ValueError, OSError, SyntaxError) as e:
-        report.skip(where, BAD_IMAGE, f"image column is not a base64-encoded image ({type(e).__name__}: {e})")
+      except (binascii.Error, ValueError) as e:
+        report.skip(where, BAD_IMAGE, f"image column is not base64 ({type(e).__name__}: {e})")
+        continue
+      problem = _image_problem(data)
+      if problem is not None:
+        report.skip(where, *problem)
         continue
       k = "ABCD".index(answer)
       items.append(
@@ -313,7 +331,7 @@ def load_pope(path: str, image_dir: str) -> tuple[list[BenchmarkItem], LoadRepor
           continue
         image_path = os.path.join(image_dir, str(rec["image"]))
         if image_path not in checked:
-          checked[image_path] = _check_image_file(image_path)
+          checked[image_path] = _image_problem(image_path)
         problem = checked[image_path]
         if problem is not None:
           report.skip(image_path, problem[0], f"{where}: {problem[1]}")
@@ -332,17 +350,6 @@ def load_pope(path: str, image_dir: str) -> tuple[list[BenchmarkItem], LoadRepor
         )
   report.items = len(items)
   return items, report
-
-
-def _check_image_file(path: str) -> tuple[str, str] | None:
-  if not os.path.isfile(path):
-    return MISSING_FILE, "image file not found"
-  try:
-    with open(path, "rb") as f:
-      _check_image_bytes(f.read())
-  except (OSError, ValueError, SyntaxError) as e:
-    return BAD_IMAGE, f"not a readable image ({type(e).__name__}: {e})"
-  return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

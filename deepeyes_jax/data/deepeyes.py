@@ -15,7 +15,9 @@ construction keeps only parquet row-group metadata and the byte offsets of JSONL
 row group holding row ``i`` (kept in a small LRU cache shared by all files) or seeks to the line. It returns the raw
 record dict with images still encoded, plus three bookkeeping keys: ``_file`` (path), ``_row`` (row in that file)
 and ``_index`` (global index). A JSONL line that is not a JSON object comes back as ``{"_error": ..., ...}`` so that
-``decode_example`` can reject it as a ``BadRecord`` instead of crashing the input pipeline; I/O errors propagate.
+``decode_example`` can reject it as a ``BadRecord`` instead of crashing the input pipeline. A file that cannot be read
+at all (not parquet, a corrupt footer or row group, an I/O error) raises ``DataFileError`` naming the file: one bad row
+is skipped, one bad file stops the run.
 
 Random access into parquet costs one row-group read per cache miss, so files meant for shuffled training should be
 written with small row groups (``write_deepeyes_parquet`` uses 128 rows by default).
@@ -24,6 +26,14 @@ written with small row groups (``write_deepeyes_parquet`` uses 128 rows by defau
 (``deepeyes_jax.processing.chat``): each ``<image>`` placeholder in a message's string content becomes an image item
 holding the next decoded image, the text around it is kept byte for byte (empty pieces are dropped), and a message
 without a placeholder keeps its plain string content.
+
+Rows are validated where they are read, so that a bad row is skipped and counted by the pipeline instead of failing
+mid-rollout: required fields and types, one image per ``<image>`` placeholder, at least one image (the zoom tool crops
+it), images that decode within ``max_decoded_pixels`` and whose size ``smart_resize`` accepts (aspect ratio at most
+200: ``processing.image.check_resizable``), and, when the caller says which are known, the ``data_source``
+(``check_data_source``; the reward registry lives in a later layer, so the caller passes the predicate). A prompt
+longer than the rollout budget needs the tokenizer and the image grids; the rollout engine ends such rows with the
+stop reason ``prompt_too_long`` before any prefill (counted as ``stop/prompt_too_long``).
 """
 
 from __future__ import annotations
@@ -38,13 +48,13 @@ import json
 import operator
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from deepeyes_jax.processing.image import MAX_DECODED_PIXELS, ImageError, load_image
+from deepeyes_jax.processing.image import MAX_DECODED_PIXELS, ImageError, ImageSizeError, check_resizable, load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -64,7 +74,11 @@ UNREADABLE = "unreadable_record"
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 BAD_IMAGE = "bad_image"
+IMAGE_SIZE = "image_size"  # empty, above max_decoded_pixels (a decompression bomb), or aspect ratio above 200
 IMAGE_COUNT = "image_count_mismatch"
+NO_IMAGE = "no_image"
+UNKNOWN_SOURCE = "unknown_data_source"
+REASONS = (UNREADABLE, MISSING_FIELD, WRONG_TYPE, BAD_IMAGE, IMAGE_SIZE, IMAGE_COUNT, NO_IMAGE, UNKNOWN_SOURCE)
 
 _KNOWN_COLUMNS = ("data_source", "prompt", "images", "reward_model", "extra_info", "ability", "env_name")
 
@@ -80,6 +94,11 @@ class BadRecord(ValueError):
 
   def __reduce__(self):
     return (type(self), (str(self), self.reason, self.index, self.source))
+
+
+class DataFileError(OSError):
+  """A data file that cannot be read (not the format its name says, a corrupt footer or row group): the message
+  names the file. Unlike a ``BadRecord`` it stops the run: skipping a whole file would silently change the data."""
 
 
 @dataclasses.dataclass
@@ -165,15 +184,18 @@ def decode_example(
   *,
   source_name: str,
   max_decoded_pixels: int = MAX_DECODED_PIXELS,
+  require_image: bool = True,
 ) -> Example:
   """Validate one raw record and decode its images into an ``Example``.
 
   ``index`` is the record's global index in its source; ``source_name`` names the file in error messages.
-  Raises ``BadRecord`` (a ValueError) naming the file, index and problem for: an unreadable record, a missing
-  required field (``data_source``, ``prompt``, ``reward_model.ground_truth``), a field of the wrong type, a message
-  role other than system/user/assistant, a number of ``<image>`` placeholders different from the number of images,
-  or an image that does not decode (``load_image``'s ``ImageError``, e.g. corrupt bytes or more than
-  ``max_decoded_pixels`` pixels).
+  Raises ``BadRecord`` (a ValueError) naming the file, index and problem, with its ``reason``: an unreadable record
+  (``unreadable_record``), a missing required field (``data_source``, ``prompt``, ``reward_model.ground_truth``:
+  ``missing_field``), a field of the wrong type or a message role other than system/user/assistant
+  (``wrong_type``), a number of ``<image>`` placeholders different from the number of images
+  (``image_count_mismatch``), no image at all when ``require_image`` (``no_image``: the zoom tool needs one), an
+  image that does not decode (``bad_image``), or one whose size the processor refuses: more than
+  ``max_decoded_pixels`` pixels, empty, or an aspect ratio above 200 (``image_size``).
   """
   row = record.get(ROW_KEY) if isinstance(record, Mapping) else None
   where = f"{source_name} (index {index}" + (f", row {row} of the file)" if row is not None else ")")
@@ -246,12 +268,17 @@ def decode_example(
     fail(
       IMAGE_COUNT, f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the prompt but {len(raw_images)} image(s)"
     )
+  if require_image and not raw_images:
+    fail(NO_IMAGE, "no image (and no <image> placeholder): the zoom tool needs one")
 
   images = []
   for i, item in enumerate(raw_images):
     src = _image_source(item, i, fail)
     try:
       images.append(load_image(src, max_decoded_pixels=max_decoded_pixels))
+      check_resizable(images[-1].height, images[-1].width)
+    except ImageSizeError as e:
+      fail(IMAGE_SIZE, f"images[{i}]: {e}")
     except ImageError as e:
       fail(BAD_IMAGE, f"images[{i}]: {e}")
     except (OSError, TypeError) as e:  # e.g. a path naming a directory
@@ -280,6 +307,20 @@ def decode_example(
     ability=ability,
     extra=extra,
   )
+
+
+def check_data_source(example: Example, known_source: Callable[[str], bool]) -> None:
+  """Raises ``BadRecord`` (reason ``unknown_data_source``) unless ``known_source(example.data_source)``: a row no
+  reward can score. The predicate comes from the caller (``run_setup.known_data_source`` asks the reward registry,
+  which is a later layer than this one)."""
+  if not known_source(example.data_source):
+    source = example.extra.get("source") or "<record>"
+    raise BadRecord(
+      f"{source} (index {example.index}): no reward is registered for data_source {example.data_source!r}",
+      UNKNOWN_SOURCE,
+      example.index,
+      source,
+    )
 
 
 def example_to_record(example: Example) -> dict[str, Any]:
@@ -359,12 +400,15 @@ class _ParquetFile:
     import pyarrow.parquet as pq
 
     self.path = path
-    pf = pq.ParquetFile(path)
     try:
-      md = pf.metadata
-      rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-    finally:
-      pf.close()
+      pf = pq.ParquetFile(path)
+      try:
+        md = pf.metadata
+        rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+      finally:
+        pf.close()
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError name no file
+      raise DataFileError(f"{path}: not a readable parquet file: {type(e).__name__}: {e}") from e
     self.row_group_starts = np.cumsum([0, *rows], dtype=np.int64)
     self._pf = None
     self._pid = None
@@ -511,11 +555,14 @@ class DeepEyesSource:
     f = int(np.searchsorted(self._starts, index, side="right")) - 1
     row = index - int(self._starts[f])
     file = self._files[f]
-    if isinstance(file, _ParquetFile):
-      rg, offset = file.locate(row)
-      record = self._row_group(f, rg).slice(offset, 1).to_pylist()[0]
-    else:
-      record = file.read(row)
+    try:
+      if isinstance(file, _ParquetFile):
+        rg, offset = file.locate(row)
+        record = self._row_group(f, rg).slice(offset, 1).to_pylist()[0]
+      else:
+        record = file.read(row)
+    except Exception as e:  # a corrupt row group, a file gone or truncated since indexing: the file, not the row
+      raise DataFileError(f"{file.path} (row {row}): cannot read the file: {type(e).__name__}: {e}") from e
     _resolve_image_paths(record, os.path.dirname(os.path.abspath(file.path)))
     record[FILE_KEY], record[ROW_KEY], record[INDEX_KEY] = file.path, row, index
     return record

@@ -1,10 +1,21 @@
-"""The shared evaluation config; ``configs/eval_*.py`` set the benchmark and its defaults on top of it."""
+"""The shared evaluation config; ``configs/eval_*.py`` set the benchmark and its defaults on top of it.
+
+``validate(config)`` checks an evaluation config before anything loads (``evaluate.run`` calls it first); the checks
+of the blocks a training config shares (``rollout``, ``mesh``, the judge, the model's dtype and attention) are here
+too, the lowest layer both reach (``rl/train_config.validate`` uses them).
+"""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 
+from deepeyes_jax.agent.protocol import FRAMES
+from deepeyes_jax.agent.rollout import ENGINES
 from deepeyes_jax.config_args import parse_arg
+from deepeyes_jax.config_check import Problems
+from deepeyes_jax.data.benchmarks import BENCHMARKS
+from deepeyes_jax.kernels.attention import resolve_impl
 from deepeyes_jax.processing import image as improc
 
 # The variants every eval config accepts (`configs/eval_*.py:size=tiny,no_tool=1`), with their defaults.
@@ -92,3 +103,81 @@ def apply_variant(
     c.rollout.segment_steps = 16
     c.reward.use_judge = False
   return c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_rollout(p: Problems, rollout: ml_collections.ConfigDict) -> None:
+  """The ``rollout`` block (``run_setup.agent_config`` reads it): budgets, sampling, pixels, the engine's sizes;
+  ``group_size`` and ``max_prompt_tokens`` when present (training configs)."""
+  r = rollout
+  ok = {}
+  for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "max_images", "page_size", "segment_steps"):
+    ok[name] = p.number(f"rollout.{name}", r.get(name, 1), ge=1, integer=True)
+  for name in ("max_concurrent_rows", "kv_pages", "top_k"):
+    p.number(f"rollout.{name}", r.get(name, 0), ge=0, integer=True)
+  prompt, budget = r.get("max_prompt_tokens"), r.max_total_tokens  # max_prompt_tokens: training configs (AOT)
+  if prompt is not None and p.number("rollout.max_prompt_tokens", prompt, ge=1, integer=True):
+    fits = not ok["max_total_tokens"] or prompt <= budget
+    p.check("rollout.max_prompt_tokens", prompt, fits, f"<= rollout.max_total_tokens ({budget})")
+  if "group_size" in r and p.number("rollout.group_size", r.group_size, ge=1, integer=True) and r.group_size < 2:
+    p.warn("rollout.group_size", r.group_size, "a group of one has advantage 0 (GRPO needs >= 2 to learn anything)")
+  p.number("rollout.temperature", r.temperature, ge=0)
+  p.number("rollout.top_p", r.top_p, gt=0, le=1)
+  p.number("rollout.segment_release", r.get("segment_release", 0.25), ge=0, le=1)
+  p.choice("rollout.coordinate_frame", r.coordinate_frame, FRAMES)
+  p.choice("rollout.engine", r.get("engine", ENGINES[0]), ENGINES)
+  low_ok = p.number("rollout.min_pixels", r.min_pixels, ge=1, integer=True)
+  if p.number("rollout.max_pixels", r.max_pixels, ge=1, integer=True) and low_ok:
+    p.check("rollout.min_pixels", r.min_pixels, r.min_pixels <= r.max_pixels, f"<= rollout.max_pixels ({r.max_pixels})")
+
+
+def check_mesh(p: Problems, mesh: ml_collections.ConfigDict) -> None:
+  """``mesh.data / fsdp / tensor``: each >= 1 or -1 (the remaining devices), at most one -1. Whether the product
+  matches the devices is checked when the mesh is made (``run_setup.make_mesh``), before anything loads."""
+  sizes = {name: mesh.get(name, 1) for name in ("data", "fsdp", "tensor")}
+  for name, v in sizes.items():
+    p.number(f"mesh.{name}", v, ge=1, integer=True, also=(-1,), note="the remaining devices")
+  if list(sizes.values()).count(-1) > 1:
+    p.add("mesh", sizes, "at most one axis of -1")
+
+
+def check_model_numerics(p: Problems, field: str, dtype, attention_impl, *, param_dtype=None) -> None:
+  """A compute dtype (and parameter dtype) that is a floating type, and a known attention implementation."""
+  for name, value in ((f"{field}dtype", dtype), (f"{field}param_dtype", param_dtype)):
+    if value is None or (value == "" and name.endswith("param_dtype")):  # "" = the compute dtype
+      continue
+    try:
+      ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+      ok = False
+    p.check(name, value, ok, "a floating dtype name (bfloat16, float16, float32)")
+  p.run(f"{field}attention_impl", attention_impl, lambda: attention_impl == "auto" or resolve_impl(attention_impl))
+
+
+def check_judge(p: Problems, reward: ml_collections.ConfigDict) -> None:
+  p.number("reward.judge_workers", reward.judge_workers, ge=1, integer=True)
+
+
+def validate(config: ml_collections.ConfigDict) -> list[str]:
+  """Checks an evaluation config (``configs/eval_*.py``) before anything loads: every field with a domain, the
+  paths the run needs. Raises ``config_check.ConfigError`` (a ValueError) listing every problem, each naming the
+  field, its value and what is allowed; returns the warnings (also logged)."""
+  p = Problems()
+  p.choice("benchmark", config.benchmark, BENCHMARKS)
+  p.check("checkpoint", config.checkpoint, bool(config.checkpoint), "set: an HF checkpoint directory")
+  p.check("data_path", config.data_path, bool(config.data_path), "set: the benchmark's files")
+  if config.benchmark == "pope":
+    p.check("image_dir", config.image_dir, bool(config.image_dir), "set for POPE: the COCO val2014 images")
+  p.number("limit", config.limit, ge=0, integer=True)
+  p.number("seed", config.seed, ge=0, lt=2**32, integer=True)
+  p.number("batch_size", config.batch_size, ge=1, integer=True)
+  if p.number("num_samples", config.num_samples, ge=1, integer=True) and config.num_samples > 1:
+    p.check("num_samples", config.num_samples, config.rollout.temperature > 0, "1 with rollout.temperature=0 (greedy)")
+  check_model_numerics(p, "", config.dtype, config.attention_impl)
+  check_rollout(p, config.rollout)
+  check_judge(p, config.reward)
+  check_mesh(p, config.mesh)
+  return p.raise_if_any(f"evaluation config ({config.benchmark})")

@@ -26,6 +26,7 @@ the Conv3d patch embedding expects two frames), then the 14x14 pixels in row-maj
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -55,6 +56,24 @@ class ImageError(ValueError):
   """A bad image: undecodable, empty, too large, or with an aspect ratio above 200."""
 
 
+class ImageSizeError(ImageError):
+  """An image whose size the processor refuses: empty, more pixels than ``max_decoded_pixels`` (a decompression
+  bomb), or an aspect ratio above ``MAX_RATIO`` (``check_resizable``)."""
+
+
+def check_resizable(height: int, width: int) -> None:
+  """Raises ImageSizeError unless ``smart_resize`` accepts an image of ``height x width``: both sides > 0 and an
+  aspect ratio of at most ``MAX_RATIO`` (200). The one check ``smart_resize`` and the data loaders share, so a
+  loader skips exactly the images the processor would refuse mid-rollout."""
+  if height <= 0 or width <= 0:
+    raise ImageSizeError(f"image size {width}x{height} (WxH) is empty")
+  if max(height, width) / min(height, width) > MAX_RATIO:
+    raise ImageSizeError(
+      f"image size {width}x{height} (WxH): aspect ratio "
+      f"{max(height, width) / min(height, width):.1f} exceeds {MAX_RATIO}"
+    )
+
+
 def smart_resize(
   height: int,
   width: int,
@@ -68,15 +87,10 @@ def smart_resize(
   Same arithmetic as ``transformers...qwen2_vl.smart_resize``. Note that, unlike
   ``qwen_vl_utils``, a side that rounds to 0 is not bumped to ``factor`` first: the zero area
   sends it through the upscaling branch instead (e.g. 10x1990 -> 28x812, not 28x1988).
-  Raises ImageError (a ValueError) for an empty size or an aspect ratio above 200.
+  Raises ImageSizeError (an ImageError, a ValueError) for an empty size or an aspect ratio above 200
+  (``check_resizable``).
   """
-  if height <= 0 or width <= 0:
-    raise ImageError(f"image size {width}x{height} (WxH) is empty")
-  if max(height, width) / min(height, width) > MAX_RATIO:
-    raise ImageError(
-      f"image size {width}x{height} (WxH): aspect ratio "
-      f"{max(height, width) / min(height, width):.1f} exceeds {MAX_RATIO}"
-    )
+  check_resizable(height, width)
   h_bar = round(height / factor) * factor
   w_bar = round(width / factor) * factor
   if h_bar * w_bar > max_pixels:
@@ -101,9 +115,11 @@ def _source_name(src: object) -> str:
 def _check_size(img: Image.Image, name: str, max_decoded_pixels: int) -> None:
   w, h = img.size
   if w <= 0 or h <= 0:
-    raise ImageError(f"{name}: image size {w}x{h} (WxH) is empty")
+    raise ImageSizeError(f"{name}: image size {w}x{h} (WxH) is empty")
   if w * h > max_decoded_pixels:
-    raise ImageError(f"{name}: image size {w}x{h} (WxH) = {w * h} px exceeds max_decoded_pixels={max_decoded_pixels}")
+    raise ImageSizeError(
+      f"{name}: image size {w}x{h} (WxH) = {w * h} px exceeds max_decoded_pixels={max_decoded_pixels}"
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -116,42 +132,71 @@ def to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def load_image(src: ImageSource, *, max_decoded_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
-  """Decode a path, encoded bytes or a PIL image into an RGB PIL image.
-
-  Raises ImageError, naming the source, for unreadable/undecodable data, empty images and
-  images above ``max_decoded_pixels`` (checked from the header, before decoding). PIL's own
-  DecompressionBombError (beyond ``2 * Image.MAX_IMAGE_PIXELS``) is also turned into
-  ImageError; its DecompressionBombWarning is silenced here since our limit supersedes it.
-  EXIF orientation is not applied (neither transformers' processor nor qwen_vl_utils does).
-  """
-  name = _source_name(src)
-  if isinstance(src, Image.Image):
-    _check_size(src, name, max_decoded_pixels)
-    return to_rgb(src)
+def _open(src: ImageSource, name: str) -> Image.Image:
+  """``Image.open`` of a path or encoded bytes (the header only: nothing is decoded yet), errors as ImageError naming
+  the source; PIL's DecompressionBombError (beyond ``2 * Image.MAX_IMAGE_PIXELS``) as ImageSizeError."""
   if isinstance(src, (bytes, bytearray, memoryview)):
     fp = io.BytesIO(bytes(src))
   elif isinstance(src, (str, os.PathLike)):
     fp = os.fspath(src)
   else:
-    raise TypeError(f"load_image expects a path, bytes or PIL image, got {type(src).__name__}")
+    raise TypeError(f"expected a path, bytes or PIL image, got {type(src).__name__}")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      img = Image.open(fp)
+      return Image.open(fp)
   except Image.DecompressionBombError as e:
-    raise ImageError(f"{name}: refusing to decode, {e}") from e
+    raise ImageSizeError(f"{name}: refusing to decode, {e}") from e
   except FileNotFoundError as e:
     raise ImageError(f"{name}: no such file") from e
   except Exception as e:  # PIL plugins raise OSError, SyntaxError, ValueError, struct.error...
     raise ImageError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
-  with img:
+
+
+def load_image(src: ImageSource, *, max_decoded_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
+  """Decode a path, encoded bytes or a PIL image into an RGB PIL image.
+
+  Raises ImageError, naming the source, for unreadable/undecodable data, and ImageSizeError (an ImageError) for
+  empty images and images above ``max_decoded_pixels`` (checked from the header, before decoding). PIL's own
+  DecompressionBombError (beyond ``2 * Image.MAX_IMAGE_PIXELS``) is also turned into ImageSizeError; its
+  DecompressionBombWarning is silenced here since our limit supersedes it. The aspect ratio is not checked here
+  (``check_resizable``). EXIF orientation is not applied (neither transformers' processor nor qwen_vl_utils does).
+  """
+  name = _source_name(src)
+  if isinstance(src, Image.Image):
+    _check_size(src, name, max_decoded_pixels)
+    return to_rgb(src)
+  with _open(src, name) as img:
     _check_size(img, name, max_decoded_pixels)
     try:
       img.load()  # decode now so truncated/corrupt data fails here, with the source named
       return to_rgb(img)
     except Exception as e:
       raise ImageError(f"{name}: cannot decode image: {type(e).__name__}: {e}") from e
+
+
+def probe_image(src: ImageSource, *, max_decoded_pixels: int = MAX_DECODED_PIXELS) -> tuple[int, int]:
+  """``(width, height)`` of an image the processor accepts, read from its header without decoding the pixels.
+
+  Raises ImageError naming the source for data that is not an image (PIL's ``verify``: a bad header or chunk
+  checksum), and ImageSizeError for a size the processor refuses: empty, above ``max_decoded_pixels`` (a
+  decompression bomb) or an aspect ratio above ``MAX_RATIO`` (``check_resizable``). What the benchmark loaders run
+  on every image at load time, so such an item is skipped and counted instead of failing mid-rollout."""
+  name = _source_name(src)
+  pil = isinstance(src, Image.Image)
+  with contextlib.nullcontext(src) if pil else _open(src, name) as img:
+    _check_size(img, name, max_decoded_pixels)
+    w, h = img.size
+    try:
+      check_resizable(h, w)
+    except ImageSizeError as e:
+      raise ImageSizeError(f"{name}: {e}") from None
+    if not pil:
+      try:
+        img.verify()
+      except Exception as e:
+        raise ImageError(f"{name}: not a readable image: {type(e).__name__}: {e}") from e
+  return w, h
 
 
 def normalize(rgb: np.ndarray, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD) -> np.ndarray:
@@ -210,7 +255,7 @@ def preprocess(
   try:
     rh, rw = smart_resize(h, w, patch_size * merge_size, min_pixels, max_pixels)
   except ImageError as e:
-    raise ImageError(f"{name}: {e}") from None
+    raise type(e)(f"{name}: {e}") from None
   rgb = to_rgb(pil_image).resize((rw, rh), Image.Resampling.BICUBIC)
   return patchify(normalize(np.asarray(rgb)), patch_size, temporal_patch_size, merge_size)
 

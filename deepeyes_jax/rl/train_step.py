@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Callable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepeyes_jax.config_check import Problems
 from deepeyes_jax.kernels import platform
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen25VL
 from deepeyes_jax.parallel import sharding as shd
@@ -34,6 +36,43 @@ from deepeyes_jax.rl import grpo
 from deepeyes_jax.rl.packing import PackedBatch
 
 log = logging.getLogger(__name__)
+
+
+AGGREGATIONS = ("token_mean", "seq_mean")  # grpo.aggregate's modes
+
+# The domain of each numeric LearnerConfig field (config_check.Problems.number's keywords).
+LEARNER_DOMAINS: dict[str, dict] = {
+  "learning_rate": dict(gt=0),
+  "warmup_steps": dict(ge=0, integer=True),
+  "decay_steps": dict(ge=0, integer=True),
+  "weight_decay": dict(ge=0),
+  "b1": dict(ge=0, lt=1),
+  "b2": dict(ge=0, lt=1),
+  "eps": dict(gt=0),
+  # optax.clip_by_global_norm(-1) scales the gradient by -1 / norm: gradient ascent.
+  "grad_clip": dict(gt=0, also=(0, None), note="no clipping"),
+  "clip_low": dict(ge=0, lt=1),  # the ratio's lower bound 1 - clip_low stays > 0
+  "clip_high": dict(ge=0),
+  "dual_clip": dict(gt=1, also=(None,), note="off"),
+  "kl_coef": dict(ge=0),
+  "entropy_coef": dict(),
+  "logits_chunk": dict(ge=1, integer=True),
+}
+
+
+def check_learner(p: Problems, values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
+  """Adds to ``p`` a problem for each LearnerConfig value (field -> value, only those given) outside its domain
+  (``LEARNER_DOMAINS``, the policy-loss registry, ``AGGREGATIONS``); ``names`` maps a field to the config key to
+  name in the message (default: the field)."""
+  names = names or {}
+  for field, value in values.items():
+    name = names.get(field, field)
+    if field in LEARNER_DOMAINS:
+      p.number(name, value, **LEARNER_DOMAINS[field])
+    elif field == "policy_loss":
+      p.name(name, value, grpo.get_policy_loss)
+    elif field == "aggregation":
+      p.choice(name, value, AGGREGATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +84,7 @@ class LearnerConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
-  grad_clip: float = 1.0
+  grad_clip: float | None = 1.0  # global gradient-norm clip; 0 or None = off
   policy_loss: str = "ppo_clip"
   clip_low: float = 0.2
   clip_high: float = 0.2
@@ -56,10 +95,16 @@ class LearnerConfig:
   train_vision: bool = True
   logits_chunk: int = 512  # tokens per chunk of the vocabulary projection (bounds logits memory)
 
+  def __post_init__(self):
+    """Every field within its domain (``check_learner``), or a ValueError listing each one that is not."""
+    p = Problems(prefix="LearnerConfig.")
+    check_learner(p, dataclasses.asdict(self))
+    p.raise_if_any("LearnerConfig")
+
 
 def make_optimizer(cfg: LearnerConfig, labels=None) -> optax.GradientTransformation:
-  """Grad-norm clip + AdamW with linear warmup then constant lr (or cosine decay with `decay_steps`); frozen
-  parameters get zero updates."""
+  """Grad-norm clip (none when `grad_clip` is 0 or None) + AdamW with linear warmup then constant lr (or cosine
+  decay with `decay_steps`); frozen parameters get zero updates."""
   if cfg.decay_steps > 0:
     lr = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, cfg.warmup_steps, cfg.warmup_steps + cfg.decay_steps, end_value=0.1 * cfg.learning_rate
@@ -72,7 +117,7 @@ def make_optimizer(cfg: LearnerConfig, labels=None) -> optax.GradientTransformat
   else:
     lr = optax.constant_schedule(cfg.learning_rate)
   tx = optax.chain(
-    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
     optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
   )
   if labels is not None:

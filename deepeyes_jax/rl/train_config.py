@@ -1,0 +1,123 @@
+"""Validation of a training config (`configs/deepeyes_7b.py`, `configs/synthetic.py` and their variants), before
+anything loads or compiles.
+
+    warnings = validate(config)   # ConfigError (a ValueError) listing every problem; the warnings otherwise
+
+Every field with a domain is checked and each problem names the field, its value and what is allowed: numbers
+(learning rate > 0, grad_clip > 0 or 0 / None = off, ppo_epochs >= 1, min_pixels <= max_pixels, ...), choices,
+registry names (advantage, policy loss, demonstrator: an unknown name used to fail only after two compilations and a
+full rollout), reward plugin modules (imported here: they register reward functions, as the trainer needs anyway),
+and the paths a run needs (data.train; model.checkpoint or model.tiny). The blocks an evaluation config shares are
+checked by `eval/config.py`, the model block by `run_setup.model_problems`, the optimiser and loss fields by
+`train_step.check_learner` (the same domains `LearnerConfig` enforces).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from deepeyes_jax import run_setup
+from deepeyes_jax.config_check import Problems
+from deepeyes_jax.eval import config as eval_config
+from deepeyes_jax.rl import grpo, warmstart
+from deepeyes_jax.rl.train_step import check_learner
+
+# LearnerConfig field -> the config key it is read from (rl/trainer.learner_config, warmstart_learner_config).
+LEARNER_KEYS = {
+  "learning_rate": "optim.learning_rate",
+  "warmup_steps": "optim.warmup_steps",
+  "weight_decay": "optim.weight_decay",
+  "b1": "optim.b1",
+  "b2": "optim.b2",
+  "grad_clip": "optim.grad_clip",
+  "policy_loss": "rl.policy_loss",
+  "clip_low": "rl.clip_low",
+  "clip_high": "rl.clip_high",
+  "dual_clip": "rl.dual_clip",
+  "aggregation": "rl.aggregation",
+  "kl_coef": "rl.kl_coef",
+  "entropy_coef": "rl.entropy_coef",
+  "logits_chunk": "rl.logits_chunk",
+}
+WARMSTART_LEARNER_KEYS = {
+  "learning_rate": "warmstart.learning_rate",
+  "warmup_steps": "warmstart.warmup_steps",
+  "weight_decay": "warmstart.weight_decay",
+}
+
+
+def _values(config: ml_collections.ConfigDict, keys: dict[str, str]) -> dict:
+  """LearnerConfig field -> the value of its config key."""
+  return {field: config[key.split(".")[0]][key.split(".")[1]] for field, key in keys.items()}
+
+
+def validate(config: ml_collections.ConfigDict) -> list[str]:
+  """Checks a training config; raises ``config_check.ConfigError`` (a ValueError) listing every problem found,
+  each naming the field, its value and the allowed range. Returns the warnings (also logged), e.g. a GRPO group of
+  one. Imports the reward plugins (``reward.plugins``)."""
+  p = Problems()
+  p.number("seed", config.seed, ge=0, lt=2**32, integer=True)
+  steps_ok = p.number("total_steps", config.total_steps, ge=1, integer=True)
+
+  # model
+  tiny = config.model.get("tiny")
+  p.check("model.checkpoint", config.model.checkpoint, bool(config.model.checkpoint or tiny), "set (or model.tiny)")
+  run_setup.model_problems(p, config)
+
+  # data
+  p.check("data.train", config.data.train, bool(config.data.train), "set: parquet / JSONL paths or synthetic:SPLIT")
+  p.number("data.batch_size", config.data.batch_size, ge=1, integer=True)
+  p.number("data.num_epochs", config.data.num_epochs, ge=1, integer=True, also=(None,), note="forever")
+  if "synthetic" in config:
+    p.number("synthetic.num_records", config.synthetic.num_records, ge=1, integer=True)
+    p.run("synthetic.scene", config.synthetic.scene.to_dict(), lambda: run_setup.scene_config(config))
+
+  eval_config.check_rollout(p, config.rollout)
+
+  # rl and optim
+  p.name("rl.advantage", config.rl.advantage, grpo.get_advantage_fn)
+  p.number("rl.adv_eps", config.rl.adv_eps, gt=0)
+  values = _values(config, LEARNER_KEYS)
+  values["dual_clip"] = values["dual_clip"] or None  # 0 = off (as rl/trainer.learner_config reads it)
+  check_learner(p, values, LEARNER_KEYS)
+  p.number("rl.ppo_epochs", config.rl.ppo_epochs, ge=1, integer=True)
+  p.number("rl.num_minibatches", config.rl.num_minibatches, ge=1, integer=True)
+  p.choice("rl.old_logprobs", config.rl.old_logprobs, ("sampler", "recompute"))
+  p.number("rl.min_row_len", config.rl.min_row_len, ge=1, integer=True)
+  p.number("rl.micro_batch_rows", config.rl.micro_batch_rows, ge=1, integer=True)
+
+  # warm start
+  ws = config.get("warmstart")
+  if ws is not None:
+    if p.number("warmstart.steps", ws.steps, ge=0, integer=True) and steps_ok:
+      p.check("warmstart.steps", ws.steps, ws.steps < config.total_steps, f"< total_steps ({config.total_steps})")
+    p.number("warmstart.batch_size", ws.batch_size, ge=1, integer=True)
+    p.name("warmstart.demonstrator", ws.demonstrator, warmstart.get_demonstrator)
+    fractions = {k: ws.get(k, 0.0) for k in ("zoom_fraction", "no_tool_fraction", "ground_fraction", "read_fraction")}
+    p.run("warmstart", fractions, lambda: warmstart.draw_modes([], 0, **fractions))
+    p.number("warmstart.probe_every", ws.get("probe_every", 0), ge=0, integer=True)
+    p.number("warmstart.probe_questions", ws.get("probe_questions", 32), ge=1, integer=True)
+    check_learner(p, _values(config, WARMSTART_LEARNER_KEYS), WARMSTART_LEARNER_KEYS)
+
+  # rewards: every plugin module imports (and registers its reward functions)
+  eval_config.check_judge(p, config.reward)
+  for module in filter(None, config.reward.plugins.split(",")):
+    p.run("reward.plugins", module, lambda m=module: importlib.import_module(m))
+
+  # held-out evaluation
+  if "eval" in config:
+    p.number("eval.num_questions", config.eval.num_questions, ge=0, integer=True)
+    p.number("eval.batch_size", config.eval.batch_size, ge=1, integer=True)
+    if config.eval.num_questions:
+      p.check("eval.data", config.eval.data, bool(config.eval.data), "set when eval.num_questions > 0")
+
+  eval_config.check_mesh(p, config.mesh)
+  c = config.checkpoint
+  p.number("checkpoint.every_steps", c.every_steps, ge=1, integer=True)
+  p.number("checkpoint.max_to_keep", c.max_to_keep, ge=1, integer=True, also=(None,), note="keep all")
+  p.number("checkpoint.keep_period", c.keep_period, ge=1, integer=True, also=(None,), note="off")
+  p.number("log.save_trajectories_every", config.log.save_trajectories_every, ge=0, integer=True)
+  p.number("log.num_saved_trajectories", config.log.num_saved_trajectories, ge=0, integer=True)
+  return p.raise_if_any("training config")
