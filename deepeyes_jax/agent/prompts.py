@@ -100,7 +100,14 @@ def error_observation(message: str) -> str:
 
   ``"\\n<|im_start|>user\\nError: {message}<|im_end|>\\n<|im_start|>assistant\\n"``.
   """
-  return _OBS_PREFIX + f"Error: {message}" + _OBS_SUFFIX
+  return "".join(text for text, _ in error_observation_parts(message))
+
+
+def error_observation_parts(message: str) -> list[tuple[str, bool]]:
+  """``error_observation(message)`` as ``(text, is_markup)`` parts (`processing.chat.encode_parts`): the message is
+  data, since it may echo what the model wrote (its tool name, its JSON, the JSON error), so that a special token it
+  spells stays ordinary text; the template around it is markup."""
+  return [(_OBS_PREFIX + "Error: ", True), (message, False), (_OBS_SUFFIX, True)]
 
 
 def json_error_observation(content: str, error: Exception) -> str:

@@ -57,15 +57,11 @@ import dataclasses
 import json
 import math
 import numbers
-import re
 from typing import Any
 
 from PIL import Image
 
 from deepeyes_jax.agent import prompts
-
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 FRAMES = ("original", "resized")
 
@@ -92,17 +88,44 @@ class TurnOutcome:
   observation: str | None  # the text to append (error or success observation) when kind == "tool"
   crop: Image.Image | None  # the cropped ORIGINAL image when the tool call succeeded
 
+  def observation_parts(self) -> list[tuple[str, bool]]:
+    """``observation`` as ``(text, is_markup)`` parts for `processing.chat.encode_parts`: the success observation is
+    all template (its image placeholder is the crop's); an error's message is data, since it may echo the model's
+    text (a tool name spelling ``<|image_pad|>`` must not become an image). Empty when there is no observation."""
+    if self.observation is None:
+      return []
+    if self.tool_call is None or self.tool_call.error is None:
+      return [(self.observation, True)]
+    return prompts.error_observation_parts(self.tool_call.error)
+
+
+def last_between(text: str, open_tag: str, close_tag: str) -> str | None:
+  """The last match of ``re.findall(open(.*?)close, text, re.DOTALL)`` (None when there is none), in linear time.
+
+  The regex retries at every ``open`` that no ``close`` follows, scanning to the end each time: quadratic on a turn
+  of repeated unclosed tags. Here each ``find`` starts where the previous match ended, and the scan stops at the
+  first ``open`` without a ``close`` after it (no later ``open`` can have one).
+  """
+  found, pos = None, 0
+  while True:
+    start = text.find(open_tag, pos)
+    if start < 0:
+      return found
+    start += len(open_tag)
+    end = text.find(close_tag, start)
+    if end < 0:
+      return found
+    found, pos = text[start:end], end + len(close_tag)
+
 
 def extract_answer(text: str) -> str | None:
   """The content of the last ``<answer>...</answer>`` (may be ``''``); None when there is none."""
-  matches = _ANSWER_RE.findall(text)
-  return matches[-1] if matches else None
+  return last_between(text, "<answer>", "</answer>")
 
 
 def extract_tool_call(text: str) -> str | None:
   """The content of the last ``<tool_call>...</tool_call>`` (unstripped, may be ``''``); None when there is none."""
-  matches = _TOOL_CALL_RE.findall(text)
-  return matches[-1] if matches else None
+  return last_between(text, "<tool_call>", "</tool_call>")
 
 
 def validate_box(x1, y1, x2, y2, width, height) -> tuple[float, float, float, float] | None:

@@ -15,6 +15,13 @@ PRNG key derived from (seed, task id, sample index), so its trajectory does not 
 Limits, each ending the row with a recorded reason (`trajectory.STOP_REASONS`): `max_turns` assistant turns
 (a tool call in the last allowed turn is not executed), `max_tokens_per_turn` (a turn cut by length ends the
 episode, as in DeepEyes), `max_total_tokens` (per row), `max_images` (original + crops), `prompt_too_long`.
+
+One bad row never stops the others: an exception while encoding a task's prompt (e.g. an image the processor
+rejects) or serving a row's turn (parsing, cropping, preprocessing the crop, tokenising the observation) ends that
+row with the stop reason `error` and `metadata["error"] = "ExceptionType: message"`; the other rows come out exactly
+as they would without it. Only a systematic failure, every row of the call failing, raises (with the first error).
+Text the model wrote is data: an observation echoing it (an unknown tool name, bad JSON) is tokenised with special
+tokens recognised in the template only (`processing.chat.encode_parts`).
 """
 
 from __future__ import annotations
@@ -117,10 +124,22 @@ class _Row:
   grids: list[np.ndarray]
   seen_size: tuple[int, int]
   prompt_length: int
+  prompt_images: int = 0
   turns: list[Turn] = dataclasses.field(default_factory=list)
   tool_calls: list[ToolRecord] = dataclasses.field(default_factory=list)
   answer: str | None = None
   stop_reason: str | None = None
+  failure: Exception | None = None  # what ended the row when stop_reason == "error"
+
+
+def _fail(row: _Row, e: Exception, where: str) -> None:
+  """Ends `row` with the stop reason "error" (the rollout goes on without it)."""
+  row.stop_reason, row.failure = "error", e
+  log.warning("task %r, sample %d: %s failed, row ended: %s", row.task.task_id, row.sample_index, where, _message(e))
+
+
+def _message(e: Exception) -> str:
+  return f"{type(e).__name__}: {e}"
 
 
 def row_seed_id(task_id: str, sample_index: int) -> int:
@@ -147,9 +166,13 @@ def run_rollouts(
   does not depend on the engine or its sizes: a row's PRNG key comes from (seed, task id, sample index), and a row
   never affects the others of its batch.
 
+  A row whose prompt cannot be encoded, or whose turn cannot be served, ends with the stop reason "error" (the
+  message in its metadata["error"]) and the others go on; if every row fails, the first error is raised.
+
   Args:
-    scripted_turns: optional, per row, the text of each assistant turn to force instead of sampling (a scripted
-      policy for tests and demos; the model still scores every token, so log-probs stay real).
+    scripted_turns: optional, per row, each assistant turn to force instead of sampling: its text (tokenised with
+      special tokens parsed, so "<|im_end|>" ends it) or its token ids (a scripted policy for tests and demos; the
+      model still scores every token, so log-probs stay real).
     on_turn: called after each finished turn with (row index, turn number, turn, tool record) — live printing.
       The row index is that of the whole rollout, (task index) * group_size + sample index, whatever the chunk.
   """
@@ -186,14 +209,25 @@ def run_rollouts(
       indices = [r for r in runnable if start <= r < stop]
       if indices:
         _rollout_rows(sampler, tokenizer, rows, chunks, indices, **kw)
-  return [_finish(row, config, cfg.image_token_id, cfg.vision.spatial_merge_size) for row in rows]
+  trajectories = [_finish(row, config, cfg.image_token_id, cfg.vision.spatial_merge_size) for row in rows]
+  failed = [row for row in rows if row.stop_reason == "error"]
+  if failed and len(failed) == len(rows):
+    first = failed[0]
+    raise RuntimeError(
+      f"every row of the rollout failed ({len(rows)} rows); the first, task {first.task.task_id!r}: "
+      f"{_message(first.failure)}"
+    ) from first.failure
+  return trajectories
 
 
 def _script(tokenizer, scripted_turns, r: int, turn: int) -> list[int] | None:
   """The forced tokens of row r's turn (1-based), or None to sample."""
   if scripted_turns is None or turn > len(scripted_turns[r]):
     return None
-  return tokenizer(scripted_turns[r][turn - 1], add_special_tokens=False)["input_ids"]
+  script = scripted_turns[r][turn - 1]
+  if not isinstance(script, str):  # token ids
+    return [int(t) for t in script]
+  return tokenizer(script, add_special_tokens=False)["input_ids"]
 
 
 def _rollout_rows(
@@ -288,22 +322,37 @@ def demonstrate(
       else:
         toks, stop = toks[:budget], "length"
       _take_turn(row, turn, toks, [0.0] * len(toks), stop, config, tokenizer, model_config.image_token_id, capacity)
-  return [_finish(row, config, model_config.image_token_id, model_config.vision.spatial_merge_size) for row in rows]
+  out = [_finish(row, config, model_config.image_token_id, model_config.vision.spatial_merge_size) for row in rows]
+  for row in rows:  # a demonstration is built by our own code: an error there is a bug, not a bad sample
+    if row.stop_reason == "error":
+      raise ValueError(f"task {row.task.task_id!r}: demonstration failed: {_message(row.failure)}") from row.failure
+  return out
 
 
-def _prompt_rows(tokenizer, tasks, group_size, config: AgentConfig, cfg) -> tuple[list[_Row], list[Chunk]]:
-  """One row per (task, sample) holding the encoded prompt, and the prompt chunk of each row."""
+def _prompt_rows(tokenizer, tasks, group_size, config: AgentConfig, cfg) -> tuple[list[_Row], list[Chunk | None]]:
+  """One row per (task, sample) holding the encoded prompt, and the prompt chunk of each row.
+
+  A task whose prompt cannot be encoded gives rows that end at once with the stop reason "error" (no tokens, chunk
+  None)."""
   rows: list[_Row] = []
-  chunks: list[Chunk] = []
+  chunks: list[Chunk | None] = []
   for task in tasks:
-    msgs = task.messages()
-    # Encoded once per task (tokenising and preprocessing are the same for all G samples).
-    ch = encode_conversation(
-      tokenizer, msgs, image_token_id=cfg.image_token_id, min_pixels=config.min_pixels, max_pixels=config.max_pixels
-    )
-    if not ch.images:
-      raise ValueError(f"task {task.task_id!r}: the prompt has no image for the zoom tool")
-    prompt_images = [improc.load_image(src) for src in message_images(msgs)]
+    try:
+      msgs = task.messages()
+      # Encoded once per task (tokenising and preprocessing are the same for all G samples).
+      ch = encode_conversation(
+        tokenizer, msgs, image_token_id=cfg.image_token_id, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+      )
+      if not ch.images:
+        raise ValueError(f"task {task.task_id!r}: the prompt has no image for the zoom tool")
+      prompt_images = [improc.load_image(src) for src in message_images(msgs)]
+    except Exception as e:  # this task's rows end with "error"; the other tasks go on
+      for g in range(group_size):
+        row = _Row(task, g, [], [], [], [], [], [], seen_size=(0, 0), prompt_length=0)  # no tokens, no images
+        _fail(row, e, "encoding the prompt")
+        rows.append(row)
+        chunks.append(None)
+      continue
     # The zoom tool crops `task.image`; the frame the model saw is that of the prompt image it corresponds to.
     crop_idx = next((k for k, im in enumerate(prompt_images) if im.size == task.image.size), 0)
     grid = ch.images[crop_idx][1]
@@ -320,6 +369,7 @@ def _prompt_rows(tokenizer, tasks, group_size, config: AgentConfig, cfg) -> tupl
           grids=[np.asarray(gr) for _, gr in ch.images],
           seen_size=(int(grid[2]) * cfg.vision.patch_size, int(grid[1]) * cfg.vision.patch_size),
           prompt_length=len(ch.tokens),
+          prompt_images=len(ch.images),
         )
       )
       chunks.append(ch)
@@ -330,32 +380,42 @@ def _take_turn(row: _Row, turn: int, toks, logprobs, stop: str, config, tokenize
   """Appends one assistant turn to `row`, runs the protocol on it, and appends the observation if any.
 
   Returns (the Turn, its ToolRecord or None, the observation Chunk to feed the model or None).
+
+  An exception while serving the turn ends the row with "error": the turn is recorded with kind "error" (its tool
+  call, if it got that far, with status "error" and the message), and no observation follows.
   """
   row.tokens += toks
   row.mask += [1] * len(toks)
   row.logprobs += [float(x) for x in logprobs]
   text = tokenizer.decode(toks, skip_special_tokens=False)
   record = chunk = None
-  if stop != "stop_token":
-    t = Turn(text=text, num_tokens=len(toks), stop=stop, kind="cut")
-    cut_by_turn = stop == "length" and len(toks) >= config.max_tokens_per_turn
-    row.stop_reason = "turn_length" if cut_by_turn else "max_sequence"
-  else:
-    outcome = protocol.execute_turn(text, row.task.image, frame=config.coordinate_frame, seen_size=row.seen_size)
-    t = Turn(text=text, num_tokens=len(toks), stop=stop, kind=outcome.kind)
-    if outcome.kind == "answer":
-      row.answer, row.stop_reason = outcome.answer, "answer"
-    elif outcome.kind == "end":
-      row.stop_reason = "no_tool_call"
+  t = Turn(text=text, num_tokens=len(toks), stop=stop, kind="error")
+  try:
+    if stop != "stop_token":
+      t.kind = "cut"
+      cut_by_turn = stop == "length" and len(toks) >= config.max_tokens_per_turn
+      row.stop_reason = "turn_length" if cut_by_turn else "max_sequence"
     else:
-      record = _tool_record(turn, outcome.tool_call)
-      row.tool_calls.append(record)
-      chunk, reason = _observation(row, outcome, turn, config, tokenizer, image_token_id, capacity)
-      if reason is not None:
-        record.status, record.error = "not_executed", None
-        row.stop_reason = reason
+      outcome = protocol.execute_turn(text, row.task.image, frame=config.coordinate_frame, seen_size=row.seen_size)
+      if outcome.kind == "answer":
+        row.answer, row.stop_reason = outcome.answer, "answer"
+      elif outcome.kind == "end":
+        row.stop_reason = "no_tool_call"
       else:
-        t.observation = outcome.observation
+        record = _tool_record(turn, outcome.tool_call)
+        row.tool_calls.append(record)
+        chunk, reason = _observation(row, outcome, turn, config, tokenizer, image_token_id, capacity)
+        if reason is not None:
+          record.status, record.error = "not_executed", None
+          row.stop_reason = reason
+        else:
+          t.observation = outcome.observation
+      t.kind = outcome.kind
+  except Exception as e:  # this row ends; the others go on
+    if record is not None:
+      record.status, record.error = "error", _message(e)
+    chunk = None
+    _fail(row, e, f"turn {turn}")
   row.turns.append(t)
   return t, record, chunk
 
@@ -373,7 +433,11 @@ def _tool_record(turn: int, tc: protocol.ToolCall) -> ToolRecord:
 
 
 def _observation(row: _Row, outcome, turn, config, tokenizer, image_token_id, capacity):
-  """Tokens (and crop) to append after a tool call, or the reason the row stops instead."""
+  """Tokens (and crop) to append after a tool call, or the reason the row stops instead.
+
+  Only the observation template's special tokens are special (the crop's image placeholder, the turn markers): an
+  error message echoing the model's text is tokenised as plain text (`TurnOutcome.observation_parts`).
+  """
   if turn >= config.max_turns:
     return None, "max_turns"
   images = []
@@ -382,7 +446,7 @@ def _observation(row: _Row, outcome, turn, config, tokenizer, image_token_id, ca
       return None, "max_images"
     pv, grid = improc.preprocess(outcome.crop, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
     images.append((pv, grid))
-  ids = tokenizer(outcome.observation, add_special_tokens=False)["input_ids"]
+  ids = chat.encode_parts(tokenizer, outcome.observation_parts())
   ids = chat.expand_image_pads(ids, [improc.num_image_tokens(g) for _, g in images], image_token_id)
   if len(row.tokens) + len(ids) + 1 > capacity:  # +1: room for at least one generated token
     return None, "max_sequence"
@@ -397,8 +461,17 @@ def _observation(row: _Row, outcome, turn, config, tokenizer, image_token_id, ca
 
 
 def _finish(row: _Row, config: AgentConfig, image_token_id: int, merge: int) -> Trajectory:
+  try:
+    positions, _ = positions_for_tokens(np.asarray(row.tokens, np.int32), iter(row.grids), image_token_id, merge)
+  except ValueError as e:  # image pads that are no image's (a script forced them): the row keeps its prompt only
+    _fail(row, e, "laying out the trajectory")
+    row.answer, n, k = None, row.prompt_length, row.prompt_images
+    del row.tokens[n:], row.mask[n:], row.logprobs[n:], row.images[k:], row.pixel_values[k:], row.grids[k:]
+    positions, _ = positions_for_tokens(np.asarray(row.tokens, np.int32), iter(row.grids), image_token_id, merge)
   tokens = np.asarray(row.tokens, np.int32)
-  positions, _ = positions_for_tokens(tokens, iter(row.grids), image_token_id, merge)
+  metadata = dict(row.task.metadata)
+  if row.failure is not None:
+    metadata["error"] = _message(row.failure)
   return Trajectory(
     uid=f"{row.task.task_id}/{row.sample_index}",
     task_id=row.task.task_id,
@@ -408,7 +481,7 @@ def _finish(row: _Row, config: AgentConfig, image_token_id: int, merge: int) -> 
     logprobs=np.asarray(row.logprobs, np.float32),
     position_ids=positions.astype(np.int32),
     images=row.images,
-    grids=np.stack(row.grids).astype(np.int64),
+    grids=np.asarray(row.grids, np.int64).reshape(-1, 3),
     prompt_length=row.prompt_length,
     turns=row.turns,
     tool_calls=row.tool_calls,
@@ -416,7 +489,7 @@ def _finish(row: _Row, config: AgentConfig, image_token_id: int, merge: int) -> 
     stop_reason=row.stop_reason or "max_turns",
     image_min_pixels=config.min_pixels,
     image_max_pixels=config.max_pixels,
-    metadata=dict(row.task.metadata),
+    metadata=metadata,
     pixel_values=row.pixel_values,
   )
 

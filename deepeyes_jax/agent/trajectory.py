@@ -24,7 +24,16 @@ from PIL import Image
 from deepeyes_jax.processing import image as improc
 
 # Why a trajectory ended.
-STOP_REASONS = ("answer", "no_tool_call", "max_turns", "turn_length", "max_sequence", "max_images", "prompt_too_long")
+STOP_REASONS = (
+  "answer",
+  "no_tool_call",
+  "max_turns",
+  "turn_length",
+  "max_sequence",
+  "max_images",
+  "prompt_too_long",
+  "error",  # the row could not be served (its prompt, a turn); Trajectory.metadata["error"] says why
+)
 
 
 @dataclasses.dataclass
@@ -36,7 +45,9 @@ class ToolRecord:
   name: str | None
   bbox_given: list | None
   bbox: list[int] | None  # crop box in original-image pixels, when it succeeded
-  status: str  # protocol status ("ok", "json_error", ...) or "not_executed" (turn or image limit reached)
+  # protocol status ("ok", "json_error", ...), "not_executed" (turn or image limit reached) or "error" (serving it
+  # failed, e.g. the crop could not be preprocessed: `error` holds the message)
+  status: str
   error: str | None
 
 
@@ -47,7 +58,7 @@ class Turn:
   text: str
   num_tokens: int
   stop: str  # sampler stop reason: "stop_token" | "length" | "cache_full"
-  kind: str  # "answer" | "tool" | "end" | "cut" (generation did not finish the turn)
+  kind: str  # "answer" | "tool" | "end" | "cut" (generation did not finish the turn) | "error" (serving it failed)
   observation: str | None = None
 
 

@@ -15,12 +15,20 @@ String content is copied verbatim. In particular a literal ``<image>`` placehold
 DeepEyes data pipeline replaces ``<image>`` by an image item (``{"type": "image"}``) before the chat template runs,
 and this module does the same as the real template, i.e. nothing.
 
+Text is data, never markup. ``render_parts`` returns the same text cut into ``(text, is_markup)`` parts: markup is
+what the template writes (role headers, ``<|im_end|>``, the image placeholder of an image item), data is every
+message's text. ``encode_parts`` tokenises them so that special tokens (``<|im_start|>``, ``<|image_pad|>``, ...) are
+recognised in markup only: a question, a system prompt or a model's echoed tool name that spells ``<|image_pad|>`` or
+``<|im_start|>system`` becomes ordinary tokens, and cannot add an image or a turn. For text without such spellings
+the ids are exactly those of tokenising the whole rendered string.
+
 ``render`` is stricter than the template (which renders any role and silently drops unknown content items): unknown
 roles, unknown content types and malformed items raise ``ValueError`` naming the message (and item) index.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,6 +92,9 @@ def _item_kind(item: Any, where: str) -> str:
   return "image"  # "image" (optionally with the HF-style "image" payload) or "image_url"
 
 
+Part = tuple[str, bool]  # (text, is_markup)
+
+
 def render(
   messages: Sequence[Message],
   add_generation_prompt: bool = True,
@@ -102,11 +113,20 @@ def render(
   Returns:
     The same string as ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` with the real template.
   """
+  return "".join(text for text, _ in render_parts(messages, add_generation_prompt, add_vision_id))
+
+
+def render_parts(
+  messages: Sequence[Message],
+  add_generation_prompt: bool = True,
+  add_vision_id: bool = False,
+) -> list[Part]:
+  """``render``'s text as ``(text, is_markup)`` parts: the template's own text is markup, message text is data."""
   if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
     raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
   if not messages:
     raise ValueError("messages is empty: need at least one message")
-  parts: list[str] = []
+  parts: list[Part] = []
   images = videos = 0
   for i, message in enumerate(messages):
     if not isinstance(message, Mapping):
@@ -115,28 +135,63 @@ def render(
     if role not in ROLES:
       raise ValueError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
     if i == 0 and role != "system":
-      parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_MESSAGE}{IM_END}\n")
-    parts.append(f"{IM_START}{role}\n")
+      parts.append((f"{IM_START}system\n{DEFAULT_SYSTEM_MESSAGE}{IM_END}\n", True))
+    parts.append((f"{IM_START}{role}\n", True))
     content = message.get("content")
     if isinstance(content, str):
-      parts.append(content)
+      parts.append((content, False))
     elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
       for j, item in enumerate(content):
         kind = _item_kind(item, f"message {i}, content item {j}")
         if kind == "image":
           images += 1
-          parts.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+          parts.append(((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER, True))
         elif kind == "video":
           videos += 1
-          parts.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+          parts.append(((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER, True))
         else:
-          parts.append(item["text"])
+          parts.append((item["text"], False))
     else:
       raise ValueError(f"message {i}: content must be a str or a list of items, got {type(content).__name__}")
-    parts.append(f"{IM_END}\n")
+    parts.append((f"{IM_END}\n", True))
   if add_generation_prompt:
-    parts.append(GENERATION_PROMPT)
-  return "".join(parts)
+    parts.append((GENERATION_PROMPT, True))
+  return parts
+
+
+def encode_parts(tokenizer, parts: Sequence[Part]) -> list[int]:
+  """Token ids of ``"".join(text for text, _ in parts)`` where special tokens are recognised in markup parts only.
+
+  The tokenizer's special tokens (``added_tokens_decoder`` entries marked special) are cut out of the markup parts;
+  the text between two of them (markup and data joined, so that word pieces merge across part boundaries as they
+  would in the whole string) is tokenised with ``split_special_tokens=True``: a special token spelled in data stays
+  ordinary text. Ordinary added tokens (``<tool_call>``) are matched everywhere, as in the whole string. The
+  tokenizer splits at special tokens before anything else, so for data that spells none the ids equal
+  ``tokenizer(whole_text, add_special_tokens=False)``.
+  """
+  specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+  split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+  ids: list[int] = []
+  run: list[str] = []
+
+  def flush():
+    text = "".join(run)
+    run.clear()
+    if text:
+      ids.extend(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+  for text, markup in parts:
+    if not markup or split is None:
+      run.append(text)
+      continue
+    for k, piece in enumerate(split.split(text)):
+      if k % 2:  # a special token of the template
+        flush()
+        ids.append(int(tokenizer.convert_tokens_to_ids(piece)))
+      else:
+        run.append(piece)
+  flush()
+  return ids
 
 
 def expand_image_pads(

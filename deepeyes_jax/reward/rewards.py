@@ -122,27 +122,37 @@ def response_answer(response: str) -> str | None:
 
 
 _BOXED_RE = re.compile(r"\\boxed\s*\{")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped character (skipped), or a brace
 
 
 def extract_boxed(text: str) -> str | None:
   """The content of the last complete ``\\boxed{...}`` in ``text`` (braces balanced, ``\\{``/``\\}`` skipped), or
-  None. ``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``; an unclosed last ``\\boxed{`` is ignored."""
-  found = None
-  for m in _BOXED_RE.finditer(text):
-    depth, i = 1, m.end()
-    while i < len(text):
-      c = text[i]
-      if c == "\\":
-        i += 2
-        continue
-      if c == "{":
-        depth += 1
-      elif c == "}":
-        depth -= 1
-        if depth == 0:
-          found = text[m.end() : i].strip()
-          break
-      i += 1
+  None. ``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``; an unclosed last ``\\boxed{`` is ignored.
+
+  "Last" is the last ``\\boxed{`` that closes (``\\boxed{\\boxed{1}}`` gives ``1``). One pass over the text with a
+  stack of the open boxes, in linear time: a brace scan from each ``\\boxed{`` to its end would be quadratic on a
+  text of many unclosed ones. A scan from an earlier box always passes through each later box's ``{`` (a ``{``
+  never follows a backslash there), so every box's own scan is a suffix of the one pass.
+  """
+  starts = [m.end() for m in _BOXED_RE.finditer(text)]
+  if not starts:
+    return None
+  found, found_k = None, -1
+  open_boxes: list[tuple[int, int]] = []  # (box index, depth inside it), innermost last
+  depth, k = 0, 0
+  for m in _BRACE_RE.finditer(text, starts[0] - 1):
+    while k < len(starts) and starts[k] <= m.start():
+      open_boxes.append((k, depth))  # the box's "{" was the last brace counted
+      k += 1
+    c = m.group()
+    if c == "{":
+      depth += 1
+    elif c == "}":
+      depth -= 1
+      if open_boxes and depth == open_boxes[-1][1] - 1:
+        j = open_boxes.pop()[0]
+        if j > found_k:
+          found, found_k = text[starts[j] : m.start()].strip(), j
   return found
 
 
@@ -194,13 +204,16 @@ _NUMBER_WORDS.update({"hundred": 100, "thousand": 1000})
 _FLOAT_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?")
 _THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _FRACTION_RE = re.compile(r"([-+]?\d+)\s*/\s*(\d+)")
+MAX_NUMBER_DIGITS = 1000  # an integer of a fraction with more significant digits is not parsed (parse_number: None)
 _TOKEN_RE = re.compile(r"\d+(?:[.,/:]\d+)*|[^\W_]+")
 
 
 def parse_number(text: str) -> float | None:
   """A number written alone: ``3``, ``3.0``, ``-2.5``, ``1e3``, ``1,000``, ``1/2``, ``50%`` (-> 50: a percent sign is
   dropped, so ``50%`` == ``50`` but != ``0.5``), ``$5``, or one number word (``zero`` ... ``twenty``, the tens,
-  ``hundred``, ``thousand``). Anything else (``3 cars``, ``about 3``) gives None."""
+  ``hundred``, ``thousand``). Anything else (``3 cars``, ``about 3``) gives None, and so does a fraction whose
+  value a float cannot hold or whose integers have more than ``MAX_NUMBER_DIGITS`` significant digits (never an
+  exception, whatever the text)."""
   s = unicodedata.normalize("NFKC", text).strip().lower().replace("\u2212", "-")
   s = s.strip("$ ").rstrip(".").strip()
   if s.endswith("%"):
@@ -212,9 +225,16 @@ def parse_number(text: str) -> float | None:
   if _FLOAT_RE.fullmatch(s):
     return float(s)
   m = _FRACTION_RE.fullmatch(s)
-  if m and int(m.group(2)) != 0:
-    return int(m.group(1)) / int(m.group(2))
-  return None
+  if m is None:
+    return None
+  sign = -1 if m.group(1).startswith("-") else 1
+  num, den = (g.lstrip("+-").lstrip("0") or "0" for g in m.groups())  # int() limits digits, leading zeros too
+  if max(len(num), len(den)) > MAX_NUMBER_DIGITS or den == "0":
+    return None
+  try:
+    return sign * int(num) / int(den)
+  except OverflowError:  # e.g. 10**400 / 1
+    return None
 
 
 def normalize_text(text: str) -> str:
@@ -259,7 +279,9 @@ _CHOICE_WITH_TEXT_RE = re.compile(r"(?:\(([A-J])\)|([A-J])[.:)])\s*(\S.*)", re.D
 _CHOICE_PHRASE_RE = re.compile(
   r"(?i:\b(?:answer|option|choice)\b(?:\s+is|\s*[:=])?\s*(?:option\s+)?)\(?([A-J])\)?(?!\w)"
 )
-_OPTION_LINE_RE = re.compile(r"^[ \t]*(?:\(([A-J])\)|([A-J])[.:)])[ \t]*(\S.*?)[ \t]*$", re.MULTILINE)
+# The option text runs to the end of the line and is right-stripped of spaces and tabs in Python: a lazy "(\S.*?)"
+# followed by "[ \t]*$" is quadratic on a line with long runs of spaces.
+_OPTION_LINE_RE = re.compile(r"^[ \t]*(?:\(([A-J])\)|([A-J])[.:)])[ \t]*(\S.*)$", re.MULTILINE)
 _WRAPPED_RE = re.compile(r"\\(?:boxed|text|textbf|mathrm)\{(.*)\}", re.DOTALL)
 
 
@@ -294,7 +316,7 @@ def parse_options(question: str | None) -> dict[str, str]:
     return {}
   found: dict[str, str] = {}
   for m in _OPTION_LINE_RE.finditer(question):
-    found.setdefault(m.group(1) or m.group(2), m.group(3))
+    found.setdefault(m.group(1) or m.group(2), m.group(3).rstrip(" \t"))
   letters = sorted(found)
   if len(letters) < 2 or "".join(letters) != _OPTION_LETTERS[: len(letters)]:
     return {}
@@ -521,14 +543,36 @@ def compute_reward(
   """Score one response with the reward function registered for ``data_source`` (see :func:`get_reward_fn` for
   ``default``). ``num_successful_tool_calls``: crops that succeeded in this trajectory (drives the tool bonus);
   ``judge``: an object with ``judge(question, answer, ground_truth) -> bool | None`` (e.g. ``LLMJudge``), asked only
-  when the rule cannot decide; ``question``: the question text (for the judge, and options for choice matching)."""
+  when the rule cannot decide; ``question``: the question text (for the judge, and options for choice matching).
+
+  An exception raised inside the reward function (a plugin's bug, math-verify on an odd answer) is contained: the
+  item scores 0 in every component, with ``details["error"] = "ExceptionType: message"`` (logged once per distinct
+  message). An unknown ``data_source`` still raises :class:`UnknownDataSourceError` (a configuration error)."""
   if num_successful_tool_calls < 0:
     raise ValueError(f"num_successful_tool_calls must be >= 0, got {num_successful_tool_calls}")
   fn = get_reward_fn(data_source, default=default)
   gt = ground_truth if isinstance(ground_truth, str) else str(ground_truth)
-  result = fn(response, gt, num_successful_tool_calls=int(num_successful_tool_calls), judge=judge, question=question)
+  try:
+    result = fn(response, gt, num_successful_tool_calls=int(num_successful_tool_calls), judge=judge, question=question)
+  except Exception as e:  # one item's failure is that item's zero reward, not the batch's end
+    error = f"{type(e).__name__}: {e}"
+    _log_once(error, data_source)
+    result = RewardResult(total=0.0, acc=0.0, fmt=0.0, tool=0.0, answer=None, details={"error": error})
   result.details.setdefault("data_source", data_source)
   return result
+
+
+_LOGGED_ERRORS: set[str] = set()
+_MAX_LOGGED_ERRORS = 1024  # distinct messages remembered (then forgotten all at once: memory stays bounded)
+
+
+def _log_once(error: str, data_source: str) -> None:
+  if error in _LOGGED_ERRORS:
+    return
+  if len(_LOGGED_ERRORS) >= _MAX_LOGGED_ERRORS:
+    _LOGGED_ERRORS.clear()
+  _LOGGED_ERRORS.add(error)
+  logger.warning("scoring failed (data source %r), the item scores 0: %s", data_source, error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,7 +629,11 @@ def score_batch(
   The rules (and math-verify) run in the calling thread; the judge questions of all items are collected first and
   sent together, concurrently: through ``judge.judge_many(requests, max_workers=...)`` when the judge has it
   (``LLMJudge`` does; ``max_workers`` None means its configured default), else a thread pool of ``max_workers``
-  (default 16) over ``judge.judge``. Identical questions are asked once."""
+  (default 16) over ``judge.judge``. Identical questions are asked once.
+
+  An item whose reward function raises scores 0 with ``details["error"]`` (:func:`compute_reward`) and the others
+  go on; when every item of a non-empty batch fails, that is no bad item but a broken set-up, and RuntimeError is
+  raised with the first error."""
   batch = [_as_item(x) for x in items]
 
   def score(item: RewardItem, j: Judge | None) -> RewardResult:
@@ -600,7 +648,7 @@ def score_batch(
     )
 
   if judge is None:
-    return [score(item, None) for item in batch]
+    return _raise_if_all_failed([score(item, None) for item in batch])
   recorder = _RecordingJudge()
   results, pending = [], []
   for i, item in enumerate(batch):
@@ -609,7 +657,7 @@ def score_batch(
     if len(recorder.asked) > before:
       pending.append(i)
   if not pending:
-    return results
+    return _raise_if_all_failed(results)
   requests = list(dict.fromkeys(recorder.asked))
   judge_many = getattr(judge, "judge_many", None)
   if callable(judge_many):
@@ -620,12 +668,20 @@ def score_batch(
   replay = _ReplayJudge(dict(zip(requests, verdicts)))
   for i in pending:
     results[i] = score(batch[i], replay)
+  return _raise_if_all_failed(results)
+
+
+def _raise_if_all_failed(results: list[RewardResult]) -> list[RewardResult]:
+  errors = [r.details["error"] for r in results if "error" in r.details]
+  if results and len(errors) == len(results):
+    raise RuntimeError(f"scoring failed for every item of the batch ({len(results)}); the first: {errors[0]}")
   return results
 
 
 def reward_metrics(results: Sequence[RewardResult]) -> dict[str, float]:
   """Batch means for logging: ``reward``, ``acc``, ``fmt``, ``tool``, ``judged`` (fraction decided by the judge),
-  ``judge_unavailable`` (fraction that fell back to the rule because the judge was down) and ``format_error``."""
+  ``judge_unavailable`` (fraction that fell back to the rule because the judge was down), ``format_error`` and
+  ``error`` (fraction whose scoring failed: zero reward, ``details["error"]``)."""
   n = len(results)
   if n == 0:
     return {}
@@ -637,6 +693,7 @@ def reward_metrics(results: Sequence[RewardResult]) -> dict[str, float]:
     "judged": sum(r.judged for r in results) / n,
     "judge_unavailable": sum(r.details.get("judge") == "unavailable" for r in results) / n,
     "format_error": sum(r.fmt < 0 for r in results) / n,
+    "error": sum("error" in r.details for r in results) / n,
   }
 
 

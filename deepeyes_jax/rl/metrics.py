@@ -178,7 +178,7 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
   rm = rewards_lib.reward_metrics(rewards)  # reward, its components, judged / judge-unavailable / format-error rates
   m["reward/mean"] = rm.get("reward", 0.0)
   m["reward/std"] = float(np.std([r.total for r in rewards])) if rewards else 0.0
-  for key in ("acc", "fmt", "tool", "judged", "judge_unavailable", "format_error"):
+  for key in ("acc", "fmt", "tool", "judged", "judge_unavailable", "format_error", "error"):
     m[f"reward/{key}"] = rm.get(key, 0.0)
   m["accuracy"] = m["reward/acc"]
   calls = [t.num_tool_calls for t in trajectories]

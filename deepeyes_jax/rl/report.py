@@ -115,7 +115,7 @@ def write_report(
     _table(final_eval),
     "<h2>Trajectories (final checkpoint, held-out, with the tool)</h2>",
   ]
-  for k, t in enumerate(trajectories):
+  for k, t in enumerate([t for t in trajectories if t.images]):  # a row whose prompt failed has no image to draw
     box = t.metadata.get("target_box")
     box = json.loads(box) if isinstance(box, str) else box
     fig = render.zoom_figure(t, height=360, target_box=box)

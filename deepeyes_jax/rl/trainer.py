@@ -11,7 +11,6 @@ run killed at any point and restarted from its workdir produces the same metrics
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import time
 import zlib
@@ -31,7 +30,7 @@ from deepeyes_jax.eval import held_out
 from deepeyes_jax.eval import tasks as tasks_lib
 from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.reward import rewards as rewards_lib
-from deepeyes_jax.rl import grpo, packing, warmstart
+from deepeyes_jax.rl import grpo, packing, train_config, warmstart
 from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, Checkpointer
 from deepeyes_jax.rl.metrics import Progress, device_peak_flops, make_writer, rollout_metrics
 from deepeyes_jax.rl.report import write_report
@@ -99,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   With `config.eval.num_questions > 0`, the held-out evaluation runs on the warm-start checkpoint and on the final
   one (`final_eval.json`); with `config.log.report`, `report.html` / `report.png` are written at the end.
   """
-  run_setup.model_options(config)  # a bad dtype / remat policy fails here, before anything loads or compiles
+  train_config.validate(config)  # every field's domain, registry names, plugins: before anything loads or compiles
   run_setup.maybe_init_distributed()
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # workdir paths go through epath: local or gs://
   if jax.process_index() == 0:  # what `python -m deepeyes_jax.export` needs to turn a checkpoint into an HF model
@@ -115,12 +114,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   sampler.release()  # its copy of the weights is made before each rollout phase (sampler.state = learner.state)
   agent_cfg = run_setup.agent_config(config)
   judge = run_setup.make_judge(config, workdir)
-  for module in filter(None, config.reward.plugins.split(",")):
-    importlib.import_module(module)  # registers extra reward functions by name (@register_reward)
-  ws = config.get("warmstart")
+  ws = config.get("warmstart")  # validate() imported the reward plugins and checked warmstart.steps < total_steps
   warm_steps = ws.steps if ws else 0
-  if warm_steps >= config.total_steps:
-    raise ValueError(f"warmstart.steps ({warm_steps}) must be < total_steps ({config.total_steps})")
 
   # Every process reads the same global batch and runs the same host loop (parsing, cropping, rewards), so all
   # host-side inputs of the jitted functions are identical across processes; device work is sharded over the
@@ -136,6 +131,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       num_epochs=config.data.num_epochs,
       process_index=0,
       process_count=1,
+      known_sources=run_setup.known_data_source,  # a row whose data_source has no reward is skipped and counted
     )
 
   data_iter, data_stats = iterator(config.data.batch_size, config.seed)
@@ -212,15 +208,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     t_rollout = time.time() - t0
     rewards = score(trajs, tokenizer, judge)
     adv_fn = grpo.get_advantage_fn(config.rl.advantage)
-    adv, keep = adv_fn(
-      [r.total for r in rewards],
-      [t.task_id for t in trajs],
-      eps=config.rl.adv_eps,
-      drop_zero_variance=config.rl.drop_zero_variance,
-    )
+    # A row the engine ended with an error (its message in metadata["error"], counted in errors/rows) is left out of
+    # its group's statistics and of the update: its reward says nothing about the policy.
+    ok = np.asarray([t.stop_reason != "error" for t in trajs], bool)
+    adv, keep = np.zeros(len(trajs), np.float32), np.zeros(len(trajs), bool)
+    if ok.any():
+      adv_ok, keep_ok = adv_fn(
+        [r.total for r, o in zip(rewards, ok) if o],
+        [t.task_id for t, o in zip(trajs, ok) if o],
+        eps=config.rl.adv_eps,
+        drop_zero_variance=config.rl.drop_zero_variance,
+      )
+      adv[ok], keep[ok] = adv_ok, keep_ok
     # A row without generated tokens (a prompt longer than max_total_tokens) has nothing to learn from, and its
     # prompt may not fit a packing row.
-    keep = np.asarray(keep, bool) & np.asarray([bool(t.action_mask.any()) for t in trajs])
+    keep &= np.asarray([bool(t.action_mask.any()) for t in trajs])
     kept = [t for t, k in zip(trajs, keep) if k]
     t1 = time.time()
     update_metrics: dict[str, float] = {}
@@ -245,7 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     metrics["throughput/generated_tokens_per_s"] = gen_tokens / max(t_rollout, 1e-9)
     flops = 2 * n_params * all_tokens + 6 * n_params * train_tokens
     metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
-    metrics["data/skipped_records"] = float(getattr(data_stats, "skipped", 0))
+    metrics.update(data_stats.metrics())  # data/skipped_records and data/skipped_<reason>
     if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
       metrics.update({f"judge/{k}": float(v) for k, v in judge.metrics().items()})
     writer.write_scalars(step + 1, metrics)

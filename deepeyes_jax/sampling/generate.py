@@ -5,8 +5,9 @@
                                                                   {"type": "text", "text": "What is this?"}]}]])
 
 Messages are rendered with the Qwen2.5-VL chat template (`processing.chat.render`, identical to the tokenizer's
-own template), tokenised, and each `<|image_pad|>` is expanded to the image's t*h*w/4 tokens; images go through
-`processing.image.preprocess`. Generation stops at `<|im_end|>` / `<|endoftext|>`.
+own template), tokenised (special tokens recognised in the template's markup only, never in message text), and
+each `<|image_pad|>` is expanded to the image's t*h*w/4 tokens; images go through `processing.image.preprocess`.
+Generation stops at `<|im_end|>` / `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ def message_images(messages: Sequence[dict]) -> list[Any]:
 def encode_conversation(
   tokenizer, messages: Sequence[dict], *, image_token_id: int, min_pixels: int, max_pixels: int
 ) -> Chunk:
-  """Token ids (image pads expanded) and preprocessed images of one conversation + generation prompt."""
-  text = chat.render(messages, add_generation_prompt=True)
-  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  """Token ids (image pads expanded) and preprocessed images of one conversation + generation prompt.
+
+  Message text is data (`chat.encode_parts`): a question that spells `<|image_pad|>` or `<|im_start|>` gets
+  ordinary tokens; only the template's own markup (role headers, each image item's placeholder) is special. A
+  DeepEyes record's `<image>` is an image item by then (`data.deepeyes` turns each into one), so it stays an image.
+  """
+  ids = chat.encode_parts(tokenizer, chat.render_parts(messages, add_generation_prompt=True))
   images = []
   for src in message_images(messages):
     pv, grid = improc.preprocess(improc.load_image(src), min_pixels=min_pixels, max_pixels=max_pixels)
