@@ -16,7 +16,13 @@ Imports nothing from the rest of the package: config files import it before anyt
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
 import ml_collections
+
+T = TypeVar("T")
 
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
@@ -66,3 +72,19 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
     else:
       raise ValueError(f"unknown config argument {key!r} in {arg!r}; known keys: {', '.join(spec) or '(none)'}")
   return ml_collections.ConfigDict(out)
+
+
+def dataclass_from(cls: type[T], *blocks: Mapping[str, Any], **overrides: Any) -> T:
+  """`cls(...)` with each dataclass field taken from `overrides`, else from the first of `blocks` (config blocks,
+  e.g. `config.optim, config.rl`) that has a key of that name, else the field's default (an older config without
+  the field). The one way the runs turn config blocks into typed configs (AgentConfig, LearnerConfig, ...)."""
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name in overrides:
+      kwargs[field.name] = overrides[field.name]
+      continue
+    for block in blocks:
+      if field.name in block:
+        kwargs[field.name] = block[field.name]
+        break
+  return cls(**kwargs)

@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from deepeyes_jax import run_setup
+from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.data.benchmarks import load_benchmark
 from deepeyes_jax.eval import config as eval_config
 from deepeyes_jax.eval.loop import agent_rollouts
@@ -40,19 +41,17 @@ def out_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.join("eval_runs", name)
 
 
+# Rollout fields that change speed and memory, never the trajectories (the engines give the same tokens whatever
+# their slots, pages and segments: tests/test_rollout_engine.py): a resumed evaluation may change them.
+ENGINE_KNOBS = ("engine", "max_concurrent_rows", "page_size", "kv_pages", "segment_steps", "segment_release")
+
+
 def settings(config: ml_collections.ConfigDict) -> EvalSettings:
   if config.num_samples > 1 and config.rollout.temperature == 0.0:
     raise ValueError("num_samples > 1 needs sampling: set --config.rollout.temperature (e.g. 1.0)")
-  return EvalSettings(
-    benchmark=config.benchmark,
-    seed=config.seed,
-    shuffle_options=config.shuffle_options,
-    num_samples=config.num_samples,
-    no_tool=config.no_tool,
-    batch_size=config.batch_size,
-    checkpoint=os.path.abspath(config.checkpoint) if config.checkpoint else "",
-    save_trajectories=config.save_trajectories,
-  )
+  checkpoint = os.path.abspath(config.checkpoint) if config.checkpoint else ""
+  rollout = {k: v for k, v in config.rollout.to_dict().items() if k not in ENGINE_KNOBS}
+  return dataclass_from(EvalSettings, config, checkpoint=checkpoint, rollout=rollout)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -19,6 +19,7 @@ import ml_collections
 from absl import flags
 
 from deepeyes_jax.agent.rollout import AgentConfig, Task
+from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.config_check import Problems
 from deepeyes_jax.data import synthetic
 from deepeyes_jax.data.deepeyes import BadRecord, DeepEyesSource, check_data_source, decode_example
@@ -142,25 +143,10 @@ def data_source(spec: str, config: ml_collections.ConfigDict):
 
 
 def agent_config(config: ml_collections.ConfigDict) -> AgentConfig:
+  """`config.rollout` as an AgentConfig (fields an older config lacks keep AgentConfig's defaults)."""
   r = config.rollout
   params = rules.SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
-  return AgentConfig(
-    max_turns=r.max_turns,
-    max_tokens_per_turn=r.max_tokens_per_turn,
-    max_total_tokens=r.max_total_tokens,
-    max_images=r.max_images,
-    coordinate_frame=r.coordinate_frame,
-    min_pixels=r.min_pixels,
-    max_pixels=r.max_pixels,
-    sampling=params,
-    # Absent from older configs: the defaults (all rows at once, the continuous engine).
-    max_concurrent_rows=r.get("max_concurrent_rows", 0),
-    engine=r.get("engine", AgentConfig.engine),
-    page_size=r.get("page_size", AgentConfig.page_size),
-    kv_pages=r.get("kv_pages", AgentConfig.kv_pages),
-    segment_steps=r.get("segment_steps", AgentConfig.segment_steps),
-    segment_release=r.get("segment_release", AgentConfig.segment_release),
-  )
+  return dataclass_from(AgentConfig, r, sampling=params)
 
 
 def make_judge(config: ml_collections.ConfigDict, workdir: str):

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import ml_collections
 import pytest
 
 from deepeyes_jax.config_args import parse_arg
@@ -87,3 +88,21 @@ def test_config_files_keep_their_variants():
     hrbench.get_config("resolution=8k")
   with pytest.raises(ValueError, match="size must be 'full' or 'tiny'"):
     vstar.get_config("size=7b")
+
+
+def test_dataclass_from_takes_fields_from_the_first_block_that_has_them():
+  import dataclasses
+
+  from deepeyes_jax.config_args import dataclass_from
+
+  @dataclasses.dataclass(frozen=True)
+  class Opt:
+    lr: float = 1.0
+    clip: float | None = 1.0
+    name: str = "adam"
+    steps: int = 7
+
+  optim = ml_collections.ConfigDict({"lr": 0.5, "clip": 2.0, "unrelated": 3})
+  rl = ml_collections.ConfigDict({"clip": 9.0, "name": "sgd"})
+  got = dataclass_from(Opt, optim, rl, clip=None)
+  assert got == Opt(lr=0.5, clip=None, name="sgd", steps=7)  # override > first block > later block > default

@@ -216,3 +216,30 @@ def test_resume_drops_a_torn_line_and_orphan_trajectories(tmp_path):
   assert list(done) == ["a"]
   assert (tmp_path / "results.jsonl").read_text() == good
   assert [json.loads(x)["task_id"] for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()] == ["a"]
+
+
+def test_resume_refuses_changed_rollout_settings_naming_the_field(tmp_path):
+  """A resumed evaluation must use the settings that made its first items: turns, token budgets, dtype, ... A
+  change is refused naming the config field; engine knobs (slots, pages) change no numbers and may change."""
+  import importlib.util
+
+  from deepeyes_jax.evaluate import settings
+
+  spec = importlib.util.spec_from_file_location("eval_vstar", os.path.join(ROOT, "configs", "eval_vstar.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("size=tiny")
+  config.checkpoint = str(tmp_path / "ckpt")
+  first = settings(config)
+  runner._check_settings(tmp_path, first)  # writes run_config.json
+  config.rollout.segment_steps, config.rollout.max_concurrent_rows = 4, 2
+  runner._check_settings(tmp_path, settings(config))  # engine knobs: accepted
+  config.rollout.max_turns = 2
+  with pytest.raises(ValueError, match=r"rollout\.max_turns: 3 -> 2"):
+    runner._check_settings(tmp_path, settings(config))
+  config.rollout.max_turns, config.dtype = 3, "bfloat16"
+  with pytest.raises(ValueError, match=r"dtype: 'float32' -> 'bfloat16'"):
+    runner._check_settings(tmp_path, settings(config))
+  old = {k: v for k, v in first.pinned().items() if k not in ("dtype", "rollout")}  # an older run_config.json
+  (tmp_path / "run_config.json").write_text(json.dumps(old))
+  runner._check_settings(tmp_path, settings(config))  # what it did not record is not compared

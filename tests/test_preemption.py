@@ -56,3 +56,56 @@ def test_sigterm_checkpoints_at_the_sync_point_and_the_rerun_resumes(tmp_path, t
   assert f"resuming from step {saved[0]}" in again.stderr
   steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3, 4]
+
+
+def test_kill_of_a_single_process_run_saves_the_step_in_flight(tmp_path, tiny_vlm, train_data):  # noqa: F811
+  """`kill PID` (SIGTERM) of a plain single-process run: the step in flight finishes, is checkpointed, the run
+  exits 0; re-running the command resumes there, so at most the step in flight is redone."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"))
+  workdir = tmp_path / "run"
+  p = subprocess.Popen(
+    _cmd(workdir, tiny_vlm[0], train_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+  )
+  timer = threading.Timer(600, p.kill)
+  timer.start()
+  lines = []
+  try:
+    for line in p.stdout:
+      lines.append(line)
+      if line.startswith("step 1/4"):
+        p.send_signal(signal.SIGTERM)
+    err = p.stderr.read()
+    p.wait()
+  finally:
+    timer.cancel()
+  out = "".join(lines)
+  assert p.returncode == 0, err[-3000:]
+  assert "SIGTERM: finishing the step in flight" in out
+  saved = [int(x.split("saved step ")[1].split(",")[0]) for x in lines if x.startswith("preempted: saved step")]
+  # The signal comes right after step 1's progress line: during step 1's save or step 2; that step is finished and
+  # saved (every_steps=100: no other checkpoint but the last step would exist).
+  assert len(saved) == 1 and saved[0] in (1, 2), out
+  again = subprocess.run(
+    _cmd(workdir, tiny_vlm[0], train_data), capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from step {saved[0]}" in again.stderr
+  steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_stop_signals_handlers():
+  """First SIGINT: a request (the loop finishes its step); a second one interrupts at once; handlers restored."""
+  from deepeyes_jax.rl.trainer import StopSignals
+
+  before = signal.getsignal(signal.SIGINT)
+  with StopSignals() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested == "SIGINT"
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      raised = False
+    except KeyboardInterrupt:
+      raised = True
+    assert raised
+  assert signal.getsignal(signal.SIGINT) is before

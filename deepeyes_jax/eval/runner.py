@@ -56,10 +56,14 @@ class EvalSettings:
   batch_size: int = 8  # items per rollout batch (rows = batch_size * num_samples)
   checkpoint: str = ""
   save_trajectories: bool = True
+  dtype: str = ""  # the model's compute dtype ("" = not recorded)
+  # The rollout settings that change the numbers (turns, token budgets, pixels, sampling; not the engine's
+  # performance knobs), as evaluate.py records them.
+  rollout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def pinned(self) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues."""
-    keys = ("benchmark", "seed", "shuffle_options", "num_samples", "no_tool", "checkpoint")
+    keys = ("benchmark", "seed", "shuffle_options", "num_samples", "no_tool", "checkpoint", "dtype", "rollout")
     return {k: getattr(self, k) for k in keys}
 
 
@@ -115,13 +119,25 @@ def _check_settings(out_dir: str | os.PathLike, settings: EvalSettings) -> None:
   path = epath.Path(out_dir) / "run_config.json"
   pinned = settings.pinned()
   if path.exists():
-    before = json.loads(path.read_text())
-    diff = {k: (before.get(k), v) for k, v in pinned.items() if before.get(k) != v}
+    before = _flat(json.loads(path.read_text()))
+    # A setting the earlier run did not record (an older run_config.json) is not compared.
+    diff = {k: (before[k], v) for k, v in _flat(pinned).items() if k in before and before[k] != v}
     if diff:
       changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
       raise ValueError(f"{out_dir} holds an evaluation with other settings ({changes}); use another output directory")
   else:
     path.write_text(json.dumps(pinned, indent=2))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{"rollout": {"max_turns": 5}} -> {"rollout.max_turns": 5}: a changed setting is named by its config field."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

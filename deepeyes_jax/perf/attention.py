@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepeyes_jax.kernels import attention as attn
+from deepeyes_jax.perf import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,9 +273,7 @@ def main(argv=None) -> int:
       results=results,
       skipped=skipped,
     )
-    with open(args.out, "w") as f:
-      json.dump(payload, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, payload)
   return 0
 
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -74,6 +73,7 @@ from deepeyes_jax.agent.rollout import AgentConfig, RolloutStats, Task, run_roll
 from deepeyes_jax.models import qwen2_5_vl as qvl
 from deepeyes_jax.models.qwen2_5_vl import presets
 from deepeyes_jax.models.qwen2_5_vl.tiny import build_tiny_checkpoint
+from deepeyes_jax.perf import write_json
 from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.sampling import rules
 from deepeyes_jax.sampling.sampler import Sampler
@@ -428,9 +428,7 @@ def main(argv=None) -> dict:
   if old["recompiled"] or new["recompiled"]:
     print(f"warning: timed runs compiled again (old {old['recompiled']}, new {new['recompiled']})")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2, default=str)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
   return result
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -67,6 +66,7 @@ from flax import nnx
 from deepeyes_jax import sampling as smp
 from deepeyes_jax.models import qwen2_5_vl as qvl
 from deepeyes_jax.models.qwen2_5_vl import presets
+from deepeyes_jax.perf import write_json
 
 CHECK_FIRST = 4  # tokens of ours and HF that must agree at batch 1 (fp32)
 
@@ -484,9 +484,7 @@ def main(argv=None) -> dict:
     ],
   )
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2, default=str)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
   return result
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 import zlib
 from typing import Any
@@ -25,6 +27,7 @@ from flax import nnx
 from deepeyes_jax import run_setup
 from deepeyes_jax.agent.rollout import run_rollouts
 from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
+from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.data.pipeline import make_train_iterator
 from deepeyes_jax.eval import held_out
 from deepeyes_jax.eval import tasks as tasks_lib
@@ -57,24 +60,8 @@ def warmstart_learner_config(config: ml_collections.ConfigDict) -> LearnerConfig
 
 
 def learner_config(config: ml_collections.ConfigDict) -> LearnerConfig:
-  o, rl = config.optim, config.rl
-  return LearnerConfig(
-    learning_rate=o.learning_rate,
-    warmup_steps=o.warmup_steps,
-    weight_decay=o.weight_decay,
-    b1=o.b1,
-    b2=o.b2,
-    grad_clip=o.grad_clip,
-    policy_loss=rl.policy_loss,
-    clip_low=rl.clip_low,
-    clip_high=rl.clip_high,
-    dual_clip=rl.dual_clip if rl.dual_clip else None,
-    aggregation=rl.aggregation,
-    kl_coef=rl.kl_coef,
-    entropy_coef=rl.entropy_coef,
-    train_vision=config.train_vision,
-    logits_chunk=rl.logits_chunk,
-  )
+  """The GRPO learner's config: `optim`, then `rl`, then top-level fields (train_vision); dual_clip 0 = off."""
+  return dataclass_from(LearnerConfig, config.optim, config.rl, config, dual_clip=config.rl.dual_clip or None)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -172,101 +159,101 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   )
   probe = None  # SkillProbe, built at the first warm-start probe
 
-  for step in range(start, config.total_steps):
-    t0 = time.time()
-    if step == warm_steps and warm_steps:
+  with StopSignals() as stop:  # kill PID / Ctrl-C: the step in flight is finished and checkpointed
+    for step in range(start, config.total_steps):
+      t0 = time.time()
+      if step == warm_steps and warm_steps:
+        sampler.state = learner.state
+        evaluator.run("warmstart", step)  # the warm-start checkpoint (skipped if already done)
+        progress.pause_ended()
+        if learner.cfg.policy_loss == "nll":
+          learner = _switch_to_rl(learner, config, mesh)
+      if step < warm_steps:
+        metrics = warmstart.warmstart_step(ws_iter, config, tokenizer, agent_cfg, sampler.config, learner, step)
+        metrics["time/step_s"] = time.time() - t0
+        every = ws.get("probe_every", 0)
+        if every and ((step + 1) % every == 0 or step + 1 == warm_steps):
+          probe = probe or warmstart.SkillProbe(config, tokenizer, agent_cfg, sampler.config, learner)
+          metrics.update({f"skills/{k}": v for k, v in probe(learner).items()})
+        writer.write_scalars(step + 1, metrics)
+        if chief:
+          print(progress.line(step + 1, metrics), flush=True)
+        _save(ckpt, step + 1, learner, ws_iter if step + 1 < warm_steps else data_iter, config, warm_steps, stop)
+        if _stopped(ckpt, step + 1, stop, chief):
+          writer.flush()
+          return metrics
+        continue
+
+      examples = next(data_iter)
+      tasks = [tasks_lib.record_task(e) for e in examples]
       sampler.state = learner.state
-      evaluator.run("warmstart", step)  # the warm-start checkpoint (skipped if already done)
-      progress.pause_ended()
-      if learner.cfg.policy_loss == "nll":
-        learner = _switch_to_rl(learner, config, mesh)
-    if step < warm_steps:
-      metrics = warmstart.warmstart_step(ws_iter, config, tokenizer, agent_cfg, sampler.config, learner, step)
+      trajs = run_rollouts(
+        sampler,
+        tokenizer,
+        tasks,
+        group_size=config.rollout.group_size,
+        config=agent_cfg,
+        seed=step_seed(config.seed, step),
+      )
+      sampler.release()  # the learner step does not hold the sampler's copy of the weights
+      t_rollout = time.time() - t0
+      rewards = score(trajs, tokenizer, judge)
+      adv_fn = grpo.get_advantage_fn(config.rl.advantage)
+      # A row the engine ended with an error (its message in metadata["error"], counted in errors/rows) is left out of
+      # its group's statistics and of the update: its reward says nothing about the policy.
+      ok = np.asarray([t.stop_reason != "error" for t in trajs], bool)
+      adv, keep = np.zeros(len(trajs), np.float32), np.zeros(len(trajs), bool)
+      if ok.any():
+        adv_ok, keep_ok = adv_fn(
+          [r.total for r, o in zip(rewards, ok) if o],
+          [t.task_id for t, o in zip(trajs, ok) if o],
+          eps=config.rl.adv_eps,
+          drop_zero_variance=config.rl.drop_zero_variance,
+        )
+        adv[ok], keep[ok] = adv_ok, keep_ok
+      # A row without generated tokens (a prompt longer than max_total_tokens) has nothing to learn from, and its
+      # prompt may not fit a packing row.
+      keep &= np.asarray([bool(t.action_mask.any()) for t in trajs])
+      kept = [t for t, k in zip(trajs, keep) if k]
+      t1 = time.time()
+      update_metrics: dict[str, float] = {}
+      if kept:
+        batches = packing.minibatches(kept, adv[keep], config.rl, sampler.config.vision, learner)
+        for _ in range(config.rl.ppo_epochs):
+          for micro in batches:
+            update_metrics = learner.update(micro)
+      t_update = time.time() - t1
+
+      metrics = rollout_metrics(trajs, rewards)
+      metrics.update({f"train/{k}": v for k, v in update_metrics.items()})
+      metrics["loss"] = update_metrics.get("loss", 0.0)
+      metrics["kept_fraction"] = float(np.mean(keep)) if len(keep) else 0.0
+      gen_tokens = sum(int(t.action_mask.sum()) for t in trajs)
+      all_tokens = sum(len(t.token_ids) for t in trajs)
+      train_tokens = sum(len(t.token_ids) for t in kept) * config.rl.ppo_epochs
+      metrics["time/rollout_s"] = t_rollout
+      metrics["time/update_s"] = t_update
       metrics["time/step_s"] = time.time() - t0
-      every = ws.get("probe_every", 0)
-      if every and ((step + 1) % every == 0 or step + 1 == warm_steps):
-        probe = probe or warmstart.SkillProbe(config, tokenizer, agent_cfg, sampler.config, learner)
-        metrics.update({f"skills/{k}": v for k, v in probe(learner).items()})
+      metrics["throughput/rollout_tokens_per_s"] = all_tokens / max(t_rollout, 1e-9)
+      metrics["throughput/generated_tokens_per_s"] = gen_tokens / max(t_rollout, 1e-9)
+      flops = 2 * n_params * all_tokens + 6 * n_params * train_tokens
+      metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
+      metrics.update(data_stats.metrics())  # data/skipped_records and data/skipped_<reason>
+      if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
+        metrics.update({f"judge/{k}": float(v) for k, v in judge.metrics().items()})
       writer.write_scalars(step + 1, metrics)
       if chief:
         print(progress.line(step + 1, metrics), flush=True)
-      _save(ckpt, step + 1, learner, ws_iter if step + 1 < warm_steps else data_iter, config, warm_steps)
-      continue
-
-    examples = next(data_iter)
-    tasks = [tasks_lib.record_task(e) for e in examples]
-    sampler.state = learner.state
-    trajs = run_rollouts(
-      sampler,
-      tokenizer,
-      tasks,
-      group_size=config.rollout.group_size,
-      config=agent_cfg,
-      seed=step_seed(config.seed, step),
-    )
-    sampler.release()  # the learner step does not hold the sampler's copy of the weights
-    t_rollout = time.time() - t0
-    rewards = score(trajs, tokenizer, judge)
-    adv_fn = grpo.get_advantage_fn(config.rl.advantage)
-    # A row the engine ended with an error (its message in metadata["error"], counted in errors/rows) is left out of
-    # its group's statistics and of the update: its reward says nothing about the policy.
-    ok = np.asarray([t.stop_reason != "error" for t in trajs], bool)
-    adv, keep = np.zeros(len(trajs), np.float32), np.zeros(len(trajs), bool)
-    if ok.any():
-      adv_ok, keep_ok = adv_fn(
-        [r.total for r, o in zip(rewards, ok) if o],
-        [t.task_id for t, o in zip(trajs, ok) if o],
-        eps=config.rl.adv_eps,
-        drop_zero_variance=config.rl.drop_zero_variance,
-      )
-      adv[ok], keep[ok] = adv_ok, keep_ok
-    # A row without generated tokens (a prompt longer than max_total_tokens) has nothing to learn from, and its
-    # prompt may not fit a packing row.
-    keep &= np.asarray([bool(t.action_mask.any()) for t in trajs])
-    kept = [t for t, k in zip(trajs, keep) if k]
-    t1 = time.time()
-    update_metrics: dict[str, float] = {}
-    if kept:
-      batches = packing.minibatches(kept, adv[keep], config.rl, sampler.config.vision, learner)
-      for _ in range(config.rl.ppo_epochs):
-        for micro in batches:
-          update_metrics = learner.update(micro)
-    t_update = time.time() - t1
-
-    metrics = rollout_metrics(trajs, rewards)
-    metrics.update({f"train/{k}": v for k, v in update_metrics.items()})
-    metrics["loss"] = update_metrics.get("loss", 0.0)
-    metrics["kept_fraction"] = float(np.mean(keep)) if len(keep) else 0.0
-    gen_tokens = sum(int(t.action_mask.sum()) for t in trajs)
-    all_tokens = sum(len(t.token_ids) for t in trajs)
-    train_tokens = sum(len(t.token_ids) for t in kept) * config.rl.ppo_epochs
-    metrics["time/rollout_s"] = t_rollout
-    metrics["time/update_s"] = t_update
-    metrics["time/step_s"] = time.time() - t0
-    metrics["throughput/rollout_tokens_per_s"] = all_tokens / max(t_rollout, 1e-9)
-    metrics["throughput/generated_tokens_per_s"] = gen_tokens / max(t_rollout, 1e-9)
-    flops = 2 * n_params * all_tokens + 6 * n_params * train_tokens
-    metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
-    metrics.update(data_stats.metrics())  # data/skipped_records and data/skipped_<reason>
-    if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
-      metrics.update({f"judge/{k}": float(v) for k, v in judge.metrics().items()})
-    writer.write_scalars(step + 1, metrics)
-    if chief:
-      print(progress.line(step + 1, metrics), flush=True)
-      if config.log.save_trajectories_every and (step + 1) % config.log.save_trajectories_every == 0:
-        save_trajectories(
-          trajs[: config.log.num_saved_trajectories],
-          epath.Path(workdir) / "rollouts",
-          filename=f"step_{step + 1:06d}.jsonl",
-        )
-    _save(ckpt, step + 1, learner, data_iter, config, warm_steps)
-    if ckpt.reached_preemption(step + 1):
-      ckpt.close()
-      log.warning("preemption: checkpoint of step %d written; exiting (re-run the same command to resume)", step + 1)
-      if chief:
-        print(f"preempted: saved step {step + 1}, exiting", flush=True)
-      writer.flush()
-      return metrics
+        if config.log.save_trajectories_every and (step + 1) % config.log.save_trajectories_every == 0:
+          save_trajectories(
+            trajs[: config.log.num_saved_trajectories],
+            epath.Path(workdir) / "rollouts",
+            filename=f"step_{step + 1:06d}.jsonl",
+          )
+      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stop)
+      if _stopped(ckpt, step + 1, stop, chief):
+        writer.flush()
+        return metrics
   ckpt.close()
   sampler.state = learner.state
   final = evaluator.run("final", config.total_steps)
@@ -280,17 +267,61 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return metrics
 
 
-def _save(ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config, warm_steps: int) -> None:
+def _save(ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config, warm_steps: int, stop) -> None:
   """Orbax decides: every `checkpoint.every_steps`, the warm-start and last steps, and a preemption sync point
-  (all processes agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs)."""
+  (all processes agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs); and the
+  step a single-process run got SIGTERM / SIGINT in (`StopSignals`)."""
   ckpt.save(
     step,
     learner.state,
     learner.opt_state,
     learner_step=learner.step,
     data_iterator=data_iterator,
-    force=step in (config.total_steps, warm_steps),
+    force=step in (config.total_steps, warm_steps) or stop.requested,
   )
+
+
+def _stopped(ckpt: Checkpointer, step: int, stop: StopSignals, chief: bool) -> bool:
+  """After step `step` was saved: True (the checkpoint is durable, the run should return) on a preemption sync
+  point or a stop signal."""
+  if not (stop.requested or ckpt.reached_preemption(step)):
+    return False
+  ckpt.close()
+  why = f"{stop.requested} received" if stop.requested else "preemption"
+  log.warning("%s: checkpoint of step %d written; exiting (re-run the same command to resume)", why, step)
+  if chief:
+    print(f"preempted: saved step {step}, exiting ({why}; re-run the same command to resume)", flush=True)
+  return True
+
+
+class StopSignals:
+  """SIGTERM / SIGINT (`kill PID`, Ctrl-C) in a single-process run: finish the step in flight, checkpoint it, exit.
+
+  Multi-process runs leave SIGTERM to orbax's preemption sync point (jax.distributed's own handler, which all
+  processes agree through), so nothing is installed there. A second Ctrl-C interrupts at once. Only the main thread
+  can install handlers; elsewhere (a thread of a notebook) nothing is installed either. A context manager: the
+  previous handlers come back on exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.requested: str | None = None  # the name of the first signal received
+    self._previous: dict = {}
+
+  def __enter__(self) -> StopSignals:
+    if not jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum, frame) -> None:
+    if self.requested is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.requested = signal.Signals(signum).name
+    print(f"{self.requested}: finishing the step in flight, then checkpointing it and exiting", flush=True)
 
 
 def _switch_to_rl(learner: Learner, config, mesh) -> Learner:
