@@ -103,16 +103,25 @@ def restore_params(workdir: str, config: qvl.Qwen25VLConfig, step: int | None = 
   return step, nnx.merge(graphdef, out.state["params"])
 
 
-def check_out_dir(out: str) -> None:
-  """Refuses an `out` that holds anything but an earlier export; removes an earlier export's weight files."""
+def check_out_dir(out: str) -> list[str]:
+  """Refuses an `out` that holds anything but an earlier export; returns the earlier export's weight files."""
   if not os.path.isdir(out) or not os.listdir(out):
-    return
+    return []
   names = os.listdir(out)
   if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
     raise ExportError(f"--out {out} is not empty and holds no earlier export: choose an empty or new directory")
-  for name in names:  # an earlier export: its weights go (a 3-shard export over a 5-shard one left 2 stale shards)
-    if name in _WEIGHT_FILES or name.endswith(_WEIGHT_SUFFIXES):
-      os.remove(os.path.join(out, name))
+  return [n for n in names if n in _WEIGHT_FILES or n.endswith(_WEIGHT_SUFFIXES)]
+
+
+def _replace_weights(new_dir: str, out: str, old: list[str]) -> None:
+  """The weights written to `new_dir` replace the earlier export's in `out` (a 3-shard export over a 5-shard one
+  would otherwise leave 2 stale shards); done only once the new ones are complete."""
+  os.makedirs(out, exist_ok=True)
+  for name in old:
+    os.remove(os.path.join(out, name))
+  for name in os.listdir(new_dir):
+    os.replace(os.path.join(new_dir, name), os.path.join(out, name))
+  os.rmdir(new_dir)
 
 
 def copy_tokenizer_files(base: str, out: str) -> list[str]:
@@ -139,14 +148,20 @@ def export(
 ) -> int:
   """Writes step `step` (default latest) of the run in `workdir` to `out` as an HF checkpoint. Returns the step.
 
-  `out` must be empty or absent, or hold an earlier export (then its weight files are replaced: no stale shard of
-  the earlier export survives next to the new ones); anything else is refused before any work."""
-  check_out_dir(out)
+  `out` must be empty or absent, or hold an earlier export (then its weight files are replaced once the new ones are
+  written: no stale shard of the earlier export survives, and a failed export leaves it intact); anything else is
+  refused before any work."""
+  old = check_out_dir(out)
   base = base or base_checkpoint(workdir)
   config = qvl.Qwen25VLConfig.from_json_file(base)
   step, model = restore_params(workdir, config, step=step, dtype=dtype, mesh=mesh)
-  qvl.save_pretrained(model, out, max_shard_bytes=max_shard_bytes)
+  # Written next to `out` first: a failure leaves an earlier export in `out` as it was.
+  staging = f"{os.path.abspath(out).rstrip(os.sep)}.export-tmp"
+  if jax.process_index() == 0 and os.path.exists(staging):
+    shutil.rmtree(staging)  # a previous export that failed half-way
+  qvl.save_pretrained(model, staging, max_shard_bytes=max_shard_bytes)
   if jax.process_index() == 0:
+    _replace_weights(staging, out, old)
     copied = copy_tokenizer_files(base, out)
     log.info("step %d of %s -> %s (+ %s from %s)", step, workdir, out, ", ".join(copied) or "no other files", base)
   return step

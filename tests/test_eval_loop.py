@@ -92,3 +92,29 @@ def test_training_metrics_count_contained_failures():
   m = rollout_metrics(trajs, [ok, down, failed, ok])
   assert (m["errors/rows"], m["errors/prompt_too_long"], m["errors/scoring"]) == (1.0, 1.0, 1.0)
   assert m["stop/error"] == 0.25 and m["reward/judged"] == 0.5 and m["reward/judge_unavailable"] == 0.25
+
+
+def test_duplicate_ids_keep_their_own_records_and_a_lone_failing_item_is_contained():
+  def failing_fn(tasks, k, seed):
+    if any(t.task_id == "broken" for t in tasks):
+      raise RuntimeError("every row of the rollout failed")
+    return rollout_fn(tasks, k, seed)
+
+  def two_answers(tasks, k, seed):  # the two items named "a" answer differently
+    return [_traj(t, 0, "right" if n == 0 else "wrong") for n, t in enumerate(tasks)]
+
+  records = loop.run(["a", "a"], build, two_answers, scorer, item_id=str, batch_size=2, log_fn=None)
+  assert [r["greedy_correct"] for r in records] == [True, False]  # positional, not keyed by id
+  records = loop.run(["a", "broken", "b"], build, failing_fn, scorer, item_id=str, batch_size=1, log_fn=None)
+  assert [r["error"] for r in records] == [None, "RuntimeError: every row of the rollout failed", None]
+  assert loop.summarize(records)["skipped"] == 1
+  with pytest.raises(RuntimeError, match="every row"):  # a batch of several tasks failing together: systematic
+    loop.run(["a", "broken"], build, failing_fn, scorer, item_id=str, batch_size=2, log_fn=None)
+
+
+def test_summarize_reads_records_of_older_runs():
+  """results.jsonl lines written before samples carried reward / zoom_ious / error (a resumed evaluation)."""
+  old = {"sample": 0, "answer": "A", "correct": True, "how": "rule", "tool_calls": 1, "successful_tool_calls": 1,
+         "turns": 2, "stop_reason": "answer", "response_tokens": 9}  # fmt: skip
+  s = loop.summarize([loop.item_record("x", [old])])
+  assert s["accuracy"] == 1.0 and s["reward"] == 0.0 and s["mean_iou"] == 0.0 and s["error_fraction"] == 0.0

@@ -116,6 +116,10 @@ def test_export_cli_relative_workdir_and_out_checks(run, tmp_path):
   got = _flat(nnx.state(qvl.from_pretrained(tmp_path / "hf", dtype=jnp.float32)))
   for k, v in saved[2].items():
     np.testing.assert_array_equal(got[k], v, err_msg=str(k))
+  before = sorted(os.listdir(tmp_path / "hf"))
+  with pytest.raises(export.ExportError, match="no checkpoint of step 3"):
+    export.export(str(workdir), str(tmp_path / "hf"), step=3)  # a failed export leaves the earlier one intact
+  assert sorted(os.listdir(tmp_path / "hf")) == before and not (tmp_path / "hf.export-tmp").exists()
   (tmp_path / "notes").mkdir()
   (tmp_path / "notes" / "todo.txt").write_text("mine")
   with pytest.raises(export.ExportError, match="is not empty and holds no earlier export"):

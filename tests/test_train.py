@@ -158,7 +158,8 @@ DAMAGE = ["state/_METADATA", "meta/metadata", "data/process_0-of-1.json", "state
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_resume_skips_a_checkpoint_that_does_not_restore(tmp_path, caplog, damage):
   """An emptied file in the newest checkpoint (a full disk, a copy cut short): resume falls back to the one before,
-  says which it skipped and why, and leaves the bad one on disk; when none restores, the error lists each one."""
+  says which it skipped and why, and moves the bad one aside (kept), so that the run can save that step again; when
+  none restores, the error lists each one."""
   import grain
   import jax.numpy as jnp
 
@@ -178,10 +179,14 @@ def test_resume_skips_a_checkpoint_that_does_not_restore(tmp_path, caplog, damag
     step, params, opt_state, meta = ckpt.restore_latest(*like, lambda s: fresh)
   assert (step, meta["learner_step"]) == (1, 1) and float(params["w"][0]) == 1.0
   assert next(fresh) == 1  # the data iterator continues after step 1's element
-  assert f"{tmp_path / 'ckpt' / '2'}" in caplog.text and "cannot restore the checkpoint of step 2" in caplog.text
-  assert (tmp_path / "ckpt" / "2" / damage).exists()  # kept for inspection
-  (tmp_path / "ckpt" / "1" / damage).write_text("")
+  assert "cannot restore the checkpoint of step 2" in caplog.text and "2.unrestorable" in caplog.text
+  assert (tmp_path / "ckpt" / "2.unrestorable" / damage).exists()  # kept for inspection
+  # The run goes on from step 1: step 2 is saved again (forced, as a last step is), and restores.
+  assert ckpt.save(2, {"w": jnp.full((4,), 5.0)}, {"m": jnp.zeros(4)}, learner_step=2, data_iterator=fresh, force=True)
+  assert ckpt.restore_latest(*like, lambda s: fresh)[0] == 2
+  for step in (1, 2):
+    (tmp_path / "ckpt" / str(step) / damage).write_text("")
   with pytest.raises(RuntimeError, match="no checkpoint restores") as err:
     ckpt.restore_latest(*like, lambda s: fresh)
-  assert str(tmp_path / "ckpt" / "1") in str(err.value) and str(tmp_path / "ckpt" / "2") in str(err.value)
+  assert "2.unrestorable.1" in str(err.value) and "1.unrestorable" in str(err.value)
   assert Checkpointer(str(tmp_path / "empty")).restore_latest(*like, lambda s: fresh) is None

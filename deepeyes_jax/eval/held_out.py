@@ -39,6 +39,13 @@ def evaluate_tasks(
   """Greedy rollouts of ``tasks`` (in batches of ``batch_size``) and their summary (``loop.SUMMARY_KEYS``)."""
   cfg = dataclasses.replace(agent_config, sampling=rules.GREEDY)
   trajs: list[Trajectory] = []
+
+  def on_batch(items, tasks, batch_trajs, records):
+    rolled = [r for r in records if r["samples"]]  # one sample each, in task order (skipped items have none)
+    for t, rec in zip(batch_trajs, rolled, strict=True):
+      t.metadata["correct"] = bool(rec["samples"][0]["correct"])
+    trajs.extend(batch_trajs)
+
   records = loop.run(
     tasks,
     (lambda t: t) if tool else tasks_lib.tags_no_tool_task,
@@ -48,10 +55,8 @@ def evaluate_tasks(
     batch_size=batch_size,
     label=f"  eval ({'tool' if tool else 'no tool'})",
     log_fn=log,
-    on_batch=lambda items, tasks, batch_trajs, records: trajs.extend(batch_trajs),
+    on_batch=on_batch,
   )
-  for t, rec in zip(trajs, records):
-    t.metadata["correct"] = bool(rec["samples"][0]["correct"])
   return loop.summarize(records), trajs
 
 

@@ -149,15 +149,15 @@ def summarize(records: Sequence[dict]) -> dict[str, float]:
   scored = [r for r in records if r["error"] is None]
   n, samples = len(scored), [s for r in scored for s in r["samples"]]
   m, calls = max(1, len(samples)), sum(s["tool_calls"] for s in samples)
-  ious = [x for s in samples for x in s["zoom_ious"]]
-  first = [s["zoom_ious"][0] for s in samples if s["zoom_ious"]]
+  ious = [x for s in samples for x in s.get("zoom_ious") or []]
+  first = [s["zoom_ious"][0] for s in samples if s.get("zoom_ious")]
   return {
     "items": n,
     "skipped": len(records) - n,
     "accuracy": sum(r["acc"] for r in scored) / max(1, n),
     "greedy": sum(r["greedy_correct"] for r in scored) / max(1, n),
     "pass_at_k": sum(r["pass"] for r in scored) / max(1, n),
-    "reward": sum(s["reward"] or 0.0 for s in samples) / m,
+    "reward": sum(s.get("reward") or 0.0 for s in samples) / m,  # .get: results.jsonl of older runs
     "answered": sum(s["answer"] is not None for s in samples) / m,
     "tool_calls_per_traj": calls / m,
     "successful_crops_per_traj": sum(s["successful_tool_calls"] for s in samples) / m,
@@ -202,29 +202,47 @@ def run(
   t0, total = time.time(), len(items) + done_before
   for start in range(0, len(items), batch_size):
     batch = list(items[start : start + batch_size])
-    tasks, built, batch_records = [], [], {}
-    for item in batch:
+    out: list[dict | None] = [None] * len(batch)  # by position: two items may share an id
+    tasks, built = [], []
+    for pos, item in enumerate(batch):
       try:
         tasks.append(build_task(item))
-        built.append(item)
+        built.append(pos)
       except (ImageError, OSError, ValueError) as e:  # reported and skipped, never fatal
         log.warning("%s: skipping %s: %s", label, item_id(item), e)
-        batch_records[item_id(item)] = item_record(item_id(item), [], error=str(e))
-    trajs = rollout_fn(tasks, group_size, seed) if tasks else []
+        out[pos] = item_record(item_id(item), [], error=str(e))
+    trajs, failed = _rollouts(rollout_fn, tasks, group_size, seed, label)
+    if failed is not None:  # the one task of this batch failed in every row: that item's error, not the run's
+      out[built[0]] = item_record(item_id(batch[built[0]]), [], error=failed)
+      tasks, built = [], []
     if len(trajs) != len(tasks) * group_size:
       raise ValueError(f"rollout_fn returned {len(trajs)} trajectories for {len(tasks)} tasks x {group_size}")
     k = group_size
     verdicts = _score(scorer, tasks, trajs, k, label) if tasks else []
-    for i, (item, task) in enumerate(zip(built, tasks)):
+    for i, (pos, task) in enumerate(zip(built, tasks)):
       samples = [sample_record(t, v) for t, v in zip(trajs[i * k : (i + 1) * k], verdicts[i * k : (i + 1) * k])]
-      batch_records[item_id(item)] = item_record(task.task_id, samples)
-    out = [batch_records[item_id(item)] for item in batch]
+      out[pos] = item_record(task.task_id, samples)
     if on_batch is not None:
       on_batch(batch, tasks, trajs, out)
     records += out
     if log_fn is not None:
       log_fn(_progress(label, records, done_before, total, time.time() - t0))
   return records
+
+
+def _rollouts(rollout_fn: RolloutFn, tasks: list[Task], k: int, seed: int, label: str):
+  """``(rollout_fn(tasks, k, seed), None)``, or ``([], message)`` when a batch of ONE task failed in every row.
+
+  The engine raises when all its rows fail: for several tasks that is a systematic failure and stops the run; for
+  one task it is that item's failure, recorded as its error."""
+  if len(tasks) != 1:
+    return (rollout_fn(tasks, k, seed) if tasks else []), None
+  try:
+    return rollout_fn(tasks, k, seed), None
+  except Exception as e:  # noqa: BLE001 -- one item; the caller records it
+    message = f"{type(e).__name__}: {e}"
+    log.warning("%s: every rollout of %s failed: %s", label, tasks[0].task_id, message)
+    return [], message
 
 
 def _score(scorer, tasks: list[Task], trajs: list[Trajectory], k: int, label: str) -> list:

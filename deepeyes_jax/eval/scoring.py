@@ -15,7 +15,7 @@ model writes one, else its whole reply (``<think>`` blocks removed).
 
 Scoring: rule first (``rewards.rule_verdict`` with the shown options, so ``"B"``, ``"(B)"``, ``"B. red car"`` and
 ``"red car"`` all match option B; POPE: a leading yes / no), then the judge (any object with
-``judge(question, answer, ground_truth) -> bool | None``, i.e. ``rl.judge.Judge``) only when the rule cannot
+``judge(question, answer, ground_truth) -> bool | None``, i.e. ``reward.judge.Judge``) only when the rule cannot
 decide. A DeepEyes-format item is scored by its data source's reward function (``rewards.compute_reward``'s acc).
 """
 

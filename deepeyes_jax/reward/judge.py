@@ -11,9 +11,10 @@ is consistent with the ground truth, with a few-shot prompt whose examples end i
   anything else is retried and finally gives None;
 * HTTP uses the standard library only (``urllib.request`` + ``json``), with retries with exponential backoff on
   connection errors, timeouts, HTTP 5xx, 408 and 429 (``Retry-After`` is honoured). Time is bounded by the wall
-  clock, not only per socket read: an attempt that has not received its whole reply after ``timeout_s`` is
-  abandoned (a server dripping one byte a second cannot hold it), a call gives up once ``deadline_s`` has passed
-  with its retries, and a reply over ``max_reply_bytes`` is refused;
+  clock, not only per socket read: an attempt whose reply body is not complete ``timeout_s`` after it started is
+  abandoned (a server dripping its body one byte a second cannot hold it; the status line and headers are bounded
+  per socket read only), a call makes no new attempt once ``deadline_s`` has passed, and a reply over
+  ``max_reply_bytes`` is refused;
 * verdicts are cached in memory, keyed by ``(model, question, answer, ground_truth)``, and optionally in a JSON-lines
   file (``cache_path``) that a new :class:`LLMJudge` reloads, so a restarted run does not pay for them again;
 * when the endpoint is down, :meth:`LLMJudge.judge` returns None: the caller (``rewards.compute_reward``) falls back
@@ -376,9 +377,10 @@ class LLMJudge:
     if self.config.api_key:
       headers["Authorization"] = f"Bearer {self.config.api_key}"
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    deadline = time.monotonic() + self.config.timeout_s  # from before connecting
     try:
       with self._opener.open(request, timeout=self.config.timeout_s) as response:
-        return self._read_bounded(response, url)
+        return self._read_bounded(response, url, deadline)
     except urllib.error.HTTPError as e:
       retry_after = _parse_retry_after(e.headers.get("Retry-After") if e.headers else None)
       retriable = e.code in _RETRIABLE_STATUS
@@ -390,10 +392,10 @@ class LLMJudge:
       reason = getattr(e, "reason", e)
       raise _AttemptError(f"cannot reach {url}: {reason!r}", retriable=True, transport=True)
 
-  def _read_bounded(self, response, url: str) -> str:
-    """The body, read in chunks against the attempt's wall-clock budget (``timeout_s``; the socket timeout alone
-    bounds each read, so a slow drip would pass it) and the size cap."""
-    deadline = time.monotonic() + self.config.timeout_s
+  def _read_bounded(self, response, url: str, deadline: float) -> str:
+    """The body, read in chunks against the attempt's wall-clock `deadline` (``timeout_s`` from before connecting;
+    the socket timeout alone bounds each read, so a slow drip would pass it) and the size cap. The status line and
+    headers are read by http.client, bounded per read only."""
     chunks, size = [], 0
     while chunk := response.read1(1 << 16):
       size += len(chunk)

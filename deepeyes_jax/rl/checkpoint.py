@@ -2,8 +2,8 @@
 
 All randomness is derived from (config seed, step, row), so these four pieces are everything a killed run needs
 to continue with the same numbers. Saves are asynchronous (training continues while the previous step is being
-written); a checkpoint that was not finalised (a kill mid-write) is ignored by `latest_step`, and one that is
-finalised but does not restore (a file emptied or cut short) is skipped by `restore_latest`, which says so. The
+written); a checkpoint that was not finalised (a kill mid-write) is ignored by orbax, and one that is finalised but
+does not restore (a file emptied or cut short) is moved aside by `restore_latest`, which says so. The
 grain iterator is saved with grain's own orbax handler, one file per process (each process reads its own data shard).
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,6 @@ class Checkpointer:
       create=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
 
   def save(
     self,
@@ -99,26 +98,44 @@ class Checkpointer:
   ) -> tuple[int, Any, Any, dict] | None:
     """Restores the newest checkpoint that restores (see `restore`); None when there is none.
 
-    A checkpoint that fails to restore (a truncated or emptied file: a disk filled up, a copy cut short) is skipped
-    with a warning naming its directory and the error, and left on disk; the one before is tried. When checkpoints
-    exist but none restores, raises RuntimeError listing each one's error (a run never restarts from scratch over
-    them silently). `data_iterator_for(step)`: the iterator that step's data state restores into (the warm start
-    and GRPO read different ones)."""
+    A checkpoint that fails to restore twice (a truncated or emptied file: a disk filled up, a copy cut short; the
+    retry lets a transient read error pass) is moved aside to `STEP.unrestorable` (kept for inspection, out of
+    orbax's sight, so that later saves of that step and the steps before it work) with a warning naming it and the
+    error, and the one before is tried. When checkpoints exist but none restores, raises RuntimeError listing each
+    one's error (a run never restarts from scratch over them silently). `data_iterator_for(step)`: the iterator
+    that step's data state restores into (the warm start and GRPO read different ones)."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     if max_step is not None:
       steps = [s for s in steps if s <= max_step]
     errors = []
     for step in steps:
-      try:
-        return (step, *self.restore(step, params, opt_state, data_iterator_for(step)))
-      except Exception as e:  # any failure of one checkpoint: try the one before, keep this one for inspection
-        where = os.path.join(self.directory, str(step))
-        errors.append(f"{where}: {type(e).__name__}: {e}")
-        log.warning("cannot restore the checkpoint of step %d (%s): %s: %s; trying the one before it (it stays on "
-                    "disk)", step, where, type(e).__name__, e)  # fmt: skip
+      error = None
+      for _ in range(2):
+        try:
+          return (step, *self.restore(step, params, opt_state, data_iterator_for(step)))
+        except Exception as e:  # any failure of this checkpoint: once more, then the one before
+          error = e
+      where = self._quarantine(step)
+      errors.append(f"{where}: {type(error).__name__}: {error}")
+      log.warning("cannot restore the checkpoint of step %d: %s: %s; moved it to %s (kept for inspection) and trying "
+                  "the one before it", step, type(error).__name__, error, where)  # fmt: skip
     if errors:
       raise RuntimeError("no checkpoint restores:\n  " + "\n  ".join(errors))
     return None
+
+  def _quarantine(self, step: int) -> str:
+    """Moves the directory of `step` to `STEP.unrestorable[.N]` (process 0; the others wait) and reloads."""
+    src = epath.Path(self.directory) / str(step)
+    dst = epath.Path(self.directory) / f"{step}.unrestorable"
+    n = 1
+    while dst.exists():
+      dst, n = epath.Path(self.directory) / f"{step}.unrestorable.{n}", n + 1
+    if jax.process_index() == 0 and src.exists():
+      src.rename(dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self.manager.reload()
+    return str(dst)
 
   def reached_preemption(self, step: int) -> bool:
     """True at the step all processes agreed to checkpoint at after a preemption notice (SIGTERM)."""

@@ -58,6 +58,10 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
   each naming the field, its value and the allowed range. Returns the warnings (also logged), e.g. a GRPO group of
   one. Imports the reward plugins (``reward.plugins``)."""
   p = Problems()
+  # Plugins first: a plugin module may register reward functions, advantages, losses or demonstrators that the
+  # checks below look up by name.
+  for module in filter(None, config.reward.plugins.split(",")):
+    p.run("reward.plugins", module, lambda m=module: importlib.import_module(m))
   p.number("seed", config.seed, ge=0, lt=2**32, integer=True)
   steps_ok = p.number("total_steps", config.total_steps, ge=1, integer=True)
 
@@ -101,10 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
     p.number("warmstart.probe_questions", ws.get("probe_questions", 32), ge=1, integer=True)
     check_learner(p, _values(config, WARMSTART_LEARNER_KEYS), WARMSTART_LEARNER_KEYS)
 
-  # rewards: every plugin module imports (and registers its reward functions)
   eval_config.check_judge(p, config.reward)
-  for module in filter(None, config.reward.plugins.split(",")):
-    p.run("reward.plugins", module, lambda m=module: importlib.import_module(m))
 
   # held-out evaluation
   if "eval" in config:

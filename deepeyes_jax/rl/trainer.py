@@ -130,9 +130,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     async_save=config.checkpoint.async_save,
     save_interval_steps=config.checkpoint.every_steps,
   )
-  # The optimiser state has the same structure in both phases (AdamW), so any checkpoint restores into this learner;
-  # its config (loss, schedule) is set once the restored step is known.
-  learner = Learner(model, warmstart_learner_config(config) if warm_steps else learner_config(config), mesh=mesh)
+  # Built for the phase of the newest checkpoint. The optimiser state has the same structure in both phases (AdamW),
+  # so any checkpoint restores into it; a fall-back past an unrestorable one into the other phase rebuilds it.
+  newest = ckpt.manager.latest_step() or 0
+  phase_cfg = warmstart_learner_config(config) if newest < warm_steps else learner_config(config)
+  learner = Learner(model, phase_cfg, mesh=mesh)
   del model  # the learner owns the parameters from here on
   restored = ckpt.restore_latest(
     learner.state, learner.opt_state, lambda s: ws_iter if s < warm_steps else data_iter, config.total_steps
