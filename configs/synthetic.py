@@ -18,7 +18,7 @@ Phases (one step counter, one checkpoint directory):
    1.2 tool, the conditional tool bonus), std-normalised group advantages, PPO clip with dual clip, no KL.
    Outcome reward alone teaches the model that looking closer pays.
 Then a held-out evaluation (greedy, with and without the tool) of the warm-start and final checkpoints ->
-WORKDIR/final_eval.json, and WORKDIR/report.html + report.png. Measured (seed 0, 2-core CPU, 13 min): 22% -> 100%
+WORKDIR/final_eval.json, and WORKDIR/report.html + report.png. Measured (seed 0, 2-core CPU, 13-17 min): 22% -> 100%
 with the tool, 14.5% without (chance 16.7%); docs/synthetic.md.
 """
 

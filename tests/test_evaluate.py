@@ -1,6 +1,7 @@
 """Evaluation: prompts and option shuffling, rule-then-judge scoring, and the resumable end-to-end run of a tiny model
 on a generated V*-layout benchmark (in-process with a scripted policy, and as a CLI killed midway then resumed)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -243,3 +244,92 @@ def test_resume_refuses_changed_rollout_settings_naming_the_field(tmp_path):
   old = {k: v for k, v in first.pinned().items() if k not in ("dtype", "rollout")}  # an older run_config.json
   (tmp_path / "run_config.json").write_text(json.dumps(old))
   runner._check_settings(tmp_path, settings(config))  # what it did not record is not compared
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# POPE: precision / recall / F1 / yes-ratio, items skipped at load, no options in the header
+
+
+def test_pope_summary_yes_no_metrics_and_load_skips(tmp_path, tiny_vlm):
+  """A scripted policy on a hand-made POPE set; every number below is counted by hand ("yes" positive).
+
+  adversarial (write_pope: labels yes, no, yes, no): answers "Yes, there is." (TP), "yes" (FP), "No." (FN), "no"
+  (TN) -> precision 1/2, recall 1/2, F1 1/2, yes-ratio 2/4. popular (labels yes, no, yes): "Yes" (TP), no answer
+  (a "no" prediction: TN), "I think so" (neither: a "no" prediction, FN) -> precision 1/1, recall 1/2, F1 2/3,
+  yes-ratio 1/3, 2 not yes/no. Overall TP 2, FP 1, TN 2, FN 2 -> precision 2/3, recall 1/2, F1 4/7, yes-ratio 3/7.
+  Two more popular lines are skipped at load (a bad label, a missing image)."""
+  from benchmark_fixtures import write_pope
+
+  root = tmp_path / "pope"
+  _, img_dir = write_pope(str(root), n=4)
+  with open(root / "coco_pope_popular.json", "w") as f:
+    for qid, label in ((1, "yes"), (2, "no"), (3, "yes")):
+      rec = {"question_id": qid, "image": f"COCO_val2014_{qid:012d}.jpg", "text": f"Is there a cat{qid}?"}
+      f.write(json.dumps({**rec, "label": label}) + "\n")
+    f.write(json.dumps({"question_id": 4, "image": "COCO_val2014_000000000001.jpg", "text": "?", "label": "maybe"}))
+    f.write("\n" + json.dumps({"question_id": 5, "image": "absent.jpg", "text": "Is there a cup?", "label": "no"}))
+  items, report = bm.load_pope(str(root), img_dir)
+  assert len(items) == 7 and report.skipped == 2
+  said = {
+    "adversarial/1": "Yes, there is.", "adversarial/2": "yes", "adversarial/3": "No.", "adversarial/4": "no",
+    "popular/1": "Yes", "popular/2": None, "popular/3": "I think so",
+  }  # fmt: skip
+  sampler = Sampler(qvl.from_pretrained(tiny_vlm[0], dtype=jnp.float32))
+  tok = load_tokenizer(str(tiny_vlm[0]))
+  agent = AgentConfig(max_total_tokens=1536, min_pixels=4 * 28 * 28, max_pixels=48 * 28 * 28, sampling=rules.GREEDY)
+
+  def turn(task):
+    answer = said[task.task_id]
+    return ["<think>hmm</think><|im_end|>" if answer is None else f"<answer>{answer}</answer><|im_end|>"]
+
+  def rollout_fn(tasks, k, seed):
+    return run_rollouts(
+      sampler, tok, tasks, group_size=k, config=agent, seed=seed, scripted_turns=[turn(t) for t in tasks]
+    )
+
+  out = tmp_path / "run"
+  settings = runner.EvalSettings(benchmark="pope", seed=0, batch_size=4, checkpoint="tiny")
+  summary = runner.evaluate_benchmark(items, rollout_fn, str(out), settings, tokenizer=tok, load_report=report)
+  recs = {r["item_id"]: r for r in map(json.loads, open(out / "results.jsonl"))}
+  assert {i: r["samples"][0]["answer"] for i, r in recs.items()} == said
+  assert summary["overall"]["items"] == 7 and summary["overall"]["skipped"] == 2  # the load report's skips
+  assert summary["overall"]["accuracy"] == pytest.approx(3 / 7)  # adversarial/1, adversarial/4, popular/1
+  assert summary["has_options"] is False
+  yn = summary["yes_no"]
+  expect = {
+    "adversarial": dict(samples=4, tp=1, fp=1, tn=1, fn=1, not_yes_no=0, precision=1 / 2, recall=1 / 2, f1=1 / 2,
+                        yes_ratio=2 / 4),
+    "popular": dict(samples=3, tp=1, fp=0, tn=1, fn=1, not_yes_no=2, precision=1.0, recall=1 / 2, f1=2 / 3,
+                    yes_ratio=1 / 3),
+    "overall": dict(samples=7, tp=2, fp=1, tn=2, fn=2, not_yes_no=2, precision=2 / 3, recall=1 / 2, f1=4 / 7,
+                    yes_ratio=3 / 7),
+  }  # fmt: skip
+  got = {**yn["by_category"], "overall": yn["overall"]}
+  assert set(got) == set(expect)
+  for cat, want in expect.items():
+    assert got[cat] == pytest.approx(want), cat
+  md = (out / "summary.md").read_text()
+  assert "seed 0, greedy, zoom tool" in md and "option" not in md.split("\n\n")[1]  # POPE shows no options
+  assert "| category | samples | precision % | recall % | F1 % | yes-ratio % | not yes/no |" in md
+  assert "| adversarial | 4 | 50.0 | 50.0 | 50.0 | 50.0 | 0 |" in md
+  assert "| popular | 3 | 100.0 | 50.0 | 66.7 | 33.3 | 2 |" in md
+  assert "| **overall** | 7 | 66.7 | 50.0 | 57.1 | 42.9 | 2 |" in md
+  assert 'counts as a "no" prediction' in md
+  overall_row = next(x for x in md.splitlines() if x.startswith("| **overall** | 7 | 42.9"))
+  assert overall_row.endswith("| 2 |")  # the skipped column: the two items skipped at load
+  assert "2 items skipped when loading (bad_field 1, missing_file 1)" in md
+  assert "| this run | 42.9 |" in md
+
+
+def test_summary_header_names_option_order_only_when_options_are_shown():
+  rec = {"item_id": "c/x", "category": "c", "options_shown": ["red", "blue"], "ground_truth": "A", "error": None}
+  sample = dict.fromkeys(loop.SAMPLE_KEYS, 0) | {"answer": "A", "correct": True, "how": "rule", "zoom_ious": []}
+  rec |= loop.item_record("c/x", [sample | {"error": None}])
+  unshuffled = runner.EvalSettings(benchmark="hrbench_4k", shuffle_options=False, checkpoint="x")
+  md = runner.summary_markdown(runner.summarize([rec], unshuffled))
+  assert "options in release order" in md and "| this run (options unshuffled) | 100.0 |" in md
+  shuffled = dataclasses.replace(unshuffled, shuffle_options=True)
+  assert "options shuffled" in runner.summary_markdown(runner.summarize([rec], shuffled))
+  open_rec = {**rec, "options_shown": []}
+  md = runner.summary_markdown(runner.summarize([open_rec], unshuffled))
+  assert "option" not in md and "yes_no" not in runner.summarize([open_rec], unshuffled)

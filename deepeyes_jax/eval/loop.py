@@ -52,7 +52,7 @@ SAMPLE_KEYS = (
 )
 SUMMARY_KEYS = (
   "items",  # items scored
-  "skipped",  # items whose task could not be built (see each record's "error")
+  "skipped",  # items whose task could not be built or whose rollouts all failed (see each record's "error")
   "accuracy",  # mean over items of the fraction of correct samples (avg@k; with one sample: accuracy)
   "greedy",  # sample 0 correct
   "pass_at_k",  # any sample correct

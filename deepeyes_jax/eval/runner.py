@@ -9,9 +9,10 @@ already there, so a killed evaluation re-run with the same command continues whe
 and trajectories of unfinished items are dropped first. ``run_config.json`` pins the settings that change the
 numbers (benchmark, seed, shuffle, samples, no-tool, checkpoint): resuming with different ones is refused.
 
-At the end: ``summary.json`` and ``summary.md`` (accuracy by category: greedy / avg@k / pass@k, tool use, turns;
-then a comparison against the published numbers of docs/reference.md, "Published results"). Accuracies are
-fractions in summary.json (``eval.loop.SUMMARY_KEYS``) and percent in summary.md.
+At the end: ``summary.json`` and ``summary.md`` (accuracy by category: greedy / avg@k / pass@k, tool use, turns,
+items skipped (at load and at task building); for POPE, precision / recall / F1 / yes-ratio; then a comparison
+against the published numbers of docs/reference.md, "Published results"). Accuracies are fractions in summary.json
+(``eval.loop.SUMMARY_KEYS``) and percent in summary.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from deepeyes_jax.data.benchmarks import BenchmarkItem, LoadReport
 from deepeyes_jax.eval import loop, scoring
 from deepeyes_jax.eval import tasks as tasks_lib
 from deepeyes_jax.eval.loop import RolloutFn
+from deepeyes_jax.reward import rewards
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +244,18 @@ def _write_batch(out_dir, settings: EvalSettings, trajs: list[Trajectory], recor
 
 
 def summarize(records: list[dict], settings: EvalSettings, load_report: LoadReport | None = None) -> dict[str, Any]:
-  """Accuracy (%) by category and overall (micro average over items), plus the comparison rows."""
+  """Accuracy (%) by category and overall (micro average over items), plus the comparison rows.
+
+  ``overall["skipped"]`` counts the items skipped when loading (``load_report``, not per category: the report has
+  no categories) and those whose task could not be built; POPE adds ``yes_no``: precision, recall, F1 and
+  yes-ratio by category and overall (``yes_no_metrics``). ``has_options``: whether any item showed options (POPE
+  and open questions show none, and the tables then say nothing about option order)."""
   cats = sorted({r["category"] for r in records})
   by_cat = {c: loop.summarize([r for r in records if r["category"] == c]) for c in cats}
   overall = loop.summarize(records)
+  if load_report is not None:
+    overall["skipped"] += load_report.skipped
+  has_options = any(r.get("options_shown") for r in records)
   ours = 100.0 * overall["accuracy"]
   comparison = [
     {"model": name, "accuracy": nums[settings.benchmark], "source": "published (docs/reference.md)"}
@@ -255,16 +265,22 @@ def summarize(records: list[dict], settings: EvalSettings, load_report: LoadRepo
   label = (
     "this run"
     + (" (no tool)" if settings.no_tool else "")
-    + ("" if settings.shuffle_options else " (options unshuffled)")
+    + ("" if settings.shuffle_options or not has_options else " (options unshuffled)")
   )
   comparison.append({"model": label, "accuracy": ours, "source": settings.checkpoint or "?"})
   out = {
     "benchmark": settings.benchmark,
     "settings": dataclasses.asdict(settings),
+    "has_options": has_options,
     "overall": overall,
     "by_category": by_cat,
     "comparison": comparison,
   }
+  if settings.benchmark == "pope":
+    out["yes_no"] = {
+      "overall": yes_no_metrics(records),
+      "by_category": {c: yes_no_metrics([r for r in records if r["category"] == c]) for c in cats},
+    }
   if load_report is not None:
     out["load_report"] = {
       "items": load_report.items,
@@ -275,14 +291,59 @@ def summarize(records: list[dict], settings: EvalSettings, load_report: LoadRepo
   return out
 
 
+def yes_no_prediction(answer: str | None) -> str | None:
+  """``"yes"`` / ``"no"``: what an answer's leading word says, as the rule that scores POPE reads it
+  (``scoring._yes_no``; an answer of ``MAX_ANSWER_CHARS`` or more is scored wrong there, so it says nothing here);
+  None: no answer, or one that does not start with yes or no."""
+  if answer is None or len(answer) >= rewards.MAX_ANSWER_CHARS:
+    return None
+  return scoring._yes_no(answer)
+
+
+def yes_no_metrics(records: Sequence[dict]) -> dict[str, float | int]:
+  """POPE's metrics over every sample of the scored ``records`` ("yes" is the positive class): ``precision`` =
+  TP / (TP + FP), ``recall`` = TP / (TP + FN), ``f1``, ``yes_ratio`` = "yes" predictions / samples (fractions;
+  0.0 when a denominator is 0), the counts, and ``not_yes_no``: samples with no answer or one that does not start
+  with yes / no (``yes_no_prediction``), which count as "no" predictions."""
+  tp = fp = tn = fn = other = 0
+  for r in records:
+    if r["error"] is not None:
+      continue
+    positive = str(r.get("ground_truth", "")).strip().lower() == "yes"
+    for s in r["samples"]:
+      said = yes_no_prediction(s["answer"])
+      other += said is None
+      if said == "yes":
+        tp, fp = tp + positive, fp + (not positive)
+      else:
+        fn, tn = fn + positive, tn + (not positive)
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = tp / (tp + fn) if tp + fn else 0.0
+  n = tp + fp + tn + fn
+  return {
+    "samples": n,
+    "precision": precision,
+    "recall": recall,
+    "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    "yes_ratio": (tp + fp) / n if n else 0.0,
+    "tp": tp,
+    "fp": fp,
+    "tn": tn,
+    "fn": fn,
+    "not_yes_no": other,
+  }
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-  """The two tables of ``summary.json`` as markdown."""
+  """The tables of ``summary.json`` as markdown: by category, POPE's yes/no metrics, the published numbers."""
   s = summary["settings"]
   k = s["num_samples"]
+  options = summary.get("has_options", True)  # a summary.json written before the field: as it was then
   head = (
     f"# {summary['benchmark']}: {s['checkpoint'] or '?'}\n\n"
-    f"seed {s['seed']}, options {'shuffled' if s['shuffle_options'] else 'in release order'}, "
-    f"{'greedy' if k == 1 else f'{k} samples'}, {'no tool (one turn)' if s['no_tool'] else 'zoom tool'}\n\n"
+    f"seed {s['seed']}, "
+    + (f"options {'shuffled' if s['shuffle_options'] else 'in release order'}, " if options else "")
+    + f"{'greedy' if k == 1 else f'{k} samples'}, {'no tool (one turn)' if s['no_tool'] else 'zoom tool'}\n\n"
   )
   percent = ("greedy", "accuracy", "pass_at_k")  # fractions in summary.json, percent in the table
   cols = ["items", *percent, "tool_calls_per_traj", "successful_crops_per_traj"]
@@ -294,6 +355,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
   for name, row in rows:
     cells = [f"{100 * row[c]:.1f}" if c in percent else _fmt(row[c]) for c in cols]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  load = summary.get("load_report") or {}
+  if load.get("skipped"):
+    n, reasons = load["skipped"], ", ".join(f"{r} {c}" for r, c in sorted(load["by_reason"].items()))
+    note = f"{n} item{'s' * (n != 1)} skipped when loading ({reasons}), counted in the overall `skipped`; "
+    lines += ["", note + "summary.json's `load_report` lists them."]
+  if "yes_no" in summary:
+    lines += _yes_no_table(summary["yes_no"])
   comp = ["", "## Against the published numbers (accuracy %)", "", "| model | accuracy | source |", "|---|---|---|"]
   for r in summary["comparison"]:
     comp.append(f"| {r['model']} | {r['accuracy']:.1f} | {r['source']} |")
@@ -307,6 +375,30 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     comp.append("")
     comp.append("docs/reference.md lists no published numbers for this benchmark.")
   return head + "\n".join(lines + comp) + "\n"
+
+
+def _yes_no_table(yes_no: dict[str, Any]) -> list[str]:
+  """POPE's precision / recall / F1 / yes-ratio table (percent), with a "not yes/no" column when any answer was
+  neither."""
+  rows = list(yes_no["by_category"].items()) + [("**overall**", yes_no["overall"])]
+  other = any(row["not_yes_no"] for _, row in rows)
+  out = [
+    "",
+    '## Yes/no metrics ("yes" is the positive class; over all samples)',
+    "",
+    "| category | samples | precision % | recall % | F1 % | yes-ratio % |" + (" not yes/no |" if other else ""),
+    "|---" * (6 + other) + "|",
+  ]
+  for name, row in rows:
+    cells = [str(row["samples"])] + [f"{100 * row[c]:.1f}" for c in ("precision", "recall", "f1", "yes_ratio")]
+    cells += [str(row["not_yes_no"])] if other else []
+    out.append(f"| {name} | " + " | ".join(cells) + " |")
+  out += [
+    "",
+    "An answer's prediction is its leading yes or no (the rule that scores it); an unanswered sample or an answer "
+    'that starts with neither counts as a "no" prediction' + (" (the not yes/no column)." if other else "."),
+  ]
+  return out
 
 
 def _fmt(x) -> str:
