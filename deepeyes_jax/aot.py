@@ -42,6 +42,11 @@ auto, run per shard of the mesh), not this host's. `mosaic_kernels` counts the P
 
 from __future__ import annotations
 
+from deepeyes_jax import cli_env
+
+if __name__ == "__main__":  # before TensorFlow, jax and libtpu load: they read it when they start
+  cli_env.quiet_environment()
+
 import dataclasses
 import inspect
 import json
@@ -1234,7 +1239,10 @@ def command_line(args: Sequence[str]) -> str:
 
 
 def main(argv) -> None:
+  from deepeyes_jax.run_setup import quiet_frameworks
+
   del argv
+  quiet_frameworks()
   f = _FLAGS
   try:
     slice_ = parse_slice(f.topology)
@@ -1272,5 +1280,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from absl import app
 
+  from deepeyes_jax.run_setup import parse_flags
+
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

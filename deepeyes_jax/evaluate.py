@@ -10,6 +10,11 @@ See docs/evaluation.md.
 
 from __future__ import annotations
 
+from deepeyes_jax import cli_env
+
+if __name__ == "__main__":  # before TensorFlow, jax and libtpu load: they read it when they start
+  cli_env.quiet_environment()
+
 import logging
 import os
 import time
@@ -96,11 +101,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 def main(argv):
   del argv
+  run_setup.quiet_frameworks()
   logging.getLogger("absl").setLevel(logging.INFO)
-  run(_CONFIG.value)
+  with run_setup.config_errors_reported("evaluate"):
+    run(_CONFIG.value)
 
 
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=run_setup.parse_flags)

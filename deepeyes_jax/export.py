@@ -15,6 +15,11 @@ are restored to one device.
 
 from __future__ import annotations
 
+from deepeyes_jax import cli_env
+
+if __name__ == "__main__":  # before TensorFlow, jax and libtpu load: they read it when they start
+  cli_env.quiet_environment()
+
 import json
 import logging
 import os
@@ -182,6 +187,7 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
+  run_setup.quiet_frameworks()
   mesh = run_setup.parse_mesh(_MESH.value)
   try:
     step = export(

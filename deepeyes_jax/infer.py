@@ -10,6 +10,11 @@ The checkpoint directory must hold the HF model files and the tokenizer (as Qwen
 
 from __future__ import annotations
 
+from deepeyes_jax import cli_env
+
+if __name__ == "__main__":  # before TensorFlow, jax and libtpu load: they read it when they start
+  cli_env.quiet_environment()
+
 import os
 import time
 
@@ -40,10 +45,13 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
+  run_setup.quiet_frameworks()
   t0 = time.perf_counter()
   mesh = run_setup.parse_mesh(_MESH.value)
-  model, tokenizer, sampler = run_setup.load_for_inference(_CKPT.value, dtype=_ROLLOUT.dtype.value, mesh=mesh)
-  print(f"loaded {_CKPT.value} ({qvl.param_count(model) / 1e6:.1f}M params) in {time.perf_counter() - t0:.1f} s")
+  dtype = run_setup.resolve_dtype(_ROLLOUT.dtype.value, mesh)  # auto: float32 on CPU, bfloat16 on GPU / TPU
+  model, tokenizer, sampler = run_setup.load_for_inference(_CKPT.value, dtype=dtype, mesh=mesh)
+  size = f"{qvl.param_count(model) / 1e6:.1f}M params, {dtype} on {run_setup.device_platform(mesh)}"
+  print(f"loaded {_CKPT.value} ({size}) in {time.perf_counter() - t0:.1f} s")
   image = improc.load_image(_IMAGE.value)
   if _OPTIONS.value:
     user_text = prompts.eval_user_text(_QUESTION.value, _OPTIONS.value)

@@ -10,17 +10,24 @@ data-source check the data pipeline applies (the reward registry is a later laye
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
+import re
+import sys
+from dataclasses import is_dataclass
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import flags
+from ml_collections.config_flags import config_flags as _config_flags
 
+from deepeyes_jax import cli_env
 from deepeyes_jax.agent.rollout import AgentConfig, Task
 from deepeyes_jax.config_args import dataclass_from
-from deepeyes_jax.config_check import Problems
+from deepeyes_jax.config_check import ConfigError, Problems
 from deepeyes_jax.data import synthetic
 from deepeyes_jax.data.deepeyes import BadRecord, DeepEyesSource, check_data_source, decode_example
 from deepeyes_jax.eval import config as eval_config
@@ -206,6 +213,22 @@ def parse_mesh(spec: str | None) -> jax.sharding.Mesh | None:
   return shd.make_mesh(data, fsdp, tensor)
 
 
+def device_platform(mesh=None) -> str:
+  """The platform ("cpu", "gpu", "tpu") of the devices a model will run on: ``mesh``'s, else ``jax.devices()``'s
+  (inference runs on this host's devices; never `jax.default_backend()`, which a compile for another target
+  does not change)."""
+  return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+
+
+def resolve_dtype(dtype: str, mesh=None) -> str:
+  """``"auto"``: ``"float32"`` when the devices the model will run on (`device_platform`) are CPUs (bfloat16 is
+  emulated there: slower, and less exact for nothing), ``"bfloat16"`` on GPU / TPU. Other names are returned as
+  they are."""
+  if dtype != "auto":
+    return dtype
+  return "float32" if device_platform(mesh) == "cpu" else "bfloat16"
+
+
 def load_for_inference(
   checkpoint: str,
   *,
@@ -214,9 +237,10 @@ def load_for_inference(
   attention_impl: str = "auto",
   tokenizer: str | None = None,
 ) -> tuple[qvl.Qwen25VL, object, Sampler]:
-  """(model, tokenizer, sampler) of an HF checkpoint directory (tokenizer files there unless ``tokenizer``)."""
+  """(model, tokenizer, sampler) of an HF checkpoint directory (tokenizer files there unless ``tokenizer``).
+  ``dtype`` may be ``"auto"`` (`resolve_dtype`)."""
   try:
-    jdtype = jnp.dtype(dtype)
+    jdtype = jnp.dtype(resolve_dtype(dtype, mesh))
   except TypeError as e:
     raise ValueError(f"dtype {dtype!r}: {e}") from None
   model = qvl.from_pretrained(checkpoint, dtype=jdtype, mesh=mesh, attention_impl=attention_impl)
@@ -240,7 +264,8 @@ class RolloutFlags:
     self.greedy = flags.DEFINE_bool("greedy", False, "greedy decoding (default: sample at --temperature)")
     self.temperature = flags.DEFINE_float("temperature", temperature, "sampling temperature")
     self.top_p = flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-    self.dtype = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameter and compute dtype")
+    dtypes, doc = ["auto", "bfloat16", "float32"], "parameter and compute dtype (auto: float32 on CPU, else bfloat16)"
+    self.dtype = flags.DEFINE_enum("dtype", "auto", dtypes, doc)
 
   def agent_config(self) -> AgentConfig:
     params = rules.GREEDY if self.greedy.value else rules.SamplingParams(self.temperature.value, top_p=self.top_p.value)
@@ -252,3 +277,187 @@ class RolloutFlags:
       coordinate_frame=self.coordinate_frame.value,
       sampling=params,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command-line programs' start-up: quiet frameworks, config overrides checked, config problems without a traceback
+
+
+class _FrameworkNoise(logging.Filter):
+  """Drops the start-up and bookkeeping chatter of the frameworks; every warning and error of ours, and of theirs
+  but for the few named here, still shows:
+  - orbax's INFO lines (a dozen per checkpoint saved or restored: handlers, metadata stores, throughputs), and its
+    warnings about read-only managers and missing metadata files, which a read-only restore (``export``) causes;
+  - jax's INFO "Unable to initialize backend 'tpu'" (a backend that fails quietly by design: libtpu on a host
+    without a TPU chip)."""
+
+  _ORBAX_EXPECTED = ("read_only=True, setting", "Given directory is read only", "Metadata file does not exist")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    path = record.pathname.replace("\\", "/")
+    if "/orbax/" in path:
+      return record.levelno >= logging.WARNING and not any(s in str(record.msg) for s in self._ORBAX_EXPECTED)
+    if record.levelno < logging.WARNING and record.name.startswith("jax"):
+      return not str(record.msg).startswith("Unable to initialize backend")
+    return True
+
+
+def quiet_frameworks() -> None:
+  """Called first in every CLI's ``main`` (after absl set its logging up): the environment defaults of
+  `cli_env.quiet_environment` (the CLI modules set them again before their imports: TensorFlow reads them when it is
+  imported) and `_FrameworkNoise` on the root logger's handlers (absl's), where every library's records end up."""
+  cli_env.quiet_environment()
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _FrameworkNoise) for f in handler.filters):
+      handler.addFilter(_FrameworkNoise())
+
+
+def _field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every field of ``config``, blocks and leaves, as dotted paths."""
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      names += _field_names(value, f"{prefix}{key}.")
+  return names
+
+
+def nearest_fields(path: str, names: list[str], n: int = 2) -> list[str]:
+  """The fields of ``names`` nearest to the unknown ``path`` (difflib ratios of the whole path and of its last
+  part, so that ``rl.grup_size`` finds ``rollout.group_size``): the best, and up to ``n - 1`` others about as near."""
+  leaf = path.rsplit(".", 1)[-1]
+
+  def score(name: str) -> float:
+    whole = difflib.SequenceMatcher(None, path, name).ratio()
+    last = difflib.SequenceMatcher(None, leaf, name.rsplit(".", 1)[-1]).ratio()
+    return max(whole, 0.95 * last)
+
+  scored = sorted(((score(name), name) for name in names), key=lambda t: (-t[0], t[1]))
+  if not scored or scored[0][0] < 0.6:
+    return []
+  best = scored[0][0]
+  return [name for s, name in scored[:n] if s >= max(0.6, best - 0.08)]
+
+
+def unknown_field(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why ``--config.PATH`` names no field of ``config`` (one line, with the nearest fields), or None when it does
+  (or when ml_collections decides: an empty placeholder on the way, an indexed path)."""
+  if "[" in path:
+    return None
+  parts = path.split(".")
+  node = config
+  for i, key in enumerate(parts):
+    if key not in node:
+      near = nearest_fields(path, _field_names(config))
+      hint = f"did you mean {' or '.join(near)}?" if near else "the fields are listed in docs/config_reference.md"
+      return f"no such field; {hint}"
+    if i == len(parts) - 1:
+      return None
+    value = node[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      node = value
+      continue
+    kind = type(value) if value is not None else node.get_type(key)  # None: a placeholder of that type
+    if value is None and isinstance(kind, type) and (issubclass(kind, ml_collections.ConfigDict) or is_dataclass(kind)):
+      return None  # an empty block: ml_collections creates its fields
+    name = getattr(kind, "__name__", str(kind))
+    return f"{'.'.join(parts[: i + 1])} is a value ({name}), not a block of fields"
+  return None
+
+
+def _config_argument(argv: list[str], name: str) -> str | None:
+  """The last value of ``--NAME=V`` / ``--NAME V`` (or one dash) in ``argv`` before ``--``."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    m = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg, re.S)
+    if m:
+      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _config_flag_names(flag_values) -> list[str]:
+  return [name for name in list(flag_values) if _config_flags.is_config_flag(flag_values[name])]
+
+
+def config_file_problem(argv: list[str], flag_values=flags.FLAGS) -> str | None:
+  """``--config FILE[:ARGS]`` naming no file, as one line (ml_collections would defer the error to the first use of
+  the config, a traceback); None otherwise."""
+  for name in _config_flag_names(flag_values):
+    if not isinstance(flag_values[name].parser, _config_flags.ConfigFileFlagParser):
+      continue
+    source = _config_argument(argv[1:], name)
+    path = source.split(":", 1)[0] if source is not None else None
+    if path is not None and not os.path.isfile(path):
+      where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+      return f"--{name}={source}: no such config file {path}{where}"
+  return None
+
+
+def config_override_problem(argv: list[str], flag_values=flags.FLAGS) -> str | None:
+  """The first ``--config.FIELD=...`` of ``argv`` that names no field of its config file (for every config flag
+  of ``flag_values``), as one line: ``--config.rl.grup_size: no such field; did you mean rollout.group_size?``. None
+  when every override names a field, or when the config file itself does not load (absl reports that)."""
+  for name in _config_flag_names(flag_values):
+    flag = flag_values[name]
+    pattern = re.compile(rf"--?(?:no)?{re.escape(name)}\.([^=]+)")
+    overrides = []
+    for arg in argv[1:]:
+      if arg == "--":
+        break
+      m = pattern.match(arg)
+      if m:
+        overrides.append(m.group(1))
+    source = _config_argument(argv[1:], name)
+    if not overrides or source is None:
+      continue
+    try:
+      config = flag.parser.parse(source)
+    except Exception:  # a config file that does not load: absl's own message says why
+      continue
+    if not isinstance(config, ml_collections.ConfigDict):
+      continue
+    for path in overrides:
+      problem = unknown_field(config, path)
+      if problem:
+        return f"--{name}.{path}: {problem}"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """``app.run(main, flags_parser=run_setup.parse_flags)`` in the CLIs with a config file flag (``train``,
+  ``evaluate``, ``aot``): absl's parsing, but a config file that does not exist (`config_file_problem`) or an
+  override of a field the config does not have (`config_override_problem`: the nearest fields named) is one line on
+  stderr and exit status 2, instead of ml_collections' traceback."""
+  problem = config_file_problem(argv)
+  if problem:
+    print(problem, file=sys.stderr)
+    sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:
+    problem = config_override_problem(argv)
+    if problem:
+      print(problem, file=sys.stderr)
+      sys.exit(2)
+    if not isinstance(e, flags.Error):
+      raise
+    message = str(e)  # absl's own report of a bad flag (app.parse_flags_with_usage)
+    sep = "\n" if "\n" in message else " "
+    sys.stderr.write(f"FATAL Flags parsing error:{sep}{message}\n")
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+@contextlib.contextmanager
+def config_errors_reported(prog: str):
+  """Around a CLI's work: a `ConfigError` (every bad field of the config, found before anything loads) becomes its
+  message, each field written as its command-line flag (``--config.data.train='': must be set ...``), on stderr,
+  exit status 2, without a traceback."""
+  try:
+    yield
+  except ConfigError as e:
+    text = re.sub(r"^(\s*- )config\.", r"\1--config.", str(e), flags=re.M)
+    print(f"{prog}: {text}", file=sys.stderr)
+    sys.exit(2)

@@ -9,6 +9,11 @@ Writes the kept records (plus a `selection` column with the statistics) to --out
 
 from __future__ import annotations
 
+from deepeyes_jax import cli_env
+
+if __name__ == "__main__":  # before TensorFlow, jax and libtpu load: they read it when they start
+  cli_env.quiet_environment()
+
 import logging
 
 from absl import app, flags
@@ -59,6 +64,7 @@ def load_records(paths, limit: int = 0):
 
 def main(argv):
   del argv
+  run_setup.quiet_frameworks()
   config = SelectionConfig(  # validated before anything loads
     k=_K.value,
     seed=_SEED.value,

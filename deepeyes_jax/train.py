@@ -7,11 +7,17 @@ Re-running the same command with the same workdir resumes from the latest checkp
 
 from __future__ import annotations
 
+from deepeyes_jax import cli_env
+
+if __name__ == "__main__":  # before TensorFlow, jax and libtpu load: they read it when they start
+  cli_env.quiet_environment()
+
 import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from deepeyes_jax import run_setup
 from deepeyes_jax.rl.trainer import train
 
 
@@ -26,20 +32,14 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["config"])
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops the INFO chatter of orbax (a dozen lines per checkpoint); warnings and errors still show."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
-
-
 def main(argv):
   del argv
+  run_setup.quiet_frameworks()
   logging.getLogger("absl").setLevel(logging.INFO)
-  logging.getLogger("absl").addFilter(_QuietLibraries())
-  train(_CONFIG.value, _WORKDIR.value)
+  with run_setup.config_errors_reported("train"):
+    train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=run_setup.parse_flags)

@@ -12,7 +12,8 @@ Usage: $PROG train|eval --nodes N --gpus-per-node G --time T --partition P --con
 
 Writes an sbatch script for a multi-node GPU job (one process per node driving all of its GPUs; process 0's
 node is the JAX coordinator) and submits it with sbatch. The job runs, on every node:
-    python -m deepeyes_jax.train --config FILE --workdir DIR [extra args]      (eval: deepeyes_jax.evaluate)
+    python -m deepeyes_jax.train --config FILE --workdir DIR [extra args]
+    (eval: python -m deepeyes_jax.evaluate --config FILE [--config.out_dir=DIR] [extra args])
 with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set for jax.distributed.initialize().
 
 Job shape (required unless a default is shown):
@@ -28,12 +29,14 @@ Job shape (required unless a default is shown):
 
 Run:
   --config FILE[:ARGS]    config file, relative to --repo-dir (or absolute), e.g. configs/deepeyes_7b.py:size=32b
-  --workdir DIR           output dir on a filesystem every node sees, or gs://BUCKET/PATH (required for train)
+  --workdir DIR           output dir on a filesystem every node sees, or gs://BUCKET/PATH (required for train;
+                          eval: optional, passed as --config.out_dir=DIR)
   --repo-dir DIR          the checkout on the cluster, the job's working directory (default: $REPO_ROOT)
   --venv PATH             virtualenv to activate (default: REPO_DIR/.venv)
   --port PORT             coordinator port on the first node, 1024..65535 (default: 8476)
   --env KEY=VALUE         exported in the job, repeatable; --env KEY copies KEY from this shell
-  -- ARGS...              everything after -- is appended to the python command line (e.g. --config.total_steps=10)
+  -- ARGS...              everything after -- is appended to the python command line (e.g. --config.total_steps=10;
+                          eval: --config.checkpoint=DIR --config.data_path=DIR)
 
 Output:
   --out FILE              write the sbatch script to FILE (default: stdout with --write-only / --dry-run, else
@@ -182,9 +185,7 @@ done
 # The sbatch script.
 
 [[ $JOB == train ]] && MODULE=deepeyes_jax.train || MODULE=deepeyes_jax.evaluate
-PY_ARGS=(--config "$CONFIG")
-[[ -z $WORKDIR ]] || PY_ARGS+=(--workdir "$WORKDIR")
-PY_ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+python_args "$JOB" "$CONFIG" "$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"}
 
 sbatch_script() {
   local e

@@ -22,7 +22,7 @@ Subcommands:
   train    start python -m deepeyes_jax.train --config CONFIG --workdir WORKDIR [extra args] on every
            worker in the background (nohup; one log per worker: REMOTE_DIR/logs/train-<hostname>.log);
            the ssh returns at once. Re-running it with the same --workdir resumes from the last checkpoint.
-  eval     the same for python -m deepeyes_jax.evaluate (--workdir optional)
+  eval     the same for python -m deepeyes_jax.evaluate --config CONFIG [--config.out_dir=WORKDIR] [extra args]
   logs     tail the log of worker N (--worker N, --job train|eval, --lines K, --follow)
   status   gcloud compute tpus tpu-vm describe NAME, then on every worker: is train/eval running, last log line
   stop     stop the train/eval process started by this script on every worker (kill PID from its pid file)
@@ -53,9 +53,12 @@ setup:
 
 train / eval:
   --config FILE[:ARGS]    config file, relative to the repo root, e.g. configs/deepeyes_7b.py:size=32b (required)
-  --workdir DIR           output dir; gs://BUCKET/PATH on multi-worker pods (required for train)
+  --workdir DIR           output dir; gs://BUCKET/PATH on multi-worker pods (required for train; eval: optional,
+                          passed as --config.out_dir=DIR)
   --env KEY=VALUE         environment variable for the run, repeatable; --env KEY copies KEY from here
-  -- ARGS...              everything after -- is appended to the python command line (e.g. --config.total_steps=10)
+  -- ARGS...              everything after -- is appended to the python command line (e.g. --config.total_steps=10;
+                          eval: --config.checkpoint=DIR --config.data_path=DIR). Model and data paths are read
+                          locally on every worker (not gs://); relative ones from REMOTE_DIR
 
 logs:
   --worker N              worker index (default 0)
@@ -72,7 +75,10 @@ Examples:
   $PROG create --name my-pod --zone us-central2-b --accelerator-type v5p-64 --version v2-alpha-tpuv5 --spot
   $PROG setup  --name my-pod --zone us-central2-b --repo_url https://github.com/ORG/deepeyes_jax.git --ref main
   $PROG train  --name my-pod --zone us-central2-b --config configs/deepeyes_7b.py --workdir gs://BUCKET/runs/7b \\
-      --env DEEPEYES_JUDGE_URL=http://judge:8000/v1 -- --config.model.checkpoint=gs://BUCKET/ckpt/Qwen2.5-VL-7B-Instruct
+      --env DEEPEYES_JUDGE_URL=http://judge:8000/v1 \\
+      -- --config.model.checkpoint=../ckpt/Qwen2.5-VL-7B-Instruct --config.data.train='../data/deepeyes47k/*.parquet'
+  $PROG eval   --name my-pod --zone us-central2-b --config configs/eval_vstar.py --workdir gs://BUCKET/evals/vstar \\
+      -- --config.checkpoint=../ckpt/Qwen2.5-VL-7B-Instruct --config.data_path=../data/vstar_bench
   $PROG logs   --name my-pod --zone us-central2-b --worker 0 --follow
 EOF
 }
@@ -357,9 +363,8 @@ cmd_launch() {
   check_config
   check_workdir
   check_envs
-  local py=(.venv/bin/python -m "$module" --config "$CONFIG")
-  [[ -z $WORKDIR ]] || py+=(--workdir "$WORKDIR")
-  py+=(${EXTRA[@]+"${EXTRA[@]}"})
+  python_args "$job" "$CONFIG" "$WORKDIR" ${EXTRA[@]+"${EXTRA[@]}"}
+  local py=(.venv/bin/python -m "$module" "${PY_ARGS[@]}")
   local envpart=""
   ((${#ENV_WORDS[@]} == 0)) || envpart="env $(qargs "${ENV_WORDS[@]}") "
   local s=""

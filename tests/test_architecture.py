@@ -12,7 +12,7 @@ PKG = ROOT / "deepeyes_jax"
 
 # Earlier layers first; a module may import from its own layer's package and from earlier layers only.
 LAYERS = [
-  {"registry", "config_args", "config_check"},
+  {"registry", "config_args", "config_check", "cli_env"},
   {"parallel"},
   {"processing"},
   {"kernels"},

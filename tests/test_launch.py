@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu.sh"
 SLURM = REPO / "launch" / "slurm.sh"
 CONFIG = "configs/deepeyes_7b.py"
+EVAL_CONFIG = "configs/eval_vstar.py"
 LOC = ["--name", "my-pod", "--zone", "us-central2-b"]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,6 +336,17 @@ def test_tpu_eval_dry_run(fx):
   ]
 
 
+def test_tpu_eval_workdir_is_the_out_dir(fx):
+  """evaluate has no --workdir: the eval config's out_dir is where it writes."""
+  extra = ["--config.checkpoint=../ckpt/DeepEyes-7B", "--config.data_path=../data/vstar_bench"]
+  p = fx.run(TPU, "eval", *LOC, "--config", EVAL_CONFIG, "--workdir", "gs://bkt/evals/vstar", "--dry-run", "--", *extra)
+  [argv] = plus_lines(p.stdout)
+  assert launched_python(remote_command(argv)) == [
+    "env", "DEEPEYES_DISTRIBUTED=1", ".venv/bin/python", "-m", "deepeyes_jax.evaluate",
+    "--config", EVAL_CONFIG, "--config.out_dir=gs://bkt/evals/vstar", *extra,
+  ]  # fmt: skip
+
+
 def test_tpu_local_workdir_warns(fx):
   p = fx.run(TPU, "train", *LOC, "--config", CONFIG, "--workdir", "/tmp/run", "--dry-run")
   assert "warning" in p.stderr and "gs://" in p.stderr and "--workdir" in p.stderr
@@ -517,6 +530,12 @@ TPU_BAD = [
   (["train", *LOC, "--config", CONFIG, "--workdir", "gs://bkt/r", "--env", "DEEPEYES_UNSET_VAR_XYZ"], "is not set"),
   (["train", *LOC, "--config", CONFIG, "--workdir", "gs://bkt/r", "--remote_dir", "../x"], "--remote_dir '../x'"),
   (["train", *LOC, "--config", CONFIG, "--workdir", "gs://bkt/r", "--remote_dir", "~/x"], "--remote_dir '~/x'"),
+  (["eval", *LOC, "--config", EVAL_CONFIG, "--", "--config.model.checkpoint=x"], "have no model block"),
+  (["eval", *LOC, "--config", EVAL_CONFIG, "--", "--workdir=gs://bkt/e"], "evaluate has no --workdir flag"),
+  (
+    ["eval", *LOC, "--config", EVAL_CONFIG, "--workdir", "gs://bkt/e", "--", "--config.out_dir=gs://bkt/f"],
+    "both set the output directory",
+  ),
   (["setup", *LOC], "either --repo_url URL --ref REF or --src DIR"),
   (["setup", *LOC, "--repo_url", "https://github.com/o/r.git"], "--repo_url needs --ref"),
   (["setup", *LOC, "--repo_url", "not a url", "--ref", "main"], "--repo_url 'not a url'"),
@@ -623,6 +642,14 @@ def test_slurm_write_only_stdout_and_eval(fx):
   bash_syntax_ok(p.stdout)
 
 
+def test_slurm_eval_workdir_is_the_out_dir(fx):
+  extra = ["--config.checkpoint=/shared/ckpt/DeepEyes-7B", "--config.data_path=/shared/data/vstar_bench"]
+  args = ["eval", *SLURM_BASE, "--config", EVAL_CONFIG, "--workdir", "/shared/evals/v", "--write-only"]
+  p = fx.run(SLURM, *args, "--", *extra)
+  argv = _srun_argv(p.stdout)
+  assert argv[5:] == ["deepeyes_jax.evaluate", "--config", EVAL_CONFIG, "--config.out_dir=/shared/evals/v", *extra]
+
+
 def _fake_repo(tmp_path: Path) -> Path:
   repo = tmp_path / "repo"
   (repo / "configs").mkdir(parents=True)
@@ -715,6 +742,8 @@ SLURM_BAD = [
   (["train", *SLURM_BASE, "--config", CONFIG, "--workdir", "/w", "--bogus"], "unknown flag '--bogus'"),
   (["train", *SLURM_BASE, "--config", CONFIG, "--workdir", "/w", "--write-only=1"], "--write-only takes no value"),
   (["train", *SLURM_BASE, "--config", CONFIG, "--workdir"], "--workdir requires a value"),
+  (["eval", *SLURM_BASE, "--config", EVAL_CONFIG, "--", "--config.model.checkpoint=/c"], "have no model block"),
+  (["eval", *SLURM_BASE, "--config", EVAL_CONFIG, "--", "--workdir", "/e"], "evaluate has no --workdir flag"),
 ]
 
 
@@ -725,6 +754,83 @@ def test_slurm_bad_arguments(fx, args, message):
   assert message in p.stderr, p.stderr
   assert "error:" in p.stderr and plus_lines(p.stdout) == [] and "#SBATCH" not in p.stdout
   assert fx.calls() == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The generated eval commands, run for real: a tiny model, a generated V* directory, configs/eval_vstar.py:size=tiny.
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory, tiny_vlm):
+  """(checkpoint, V* directory) for the eval runs."""
+  from benchmark_fixtures import write_vstar
+
+  return str(tiny_vlm[0]), write_vstar(str(tmp_path_factory.mktemp("vstar")))
+
+
+def _eval_args(eval_inputs, out: Path) -> tuple[list[str], list[str]]:
+  """The launcher's eval flags and the python arguments after --, as a user writes them (launch/README.md)."""
+  checkpoint, vstar = eval_inputs
+  flags = ["--config", f"{EVAL_CONFIG}:size=tiny", "--workdir", str(out)]
+  return flags, ["--", f"--config.checkpoint={checkpoint}", f"--config.data_path={vstar}", "--config.limit=2"]
+
+
+def _check_eval_output(out: Path, output: str) -> None:
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["overall"]["items"] == 2, output[-3000:]
+  assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def _job_env(tmp_path: Path) -> dict:
+  """A CPU host's environment for the real runs (one device; the repo's python on PATH)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
+  return dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS="", HOME=str(tmp_path), TMPDIR=str(tmp_path))
+
+
+def test_tpu_eval_command_runs(fx, tmp_path, eval_inputs):
+  """The command `tpu.sh eval` starts on every worker, run here as it is written (with this python for the workers'
+  .venv/bin/python) in a one-process cluster: what JAX's TPU-pod detection (DEEPEYES_DISTRIBUTED=1) finds on a
+  single-host TPU, given here as the explicit coordinator variables the evaluator reads first."""
+  out = tmp_path / "evals" / "vstar"
+  flags, extra = _eval_args(eval_inputs, out)
+  p = fx.run(TPU, "eval", *LOC, *flags, "--dry-run", *extra)  # warns: a local --workdir
+  [argv] = plus_lines(p.stdout)
+  cmd = launched_python(remote_command(argv))
+  assert cmd[:3] == ["env", "DEEPEYES_DISTRIBUTED=1", ".venv/bin/python"]
+  cmd[2] = sys.executable
+  cluster = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0")
+  env = dict(_job_env(tmp_path), **cluster)
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  _check_eval_output(out, r.stdout + r.stderr)
+
+
+def test_slurm_eval_job_runs(fx, tmp_path, eval_inputs):
+  """The sbatch script `slurm.sh eval` writes, run as the job would be: one node (fake srun, fake scontrol naming
+  this host), the venv activated (one whose python is this one), the coordinator on this host."""
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  _write_exe(venv / "bin" / "python", f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+  _write_exe(fx.bin / "scontrol", '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1\n')
+  out = tmp_path / "evals" / "vstar"
+  flags, extra = _eval_args(eval_inputs, out)
+  shape = ["--nodes", "1", "--gpus-per-node", "1", "--time", "10", "--partition", "p", "--port", str(_free_port())]
+  p = fx.run(SLURM, "eval", *shape, *flags, "--venv", str(venv), "--write-only", *extra)
+  job = tmp_path / "job.sh"
+  job.write_text(p.stdout)
+  job_env = dict(SLURM_JOB_NODELIST="localhost", SLURM_NTASKS="1", SLURM_JOB_ID="7")
+  env = dict(_job_env(tmp_path), PATH=fx.env["PATH"], **job_env)
+  r = subprocess.run(["bash", str(job)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  assert "1 processes, coordinator 127.0.0.1:" in r.stdout
+  _check_eval_output(out, r.stdout + r.stderr)
 
 
 # --------------------------------------------------------------------------------------------------------------------
