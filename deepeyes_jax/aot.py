@@ -660,6 +660,20 @@ def chip_bytes(tree, shardings=None) -> int:
   return sum(int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize for x, sh in zip(leaves, shards))
 
 
+def _row_images(rows: int, grid, n_patches: int, vision, mesh) -> tuple:
+  """(pixel_values, plan) of one image per row in the row layout, sharded with the rows (as the sampler puts them)."""
+  rows_sharding = NamedSharding(mesh, P(shd.logical_to_spec(("batch",), (rows,), mesh)[0]))
+  pixel_values = _sds((rows, n_patches, vision.patch_dim), jnp.float32, rows_sharding)
+  return pixel_values, abstract_plan((grid,), n_patches, vision, rows_sharding, rows)
+
+
+def _token_inputs(rows: int, n_tokens: int, rep) -> tuple:
+  """tokens (rows, n), counts (rows,), M-RoPE positions (3, rows, n): host arrays (numpy in the sampler), which
+  enter the jitted call uncommitted, i.e. replicated over the mesh."""
+  i32 = jnp.int32
+  return _sds((rows, n_tokens), i32, rep), _sds((rows,), i32, rep), _sds((3, rows, n_tokens), i32, rep)
+
+
 def _replicated(mesh):
   return NamedSharding(mesh, P())
 
@@ -770,26 +784,10 @@ def compile_step(
     next_pos=_sds((b,), jnp.int32, cache_shardings.next_pos),
   )
 
-  rows_sharding = NamedSharding(mesh, P(shd.logical_to_spec(("batch",), (b,), mesh)[0]))
-
   def extend_args(n_tokens: int, grid, n_patches: int):
-    i32 = jnp.int32
-    # The row layout, sharded with the rows (as `Sampler.extend` puts them).
-    pixel_values = _sds((b, n_patches, model_cfg.vision.patch_dim), jnp.float32, rows_sharding)
-    plan = abstract_plan((grid,), n_patches, model_cfg.vision, rows_sharding, b)
-    # Other host arrays (numpy in `Sampler.extend`) enter the jitted call uncommitted: replicated over the mesh.
-    return (
-      graphdef,
-      cache_shardings,
-      sampler_state,
-      cache,
-      _sds((b, n_tokens), i32, rep),
-      _sds((b,), i32, rep),
-      _sds((3, b, n_tokens), i32, rep),
-      _sds((b,), i32, rep),
-      pixel_values,
-      plan,
-    )
+    new_next = _sds((b,), jnp.int32, rep)
+    images = _row_images(b, grid, n_patches, model_cfg.vision, mesh)
+    return (graphdef, cache_shardings, sampler_state, cache, *_token_inputs(b, n_tokens, rep), new_next, *images)
 
   prefill = None
   if "prefill" in wanted:
@@ -843,22 +841,17 @@ def _compile_paged(run, wanted, shapes: StepShapes, described, graphdef, sampler
   pool = paged_lib.PagedKV(pools=tuple(_sds(pool_shape, dtype, s) for s in pool_shardings.pools))
 
   def extend_args(rows: int, n_tokens: int, grid, n_patches: int, width: int):
-    rows_sharding = NamedSharding(mesh, P(shd.logical_to_spec(("batch",), (rows,), mesh)[0]))
-    pixel_values = _sds((rows, n_patches, model_cfg.vision.patch_dim), jnp.float32, rows_sharding)
-    plan = abstract_plan((grid,), n_patches, model_cfg.vision, rows_sharding, rows)
-    # Host arrays (numpy in `Sampler.extend_paged`) enter the call uncommitted: replicated over the mesh.
+    page_table, lengths = _sds((rows, width), i32, rep), _sds((rows,), i32, rep)
+    images = _row_images(rows, grid, n_patches, model_cfg.vision, mesh)
     return (
       graphdef,
       pool_shardings,
       sampler_state,
       pool,
-      _sds((rows, n_tokens), i32, rep),
-      _sds((rows,), i32, rep),
-      _sds((3, rows, n_tokens), i32, rep),
-      _sds((rows, width), i32, rep),
-      _sds((rows,), i32, rep),
-      pixel_values,
-      plan,
+      *_token_inputs(rows, n_tokens, rep),
+      page_table,
+      lengths,
+      *images,
     )
 
   bucket, page = sampler_lib.bucket, shapes.page_size

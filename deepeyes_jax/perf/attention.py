@@ -63,20 +63,17 @@ class Shape:
 
 
 def shapes(quick: bool) -> list[Shape]:
-  if quick:
-    return [
-      Shape("vision_windows", 1, 256, 256, 4, 4, 80, "windows", window=16),
-      Shape("vision_full", 1, 256, 256, 4, 4, 80, "full"),
-      Shape("prefill", 1, 256, 256, 7, 1, 128, "prefill"),
-      Shape("decode", 4, 1, 512, 7, 1, 128, "decode"),
-      Shape("train_packed", 1, 256, 256, 7, 1, 128, "packed", backward=True),
-    ]
+  """The five shape classes: the 7B recipe's sizes, or small ones (--quick)."""
+  vis, vis_heads, window = (256, 4, 16) if quick else (4096, 16, 64)  # vision tokens per image, heads, window
+  txt, heads, kv_heads = (256, 7, 1) if quick else (8192, 28, 4)  # text tokens, query / KV heads
+  rows, cached = (4, 512) if quick else (64, 8192)  # decode rows and their cache length
+  sfx, dec = ("", "decode") if quick else ("_8k", "decode_64x8k")
   return [
-    Shape("vision_windows", 1, 4096, 4096, 16, 16, 80, "windows", window=64),
-    Shape("vision_full", 1, 4096, 4096, 16, 16, 80, "full"),
-    Shape("prefill_8k", 1, 8192, 8192, 28, 4, 128, "prefill"),
-    Shape("decode_64x8k", 64, 1, 8192, 28, 4, 128, "decode"),
-    Shape("train_packed_8k", 1, 8192, 8192, 28, 4, 128, "packed", backward=True),
+    Shape("vision_windows", 1, vis, vis, vis_heads, vis_heads, 80, "windows", window=window),
+    Shape("vision_full", 1, vis, vis, vis_heads, vis_heads, 80, "full"),
+    Shape("prefill" + sfx, 1, txt, txt, heads, kv_heads, 128, "prefill"),
+    Shape(dec, rows, 1, cached, heads, kv_heads, 128, "decode"),
+    Shape("train_packed" + sfx, 1, txt, txt, heads, kv_heads, 128, "packed", backward=True),
   ]
 
 

@@ -89,26 +89,12 @@ FILLER_WORDS = (
 ).split()
 TOKENS_PER_WORD = 2.0  # of the filler words under the tiny tokenizer (measured: 1.99)
 
-FULL_DEFAULTS = dict(
-  tasks=4,
-  group=8,
-  rounds=3,
-  max_total_tokens=4096,
-  max_pixels=64 * 28 * 28,
-  think_median=32,
-  think_sigma=1.2,
-  think_cap=640,
-)
-QUICK_DEFAULTS = dict(
-  tasks=4,
-  group=4,
-  rounds=2,
-  max_total_tokens=2048,
-  max_pixels=48 * 28 * 28,
-  think_median=16,
-  think_sigma=1.0,
-  think_cap=192,
-)
+# The workload of a full and a --quick run: tasks x group rows, timed rounds, per-row token budget and image size,
+# and the log-normal length of a "think" turn (median, sigma, cap in tokens).
+_DEFAULT_FIELDS = ("tasks", "group", "rounds", "max_total_tokens", "max_pixels")
+_DEFAULT_FIELDS += ("think_median", "think_sigma", "think_cap")
+FULL_DEFAULTS = dict(zip(_DEFAULT_FIELDS, (4, 8, 3, 4096, 64 * 28 * 28, 32, 1.2, 640)))
+QUICK_DEFAULTS = dict(zip(_DEFAULT_FIELDS, (4, 4, 2, 2048, 48 * 28 * 28, 16, 1.0, 192)))
 MIN_PIXELS = 4 * 28 * 28
 
 

@@ -170,38 +170,25 @@ def _top_of_vocabulary(text: TextConfig, vision: VisionConfig) -> Qwen25VLConfig
   )
 
 
+def _sampling_bench(text: dict, vision: dict) -> Qwen25VLConfig:
+  """A sampling-benchmark model from the text fields (vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+  num_attention_heads, num_key_value_heads, mrope_section, max_position_embeddings) and the vision ones."""
+  return _top_of_vocabulary(TextConfig(**text), VisionConfig(**vision))
+
+
+_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_TEXT += ("num_key_value_heads", "mrope_section", "max_position_embeddings")
+_VISION = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "fullatt_block_indexes")
 PRESETS.register("sampling_bench")(
-  _top_of_vocabulary(
-    TextConfig(
-      vocab_size=32000,
-      hidden_size=1024,
-      intermediate_size=2816,
-      num_hidden_layers=8,
-      num_attention_heads=16,
-      num_key_value_heads=4,
-      mrope_section=(8, 12, 12),
-      max_position_embeddings=32768,
-    ),
-    VisionConfig(
-      depth=4, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024, fullatt_block_indexes=(1, 3)
-    ),
+  _sampling_bench(
+    dict(zip(_TEXT, (32000, 1024, 2816, 8, 16, 4, (8, 12, 12), 32768))),
+    dict(zip(_VISION, (4, 256, 512, 4, 1024, (1, 3)))),
   )
 )
 PRESETS.register("sampling_bench_quick")(
-  _top_of_vocabulary(
-    TextConfig(
-      vocab_size=2048,
-      hidden_size=128,
-      intermediate_size=256,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      mrope_section=(4, 6, 6),
-      max_position_embeddings=4096,
-    ),
-    VisionConfig(
-      depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, fullatt_block_indexes=(1,)
-    ),
+  _sampling_bench(
+    dict(zip(_TEXT, (2048, 128, 256, 2, 4, 2, (4, 6, 6), 4096))),
+    dict(zip(_VISION, (2, 64, 128, 2, 128, (1,)))),
   )
 )
 PRESETS.register("rollout_bench")(
