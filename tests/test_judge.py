@@ -107,6 +107,12 @@ class FakeJudgeServer:
           time.sleep(server.sleep_s)
         if mode == "huge":  # a reply far over the client's cap
           return self._send(200, {"choices": [{"message": {"content": "x" * (4 << 20)}}]})
+        if mode == "drip_headers":  # the status line and headers, one byte every 0.1 s (never a body)
+          for b in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"x" * 200:
+            self.wfile.write(bytes([b]))
+            self.wfile.flush()
+            time.sleep(0.1)
+          return None
         if mode == "drip":  # a valid reply, one byte every 0.1 s: each socket read is quick, the whole is not
           data = json.dumps({"choices": [{"message": {"content": "Judgement: 1"}}]}).encode()
           self.send_response(200)
@@ -298,6 +304,13 @@ def test_wall_clock_bounds_a_dripping_server_and_a_huge_reply(server):
   assert took < 3.0, took  # the reply alone would take ~6 s per attempt, 6 attempts
   m = judge.metrics()
   assert m["deadline_exceeded"] == 1 and m["fallbacks"] == 1 and 2 <= m["requests"] <= 4
+
+  with server.lock:
+    server.failures[:] = ["drip_headers"] * 10
+  judge = make_judge(server, timeout_s=0.5, deadline_s=1.0, max_retries=5, backoff_s=0.2)
+  start = time.monotonic()
+  assert judge.judge(QUESTION, "red", GT) is None  # the headers alone would take ~26 s
+  assert time.monotonic() - start < 3.0
 
   judge = make_judge(server, max_reply_bytes=1 << 20)
   with server.lock:

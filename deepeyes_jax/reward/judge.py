@@ -11,10 +11,9 @@ is consistent with the ground truth, with a few-shot prompt whose examples end i
   anything else is retried and finally gives None;
 * HTTP uses the standard library only (``urllib.request`` + ``json``), with retries with exponential backoff on
   connection errors, timeouts, HTTP 5xx, 408 and 429 (``Retry-After`` is honoured). Time is bounded by the wall
-  clock, not only per socket read: an attempt whose reply body is not complete ``timeout_s`` after it started is
-  abandoned (a server dripping its body one byte a second cannot hold it; the status line and headers are bounded
-  per socket read only), a call makes no new attempt once ``deadline_s`` has passed, and a reply over
-  ``max_reply_bytes`` is refused;
+  clock, not only per socket read: an attempt without its whole reply ``timeout_s`` after it started is abandoned
+  (a server dripping its headers or body one byte a second cannot hold it), a call makes no new attempt once
+  ``deadline_s`` has passed, and a reply over ``max_reply_bytes`` is refused;
 * verdicts are cached in memory, keyed by ``(model, question, answer, ground_truth)``, and optionally in a JSON-lines
   file (``cache_path``) that a new :class:`LLMJudge` reloads, so a restarted run does not pay for them again;
 * when the endpoint is down, :meth:`LLMJudge.judge` returns None: the caller (``rewards.compute_reward``) falls back
@@ -371,6 +370,27 @@ class LLMJudge:
     raise last
 
   def _http(self, method: str, url: str, data: bytes | None) -> str:
+    """One HTTP attempt, bounded by the wall clock: it runs in a daemon thread that the caller stops waiting for
+    after ``timeout_s`` (a server that drips its status line or headers is only bounded per socket read inside
+    http.client; the thread ends at its next read timeout and never delays the interpreter's exit)."""
+    result: dict[str, Any] = {}
+
+    def attempt():
+      try:
+        result["body"] = self._http_attempt(method, url, data)
+      except BaseException as e:  # handed to the caller
+        result["error"] = e
+
+    worker = threading.Thread(target=attempt, daemon=True, name="judge-http")
+    worker.start()
+    worker.join(self.config.timeout_s + 0.5)  # _http_attempt's own clock stops the body a little earlier
+    if worker.is_alive():
+      raise _AttemptError(f"no reply from {url} within {self.config.timeout_s} s", retriable=True, transport=True)
+    if "error" in result:
+      raise result["error"]
+    return result["body"]
+
+  def _http_attempt(self, method: str, url: str, data: bytes | None) -> str:
     headers = {"Accept": "application/json"}
     if data is not None:
       headers["Content-Type"] = "application/json"
@@ -394,8 +414,7 @@ class LLMJudge:
 
   def _read_bounded(self, response, url: str, deadline: float) -> str:
     """The body, read in chunks against the attempt's wall-clock `deadline` (``timeout_s`` from before connecting;
-    the socket timeout alone bounds each read, so a slow drip would pass it) and the size cap. The status line and
-    headers are read by http.client, bounded per read only."""
+    the socket timeout alone bounds each read, so a slow drip would pass it) and the size cap."""
     chunks, size = [], 0
     while chunk := response.read1(1 << 16):
       size += len(chunk)
