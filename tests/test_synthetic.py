@@ -503,6 +503,11 @@ def test_ci_run_writes_every_artefact(ci_run):
   probed = [r for r in warm if "skills/ground" in r]
   assert [r["step"] for r in probed] == [2, 4]
   assert all(0.0 <= r[f"skills/{m}"] <= 1.0 for r in probed for m in ("ground", "read", "zoom"))
+  # the per-reason counters of contained failures are logged every GRPO step (0 here: nothing failed)
+  counters = ("data/skipped_records", "data/skipped_unknown_data_source", "data/skipped_image_size", "errors/rows")
+  counters += ("errors/prompt_too_long", "errors/scoring", "reward/error", "reward/judge_unavailable")
+  for key in counters:
+    assert all(r[key] == 0 for r in rl), key
   for key in ("accuracy", "tool/calls_per_traj", "tool/success_rate", "train/loss"):
     assert all(key in r for r in rl), key
   assert any("eval/accuracy" in r for r in rows)
