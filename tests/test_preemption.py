@@ -20,16 +20,10 @@ def _cmd(workdir, ckpt, data):
   ]  # fmt: skip
 
 
-def test_sigterm_checkpoints_at_the_sync_point_and_the_rerun_resumes(tmp_path, tiny_vlm, train_data):  # noqa: F811
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"),
-    # a one-process jax.distributed job: the preemption sync manager only exists under jax.distributed
-    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0",
-  )  # fmt: skip
-  workdir = tmp_path / "run"
-  p = subprocess.Popen(
-    _cmd(workdir, tiny_vlm[0], train_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
-  )
+def _sigterm_after_step_1(cmd, env) -> tuple[str, list[int]]:
+  """Runs the train command and sends SIGTERM when step 1's progress line appears; asserts a clean exit. Returns
+  the output and the steps of its 'preempted: saved step N' lines."""
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
   timer = threading.Timer(600, p.kill)  # bounded: never hang the test suite
   timer.start()
   lines = []
@@ -37,14 +31,24 @@ def test_sigterm_checkpoints_at_the_sync_point_and_the_rerun_resumes(tmp_path, t
     for line in p.stdout:
       lines.append(line)
       if line.startswith("step 1/4"):
-        p.send_signal(signal.SIGTERM)  # the preemption notice
+        p.send_signal(signal.SIGTERM)
     err = p.stderr.read()
     p.wait()
   finally:
     timer.cancel()
-  out = "".join(lines)
   assert p.returncode == 0, err[-3000:]
   saved = [int(x.split("saved step ")[1].split(",")[0]) for x in lines if x.startswith("preempted: saved step")]
+  return "".join(lines), saved
+
+
+def test_sigterm_checkpoints_at_the_sync_point_and_the_rerun_resumes(tmp_path, tiny_vlm, train_data):  # noqa: F811
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"),
+    # a one-process jax.distributed job: the preemption sync manager only exists under jax.distributed
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0",
+  )  # fmt: skip
+  workdir = tmp_path / "run"
+  out, saved = _sigterm_after_step_1(_cmd(workdir, tiny_vlm[0], train_data), env)
   assert len(saved) == 1 and 2 <= saved[0] <= 3, out
   # every_steps=100: besides orbax's initial save of step 1, only the preemption save exists
   assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == saved[0]
@@ -63,25 +67,8 @@ def test_kill_of_a_single_process_run_saves_the_step_in_flight(tmp_path, tiny_vl
   exits 0; re-running the command resumes there, so at most the step in flight is redone."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"))
   workdir = tmp_path / "run"
-  p = subprocess.Popen(
-    _cmd(workdir, tiny_vlm[0], train_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
-  )
-  timer = threading.Timer(600, p.kill)
-  timer.start()
-  lines = []
-  try:
-    for line in p.stdout:
-      lines.append(line)
-      if line.startswith("step 1/4"):
-        p.send_signal(signal.SIGTERM)
-    err = p.stderr.read()
-    p.wait()
-  finally:
-    timer.cancel()
-  out = "".join(lines)
-  assert p.returncode == 0, err[-3000:]
+  out, saved = _sigterm_after_step_1(_cmd(workdir, tiny_vlm[0], train_data), env)
   assert "SIGTERM: finishing the step in flight" in out
-  saved = [int(x.split("saved step ")[1].split(",")[0]) for x in lines if x.startswith("preempted: saved step")]
   # The signal comes right after step 1's progress line: during step 1's save or step 2; that step is finished and
   # saved (every_steps=100: no other checkpoint but the last step would exist).
   assert len(saved) == 1 and saved[0] in (1, 2), out

@@ -26,7 +26,7 @@ from flax import nnx
 
 from deepeyes_jax import run_setup
 from deepeyes_jax.agent.rollout import run_rollouts
-from deepeyes_jax.agent.trajectory import Trajectory, save_trajectories
+from deepeyes_jax.agent.trajectory import save_trajectories
 from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.data.pipeline import make_train_iterator
 from deepeyes_jax.eval import held_out
@@ -71,10 +71,6 @@ def step_seed(seed: int, step: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # One RL step
 # --------------------------------------------------------------------------------------------------------------
-def score(trajectories: list[Trajectory], tokenizer, judge=None) -> list:
-  return rewards_lib.score_trajectories(trajectories, tokenizer, judge)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
@@ -199,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       )
       sampler.release()  # the learner step does not hold the sampler's copy of the weights
       t_rollout = time.time() - t0
-      rewards = score(trajs, tokenizer, judge)
+      rewards = rewards_lib.score_trajectories(trajs, tokenizer, judge)
       adv_fn = grpo.get_advantage_fn(config.rl.advantage)
       # A row the engine ended with an error (its message in metadata["error"], counted in errors/rows) is left out of
       # its group's statistics and of the update: its reward says nothing about the policy.
