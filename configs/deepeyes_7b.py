@@ -4,6 +4,7 @@
         --config.model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.train=/data/deepeyes/*.parquet
     python -m deepeyes_jax.train --config configs/deepeyes_7b.py:size=3b ...
     python -m deepeyes_jax.train --config configs/deepeyes_7b.py:size=tiny ...   # CPU smoke run (tests use it)
+    python -m deepeyes_jax.train --config configs/deepeyes_7b.py:algo=dapo ...   # or gspo, grpo_tis (docs/training.md)
 
 7B: GRPO (std-normalised group advantages, eps 1e-6), no KL, no entropy bonus, PPO clip 0.2/0.2, dual-clip 3,
 token-mean loss; AdamW lr 1e-6 constant, weight decay 0.01, grad-norm clip 1.0; 256 prompts x 16 rollouts and ONE
@@ -17,11 +18,38 @@ import ml_collections
 from deepeyes_jax.config_args import parse_arg
 
 # The `arg` values of get_config: documented in docs/config_reference.md (python -m deepeyes_jax.config_reference).
-VARIANTS = ("size=3b", "size=32b", "size=tiny")
+VARIANTS = ("size=3b", "size=32b", "size=tiny", "algo=gspo", "algo=dapo", "algo=grpo_tis")
+ALGORITHMS = ("grpo", "gspo", "dapo", "grpo_tis")  # `algo=`: set_algorithm
+
+
+def set_algorithm(c: ml_collections.ConfigDict, algo: str) -> None:
+  """The `rl` fields of a named algorithm (docs/training.md, "RL algorithms"), over the recipe's GRPO:
+
+  gspo: sequence-level ratio and clipping (clip 3e-4 / 4e-4 as in the paper, sequence-mean aggregation);
+  dapo: clip-higher (0.2 / 0.28, no dual clip), dynamic sampling (3 rounds at most), token-mean loss, overlong
+  shaping over the last fifth of the response budget; grpo_tis: GRPO + token-level truncated importance sampling
+  against the sampler (C = 2). The last three recompute the old policy's log-probs (rl.old_logprobs="recompute"):
+  their ratios need pi_old apart from the sampler's log-probs."""
+  if algo not in ALGORITHMS:
+    raise ValueError(f"algo must be one of {', '.join(ALGORITHMS)}; got {algo!r}")
+  rl = c.rl
+  if algo != "grpo":
+    rl.old_logprobs = "recompute"
+  if algo == "gspo":
+    rl.policy_loss, rl.aggregation = "gspo", "seq_mean"
+    rl.clip_low, rl.clip_high, rl.dual_clip = 3e-4, 4e-4, 0.0
+  elif algo == "dapo":
+    rl.clip_low, rl.clip_high, rl.dual_clip = 0.2, 0.28, 0.0
+    rl.aggregation = "token_mean"
+    rl.dynamic_sampling, rl.dynamic_sampling_max_rounds = True, 3
+    rl.overlong_buffer = (c.rollout.max_total_tokens - c.rollout.max_prompt_tokens) // 5
+  elif algo == "grpo_tis":
+    rl.rollout_correction, rl.rollout_correction_threshold = "token_tis", 2.0
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  size = parse_arg(arg, size="7b").size
+  args = parse_arg(arg, size="7b", algo="grpo")
+  size = args.size
   if size not in ("tiny", "3b", "7b", "32b"):
     raise ValueError(f"size must be one of tiny, 3b, 7b, 32b; got {size!r}")
   c = ml_collections.ConfigDict()
@@ -85,6 +113,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.min_row_len = 1024  # packing rows are a power of two >= the longest trajectory
   c.rl.micro_batch_rows = 8  # packed rows per micro-batch (gradients accumulate over micro-batches)
   c.rl.logits_chunk = 512  # tokens per chunk of the vocabulary projection (bounds logits memory)
+  # RL algorithms of 2025-26 (docs/training.md, "RL algorithms"; `algo=` variants set them together).
+  c.rl.rollout_correction = "none"  # "none" | "token_tis" | "seq_tis" | "token_mis" | "seq_mis" (sampler vs learner)
+  c.rl.rollout_correction_threshold = 2.0  # C: TIS truncates rho = pi_old / mu at C; MIS keeps [1/C, C]
+  c.rl.dynamic_sampling = False  # DAPO: drop groups without reward variance, sample more prompts to refill
+  c.rl.dynamic_sampling_max_rounds = 3  # rollout rounds per step at most (the first included)
+  c.rl.overlong_buffer = 0  # DAPO: tokens before the response budget where a soft length penalty ramps in; 0 = off
+  c.rl.overlong_penalty = 1.0  # the penalty at the budget
+  c.rl.over_turn_masking = False  # Mini-o3: rows the turn / image / length limits cut are left out of the loss
+  c.rl.off_policy_steps = 0  # 1: step n+1's rollouts run (stale weights) while step n's update runs; 0 = on-policy
+  c.rl.sampler_devices = 0  # with off_policy_steps: devices of the sampler's own mesh (the rest: the learner's)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6  # AdamW, constant after the warm-up
@@ -114,6 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.save_trajectories_every = 5  # steps between trajectory dumps to workdir/rollouts (0 = never)
   c.log.num_saved_trajectories = 16  # trajectories per dump
+  c.log.tool_collapse_fraction = 0.25  # warn when tool calls / trajectory fall below this share of their peak; 0 = off
 
   if size == "3b":
     c.mesh.fsdp, c.mesh.tensor = -1, 1
@@ -143,4 +182,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.log.save_trajectories_every = 1
     c.log.num_saved_trajectories = 2
+  set_algorithm(c, args.algo)
   return c

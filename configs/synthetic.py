@@ -2,6 +2,7 @@
 
     python -m deepeyes_jax.train --config configs/synthetic.py --workdir /tmp/deepeyes_synthetic
     python -m deepeyes_jax.train --config configs/synthetic.py:variant=ci --workdir DIR     # ~2 min smoke run
+    python -m deepeyes_jax.train --config configs/synthetic.py:algo=dapo --workdir DIR      # or gspo, grpo_tis
 
 Nothing is downloaded: a tiny Qwen2.5-VL (~1.25M parameters) and its byte-level BPE tokenizer are made by code in
 WORKDIR/base_model and loaded through the real HF loader; scenes are drawn on the fly (`data/synthetic.py`: "What
@@ -34,11 +35,12 @@ _spec = importlib.util.spec_from_file_location("deepeyes_7b", os.path.join(os.pa
 deepeyes_7b = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(deepeyes_7b)
 
-VARIANTS = ("variant=ci",)
+VARIANTS = ("variant=ci", "algo=gspo", "algo=dapo", "algo=grpo_tis")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = parse_arg(arg, variant="default").variant
+  args = parse_arg(arg, variant="default", algo="grpo")
+  variant = args.variant
   if variant not in ("default", "ci"):
     raise ValueError(f"variant must be 'default' or 'ci', got {variant!r}")
   c = deepeyes_7b.get_config("size=7b")  # the recipe's structure; every knob that differs is set below
@@ -146,4 +148,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 4
     c.log.save_trajectories_every = 1
     c.log.report_trajectories = 2
+  deepeyes_7b.set_algorithm(c, args.algo)  # over this config's rollout limits (DAPO's overlong buffer)
   return c

@@ -469,6 +469,7 @@ def abstract_batch(shapes: StepShapes, model_cfg: qvl.Qwen25VLConfig, mesh: Mesh
     position_ids=jax.ShapeDtypeStruct((3, r, length), i32),
     loss_mask=jax.ShapeDtypeStruct((r, length), f32),
     old_logprobs=jax.ShapeDtypeStruct((r, length), f32),
+    sampler_logprobs=jax.ShapeDtypeStruct((r, length), f32),
     advantages=jax.ShapeDtypeStruct((r, length), f32),
     pixel_values=None,
     plan=None,

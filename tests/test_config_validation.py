@@ -95,7 +95,7 @@ TRAIN_CASES = [
   ("rl.micro_batch_rows", 0, ">= 1"),
   ("rl.logits_chunk", 0, ">= 1"),
   ("rl.advantage", "grpoo", "did you mean 'grpo'"),
-  ("rl.policy_loss", "ppo", "registered: nll, ppo_clip"),
+  ("rl.policy_loss", "ppo", "registered: gspo, nll, ppo_clip"),
   ("warmstart.demonstrator", "human", "registered: synthetic"),
   ("warmstart.steps", 100, "< total_steps (6)"),
   ("warmstart.learning_rate", -1.0, "> 0"),

@@ -52,6 +52,7 @@ def _row_batch(cfg) -> PackedBatch:
     position_ids=pos_ids,
     loss_mask=mask,
     old_logprobs=np.full((3, length), -2.0, np.float32),
+    sampler_logprobs=np.full((3, length), -2.0, np.float32),
     advantages=np.where(mask > 0, np.array([[1.0], [-0.5], [0.7]], np.float32), 0.0).astype(np.float32),
     pixel_values=qvl.row_patches(pvs, n, cfg.vision.patch_dim),
     plan=qvl.make_row_plans(GRIDS, cfg.vision, pad_to=n),

@@ -190,3 +190,113 @@ def test_resume_skips_a_checkpoint_that_does_not_restore(tmp_path, caplog, damag
     ckpt.restore_latest(*like, lambda s: fresh)
   assert "2.unrestorable.1" in str(err.value) and "1.unrestorable" in str(err.value)
   assert Checkpointer(str(tmp_path / "empty")).restore_latest(*like, lambda s: fresh) is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RL algorithms of 2025-26 (docs/training.md, "RL algorithms"): each runs end to end and reports its metrics
+# --------------------------------------------------------------------------------------------------------------
+MISMATCH_KEYS = ("mismatch/abs_log_ratio_mean", "mismatch/abs_log_ratio_max", "mismatch/kl_k3")
+
+
+@pytest.mark.parametrize(
+  "algo, overrides, keys",
+  [
+    ("gspo", {}, ("train/clip_frac", *MISMATCH_KEYS)),
+    ("grpo_tis", {}, ("train/correction/weight_mean", "train/correction/truncated_frac")),
+    (
+      "dapo",
+      {},
+      ("sampling/rounds", "sampling/groups_with_signal", "sampling/batch_filled", "reward/overlong_penalty"),
+    ),
+  ],
+)
+def test_algorithms_end_to_end(tmp_path, tiny_vlm, train_data, algo, overrides, keys):
+  from deepeyes_jax.rl.trainer import train
+
+  cfg = _config(tiny_vlm[0], train_data, **overrides)
+  spec = importlib.util.spec_from_file_location("deepeyes_7b", os.path.join(ROOT, "configs", "deepeyes_7b.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  mod.set_algorithm(cfg, algo)
+  metrics = train(cfg, str(tmp_path / "run"))
+  for key in (*keys, "tool/calls_ema", "tool/collapse", "mismatch/out_of_band_frac"):
+    assert key in metrics, key
+  assert np.isfinite(metrics["train/loss"])
+  # fp32 sampler and learner on the same weights: the mismatch is rounding only
+  assert metrics["mismatch/abs_log_ratio_max"] < 1e-3
+  if algo == "dapo":
+    assert 1 <= metrics["sampling/rounds"] <= 3
+    assert metrics["sampling/groups_with_signal"] <= metrics["sampling/groups_drawn"]
+
+
+def test_over_turn_masking_leaves_rows_cut_by_the_limits_out_of_the_loss(tmp_path, tiny_vlm, train_data):
+  from deepeyes_jax.rl.shaping import OVER_LIMIT_STOPS
+  from deepeyes_jax.rl.trainer import train
+
+  cfg = _config(tiny_vlm[0], train_data, **{"rl.over_turn_masking": True, "total_steps": 1})
+  metrics = train(cfg, str(tmp_path / "run"))
+  cut = sum(metrics.get(f"stop/{s}", 0.0) for s in OVER_LIMIT_STOPS)
+  assert cut > 0  # the random tiny model runs into max_tokens_per_turn
+  assert metrics["sampling/over_turn_masked"] == pytest.approx(cut)
+  assert metrics["kept_fraction"] == pytest.approx(1.0 - cut)
+
+
+def test_off_policy_rollouts_are_one_step_stale_and_resume_exactly(tmp_path, tiny_vlm, train_data):
+  """rl.off_policy_steps=1: step n+1's rollouts run during step n's update with the weights before it (measured by
+  the mismatch metrics: stale rollouts differ from the learner's old policy, on-policy ones only by rounding); the
+  step after a planned checkpoint is on-policy, so a run killed after it resumes to the uninterrupted metrics."""
+  ckpt = tiny_vlm[0]
+  extra = ["--config.rl.off_policy_steps=1", "--config.checkpoint.every_steps=2", "--config.rl.old_logprobs=recompute"]
+
+  def run(workdir, kill=None):
+    launcher = [os.path.join(ROOT, "tests", "kill_hooks.py"), kill] if kill else ["-m"]
+    cmd = [
+      sys.executable, *launcher, "deepeyes_jax.train", f"--config={ROOT}/configs/deepeyes_7b.py:size=tiny",
+      f"--workdir={workdir}", f"--config.model.checkpoint={ckpt}", f"--config.data.train={train_data}",
+      "--config.total_steps=4", "--config.reward.plugins=reward_plugin", *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+  full = run(tmp_path / "full")
+  assert full.returncode == 0, full.stderr[-3000:]
+  a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in a] == [1, 2, 3, 4]
+  # Step index 3 (logged as step 4) was rolled out during step 3's update, one update stale; step index 2 (logged
+  # as 3) follows checkpoint 2 and is on-policy.
+  stale, fresh = a[3]["mismatch/abs_log_ratio_mean"], a[2]["mismatch/abs_log_ratio_mean"]
+  assert fresh < 1e-4 and stale > 100 * max(fresh, 1e-7), (fresh, stale)
+  # Killed after the 4th rollout call (step index 3's, made during step 2's update): resumes from checkpoint 2.
+  killed = run(tmp_path / "killed", kill="rollouts=4")
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  resumed = run(tmp_path / "killed")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from step 2" in resumed.stderr
+  b = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for row_a, row_b in zip(a[2:], b[2:]):
+    for key in ("reward/mean", "train/loss", "train/grad_norm", "mismatch/abs_log_ratio_mean"):
+      assert row_b[key] == pytest.approx(row_a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_off_policy_sampler_on_devices_of_its_own(tmp_path, tiny_vlm, train_data, capsys):
+  """rl.sampler_devices=4 of the 8 simulated devices: the learner's mesh holds the other 4, the weights are pushed
+  across (a resharding transfer) each step, and the rollouts of step 3 (during update 2) are one update stale (step
+  2 follows checkpoint 1, orbax's first, and is on-policy)."""
+  import jax
+
+  from deepeyes_jax.rl.trainer import _meshes, train
+
+  cfg = _config(
+    tiny_vlm[0],
+    train_data,
+    **{"rl.off_policy_steps": 1, "rl.sampler_devices": 4, "rl.old_logprobs": "recompute", "total_steps": 3},
+  )
+  cfg.checkpoint.every_steps = 10
+  learner_mesh, sampler_mesh = _meshes(cfg)
+  assert set(learner_mesh.devices.flat).isdisjoint(sampler_mesh.devices.flat)
+  assert len(learner_mesh.devices.flat) + len(sampler_mesh.devices.flat) == jax.device_count()
+  metrics = train(cfg, str(tmp_path / "run"))
+  assert "sampler on devices of its own" in capsys.readouterr().out
+  assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+  assert metrics["mismatch/abs_log_ratio_mean"] > 1e-4  # stale by one update

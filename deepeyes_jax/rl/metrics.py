@@ -186,6 +186,16 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
   m["tool/calls_per_traj"] = float(np.mean(calls)) if calls else 0.0
   m["tool/success_rate"] = float(sum(ok) / max(1, sum(calls)))
   m["tool/traj_with_call"] = float(np.mean([c > 0 for c in calls])) if calls else 0.0
+  crops = [_area_fraction(c.bbox, t.images[0].size) for t in trajectories for c in t.tool_calls if c.bbox and t.images]
+  if crops:  # the crop's share of the original image's area
+    m["tool/crop_area_frac"] = float(np.mean(crops))
+  # Answer accuracy of trajectories that used the tool (a successful call) vs of those that did not: whether
+  # looking closer pays, the signal the tool bonus relies on.
+  used = [t.num_successful_tool_calls > 0 for t in trajectories]
+  for key, want in (("tool/acc_with_tool", True), ("tool/acc_without_tool", False)):
+    accs = [r.acc for r, u in zip(rewards, used) if u == want]
+    if accs:
+      m[key] = float(np.mean(accs))
   status = collections.Counter(tc.status for t in trajectories for tc in t.tool_calls)
   for s, c in status.items():
     if s != "ok":
@@ -205,6 +215,45 @@ def rollout_metrics(trajectories: Sequence[Trajectory], rewards: Sequence[Any]) 
   m["length/generated"] = float(np.mean([int(t.action_mask.sum()) for t in trajectories])) if trajectories else 0.0
   m["length/total"] = float(np.mean([len(t.token_ids) for t in trajectories])) if trajectories else 0.0
   return m
+
+
+def _area_fraction(box, size) -> float:
+  x1, y1, x2, y2 = box
+  w, h = size
+  return max(0, x2 - x1) * max(0, y2 - y1) / max(1, w * h)
+
+
+class ToolHealth:
+  """Watches tool calls per trajectory for the collapse DeepEyes users report (calls falling to zero mid-run).
+
+  Per step: an exponential moving average of `tool/calls_per_traj` (`smoothing`) and its running peak; the step is
+  flagged (`tool/collapse` = 1, a warning in the log and the progress line) when the average falls below `fraction`
+  of the peak, once the peak reached `min_peak` calls per trajectory. `fraction` 0 = off. `state()` goes into the
+  checkpoint so that a resumed run flags the same steps.
+  """
+
+  def __init__(self, fraction: float, *, smoothing: float = 0.8, min_peak: float = 0.1, state: dict | None = None):
+    self.fraction, self.smoothing, self.min_peak = fraction, smoothing, min_peak
+    state = state or {}
+    self.ema: float | None = state.get("ema")
+    self.peak: float = state.get("peak", 0.0)
+
+  def state(self) -> dict:
+    return {"ema": self.ema, "peak": self.peak}
+
+  def update(self, calls_per_traj: float) -> dict[str, float]:
+    s = self.smoothing
+    self.ema = calls_per_traj if self.ema is None else s * self.ema + (1 - s) * calls_per_traj
+    self.peak = max(self.peak, self.ema)
+    collapsed = bool(self.fraction > 0 and self.peak >= self.min_peak and self.ema < self.fraction * self.peak)
+    if collapsed:
+      log.warning(
+        "tool calls collapsing: %.3f per trajectory (moving average) < %.0f%% of the run's peak %.3f",
+        self.ema,
+        100 * self.fraction,
+        self.peak,
+      )
+    return {"tool/calls_ema": self.ema, "tool/calls_peak": self.peak, "tool/collapse": float(collapsed)}
 
 
 class Progress:
@@ -251,6 +300,7 @@ class Progress:
       f"step {step}/{self.total} | reward {m.get('reward/mean', 0):.3f} | acc {m.get('accuracy', 0):.3f} | "
       f"tools/traj {m.get('tool/calls_per_traj', 0):.2f} (ok {m.get('tool/success_rate', 0):.2f}) | "
       f"loss {m.get('loss', 0):+.4f} | {pace:.1f} s/step | ETA {eta_text}"
+      + (" | WARNING: tool calls collapsing (< log.tool_collapse_fraction of peak)" if m.get("tool/collapse") else "")
     )
 
 

@@ -32,7 +32,8 @@ class PackedBatch:
   positions: np.ndarray  # (R, L) int32 slot within the row (causal mask; segments separate sequences)
   position_ids: np.ndarray  # (3, R, L) int32 M-RoPE positions
   loss_mask: np.ndarray  # (R, L) float32, 1 at action tokens
-  old_logprobs: np.ndarray  # (R, L) float32 behaviour log-probs at action tokens
+  old_logprobs: np.ndarray  # (R, L) float32 the PPO ratio's old policy at action tokens (sampler's or recomputed)
+  sampler_logprobs: np.ndarray  # (R, L) float32 the sampler's log-probs at action tokens (rollout correction, mismatch)
   advantages: np.ndarray  # (R, L) float32 the trajectory's advantage at its action tokens
   pixel_values: np.ndarray | None  # (R, P, 1176) float32, zero-padded per row
   plan: VisionPlan | None  # (R, ...) arrays (`make_row_plans`)
@@ -110,7 +111,7 @@ def pack(
     p = bucket(most, min_patch_bucket)
     pixel_values = row_patches(pvs, p, vision.patch_dim)
     plan = make_row_plans(grids, vision, pad_to=p)
-  return PackedBatch(tokens, seg, positions, pos_ids, mask, old, adv, pixel_values, plan)
+  return PackedBatch(tokens, seg, positions, pos_ids, mask, old, old.copy(), adv, pixel_values, plan)
 
 
 def minibatches(trajs, adv, rl, vision_cfg, learner) -> list[list]:

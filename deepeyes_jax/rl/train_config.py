@@ -40,6 +40,8 @@ LEARNER_KEYS = {
   "kl_coef": "rl.kl_coef",
   "entropy_coef": "rl.entropy_coef",
   "logits_chunk": "rl.logits_chunk",
+  "rollout_correction": "rl.rollout_correction",
+  "rollout_correction_threshold": "rl.rollout_correction_threshold",
 }
 WARMSTART_LEARNER_KEYS = {
   "learning_rate": "warmstart.learning_rate",
@@ -91,6 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
   p.choice("rl.old_logprobs", config.rl.old_logprobs, ("sampler", "recompute"))
   p.number("rl.min_row_len", config.rl.min_row_len, ge=1, integer=True)
   p.number("rl.micro_batch_rows", config.rl.micro_batch_rows, ge=1, integer=True)
+  _check_algorithms(p, config)
 
   # warm start
   ws = config.get("warmstart")
@@ -121,4 +124,30 @@ def validate(config: ml_collections.ConfigDict) -> list[str]:
   p.number("checkpoint.keep_period", c.keep_period, ge=1, integer=True, also=(None,), note="off")
   p.number("log.save_trajectories_every", config.log.save_trajectories_every, ge=0, integer=True)
   p.number("log.num_saved_trajectories", config.log.num_saved_trajectories, ge=0, integer=True)
+  p.number("log.tool_collapse_fraction", config.log.get("tool_collapse_fraction", 0.0), ge=0, lt=1)
   return p.raise_if_any("training config")
+
+
+def _check_algorithms(p: Problems, config: ml_collections.ConfigDict) -> None:
+  """The fields of the 2025-26 algorithms (docs/training.md, "RL algorithms") and how they combine."""
+  rl = config.rl
+  if rl.policy_loss == "gspo":
+    p.check("rl.aggregation", rl.aggregation, rl.aggregation == "seq_mean", "'seq_mean' with rl.policy_loss='gspo'")
+  if rl.rollout_correction != "none":
+    p.check(
+      "rl.old_logprobs",
+      rl.old_logprobs,
+      rl.old_logprobs == "recompute",
+      f"'recompute' with rl.rollout_correction={rl.rollout_correction!r} (its ratio is the learner's old policy "
+      "over the sampler's log-probs)",
+    )
+  p.choice("rl.dynamic_sampling", rl.dynamic_sampling, (False, True))
+  p.number("rl.dynamic_sampling_max_rounds", rl.dynamic_sampling_max_rounds, ge=1, integer=True)
+  if p.number("rl.overlong_buffer", rl.overlong_buffer, ge=0, integer=True) and rl.overlong_buffer:
+    budget = config.rollout.max_total_tokens - config.rollout.max_prompt_tokens
+    p.check("rl.overlong_buffer", rl.overlong_buffer, rl.overlong_buffer < budget, f"< the response budget {budget}")
+  p.number("rl.overlong_penalty", rl.overlong_penalty, ge=0)
+  p.choice("rl.over_turn_masking", rl.over_turn_masking, (False, True))
+  p.choice("rl.off_policy_steps", rl.off_policy_steps, (0, 1))
+  if p.number("rl.sampler_devices", rl.sampler_devices, ge=0, integer=True) and rl.sampler_devices:
+    p.check("rl.sampler_devices", rl.sampler_devices, rl.off_policy_steps > 0, "0 unless rl.off_policy_steps > 0")

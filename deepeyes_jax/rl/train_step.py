@@ -57,6 +57,7 @@ LEARNER_DOMAINS: dict[str, dict] = {
   "kl_coef": dict(ge=0),
   "entropy_coef": dict(),
   "logits_chunk": dict(ge=1, integer=True),
+  "rollout_correction_threshold": dict(gt=1),  # C: ratios are truncated at C (TIS) or kept inside [1/C, C] (MIS)
 }
 
 
@@ -71,6 +72,8 @@ def check_learner(p: Problems, values: Mapping[str, Any], names: Mapping[str, st
       p.number(name, value, **LEARNER_DOMAINS[field])
     elif field == "policy_loss":
       p.name(name, value, grpo.get_policy_loss)
+    elif field == "rollout_correction":
+      p.name(name, value, grpo.get_rollout_correction)
     elif field == "aggregation":
       p.choice(name, value, AGGREGATIONS)
 
@@ -94,6 +97,8 @@ class LearnerConfig:
   entropy_coef: float = 0.0  # entropy bonus; 0 = off, as in DeepEyes
   train_vision: bool = True
   logits_chunk: int = 512  # tokens per chunk of the vocabulary projection (bounds logits memory)
+  rollout_correction: str = "none"  # grpo.ROLLOUT_CORRECTIONS: "none" | "token_tis" | "seq_tis" | "token_mis" | ...
+  rollout_correction_threshold: float = 2.0
 
   def __post_init__(self):
     """Every field within its domain (``check_learner``), or a ValueError listing each one that is not."""
@@ -177,6 +182,12 @@ def _loss(params, graphdef, batch: PackedBatch, denominator, cfg: LearnerConfig,
   model = nnx.merge(graphdef, params)
   logp, ent = token_logprobs(model, batch, train_vision=cfg.train_vision, chunk=cfg.logits_chunk, with_entropy=True)
   mask = batch.loss_mask
+  seq_ids = grpo.sequence_ids(batch.segment_ids)
+  agg = lambda v: grpo.aggregate(v, mask, cfg.aggregation, denominator, seq_ids)  # noqa: E731
+  # Rollout correction: importance weights pi_old / mu (the learner's old policy over the sampler's), no gradient.
+  weights, corr = grpo.get_rollout_correction(cfg.rollout_correction)(
+    batch.old_logprobs, batch.sampler_logprobs, mask, seq_ids, cfg.rollout_correction_threshold
+  )
   loss_fn = grpo.get_policy_loss(cfg.policy_loss)
   loss, aux = loss_fn(
     logp,
@@ -188,14 +199,22 @@ def _loss(params, graphdef, batch: PackedBatch, denominator, cfg: LearnerConfig,
     dual_clip=cfg.dual_clip,
     aggregation=cfg.aggregation,
     denominator=denominator,
+    weights=None if cfg.rollout_correction == "none" else weights,
+    seq_ids=seq_ids,
   )
+  if cfg.rollout_correction != "none":
+    aux["correction/weight_mean"] = agg(weights)
+    aux.update({f"correction/{k}": agg(v) for k, v in corr.items()})
+  # The sampler / learner mismatch of the current parameters: before the step's first update they are pi_old.
+  mm = grpo.mismatch_metrics(logp, batch.sampler_logprobs, mask, cfg.aggregation, denominator, seq_ids)
+  aux.update({f"mismatch/{k}": v for k, v in mm.items()})
   ent = jax.lax.stop_gradient(ent) if cfg.entropy_coef == 0 else ent
-  aux["entropy"] = grpo.aggregate(ent, mask, cfg.aggregation, denominator)
+  aux["entropy"] = agg(ent)
   aux["pg_loss"] = loss
   if cfg.entropy_coef:
     loss = loss - cfg.entropy_coef * aux["entropy"]
   if cfg.kl_coef and ref_logprobs is not None:
-    aux["kl"] = grpo.aggregate(grpo.kl_k3(logp, ref_logprobs), mask, cfg.aggregation, denominator)
+    aux["kl"] = agg(grpo.kl_k3(logp, ref_logprobs))
     loss = loss + cfg.kl_coef * aux["kl"]
   aux["loss"] = loss
   return loss, aux
@@ -346,7 +365,7 @@ class Learner:
       with platform.scope(self.mesh):
         g, aux = self._grad(self.state, self.place(mb), denominator)
       grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-      aux_sum = aux if aux_sum is None else jax.tree.map(jnp.add, aux_sum, aux)
+      aux_sum = aux if aux_sum is None else {k: _combine(k, aux_sum[k], v) for k, v in aux.items()}
     self.state, self.opt_state, grad_norm, ok = self._apply(self.state, self.opt_state, grads, aux_sum["loss"])
     metrics = {k: float(v) for k, v in aux_sum.items()}
     metrics["grad_norm"] = float(grad_norm)
@@ -364,9 +383,21 @@ class Learner:
     return metrics
 
   def _denominator(self, micro_batches) -> jax.Array:
+    """The mini-batch's action tokens (token_mean) or trajectories holding action tokens (seq_mean)."""
     if self.cfg.aggregation == "token_mean":
       return jnp.float32(max(1.0, float(sum(mb.loss_mask.sum() for mb in micro_batches))))
-    return jnp.float32(max(1.0, float(sum((mb.loss_mask.sum(-1) > 0).sum() for mb in micro_batches))))
+    return jnp.float32(max(1.0, float(sum(num_sequences(mb) for mb in micro_batches))))
+
+
+def num_sequences(batch: PackedBatch) -> int:
+  """Trajectories (segments of packed rows) with at least one action token."""
+  ids = np.asarray(batch.segment_ids) + (batch.tokens.shape[1] + 1) * np.arange(batch.num_rows)[:, None]
+  return len(np.unique(ids[np.asarray(batch.loss_mask) > 0]))
+
+
+def _combine(key: str, a, b):
+  """Accumulates a metric over micro-batches: maxima (`*_max`) by max, the rest (shared denominators) by sum."""
+  return jnp.maximum(a, b) if key.endswith("_max") else a + b
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

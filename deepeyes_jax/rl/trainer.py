@@ -10,6 +10,7 @@ run killed at any point and restarted from its workdir produces the same metrics
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import signal
@@ -31,11 +32,12 @@ from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.data.pipeline import make_train_iterator
 from deepeyes_jax.eval import held_out
 from deepeyes_jax.eval import tasks as tasks_lib
+from deepeyes_jax.parallel import sharding as shd
 from deepeyes_jax.processing.tokenizer import load_tokenizer
 from deepeyes_jax.reward import rewards as rewards_lib
-from deepeyes_jax.rl import grpo, packing, train_config, warmstart
+from deepeyes_jax.rl import grpo, packing, shaping, train_config, warmstart
 from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, Checkpointer
-from deepeyes_jax.rl.metrics import Progress, device_peak_flops, make_writer, rollout_metrics
+from deepeyes_jax.rl.metrics import Progress, ToolHealth, device_peak_flops, make_writer, rollout_metrics
 from deepeyes_jax.rl.report import write_report
 from deepeyes_jax.rl.train_step import Learner, LearnerConfig
 from deepeyes_jax.sampling.sampler import Sampler
@@ -64,13 +66,163 @@ def learner_config(config: ml_collections.ConfigDict) -> LearnerConfig:
   return dataclass_from(LearnerConfig, config.optim, config.rl, config, dual_clip=config.rl.dual_clip or None)
 
 
-def step_seed(seed: int, step: int) -> int:
-  return zlib.crc32(f"{seed}/{step}".encode())
+def step_seed(seed: int, step: int, round_: int = 0) -> int:
+  """The rollout seed of a step (and of a dynamic-sampling round after the first)."""
+  return zlib.crc32(f"{seed}/{step}".encode() if round_ == 0 else f"{seed}/{step}/{round_}".encode())
+
+
+def _meshes(config) -> tuple:
+  """(learner mesh, sampler mesh): one mesh over every device, or with `rl.sampler_devices` = k the last k devices
+  for the sampler (rows over them, (data 1, fsdp k, tensor 1)) and the rest for the learner (`config.mesh`, -1 =
+  the remaining ones): one-step-off-policy rollouts then run on devices of their own, the weights pushed across
+  (a resharding transfer) once per step."""
+  k = config.rl.get("sampler_devices", 0)
+  if not k:
+    mesh = run_setup.make_mesh(config.mesh)
+    return mesh, mesh
+  devices = jax.devices()
+  if k >= len(devices):
+    raise ValueError(f"config.rl.sampler_devices={k}: must leave the learner a device ({len(devices)} in all)")
+  m = config.mesh
+  return shd.make_mesh(m.data, m.fsdp, m.tensor, devices=devices[:-k]), shd.make_mesh(1, k, 1, devices=devices[-k:])
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One RL step
+# One RL step: rollouts (collect_rollouts), then the update (learn)
 # --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Rollouts:
+  """One step's scored rollouts, what `learn` consumes."""
+
+  trajs: list  # Trajectory, in (round, task, sample) order
+  rewards: list  # RewardResult per trajectory
+  totals: np.ndarray  # (N,) float32 rewards after shaping (DAPO's overlong penalty)
+  groups: list[str]  # (N,) group id per trajectory: "round/task_id"
+  train: np.ndarray  # (N,) bool: rows of the groups the update may use (dynamic sampling keeps the filled batch)
+  metrics: dict[str, float]  # sampling/*, reward/overlong_*
+  seconds: float
+
+
+def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, data_iter) -> Rollouts:
+  """Rolls out a batch of prompts (G samples each) with the sampler's current weights and scores them.
+
+  With `rl.dynamic_sampling` (DAPO), groups whose (shaped) rewards are all equal carry no signal: more batches are
+  drawn and rolled out, up to `rl.dynamic_sampling_max_rounds` rounds, until `data.batch_size` groups with signal
+  are held; the update uses those (the first ones, in order) and the rest is dropped. Counted in `sampling/*`.
+  """
+  t0 = time.time()
+  rl = config.rl
+  want = config.data.batch_size
+  trajs, rewards, groups, signal_groups, rounds = [], [], [], [], 0
+  for r in range(rl.dynamic_sampling_max_rounds if rl.dynamic_sampling else 1):
+    tasks = [tasks_lib.record_task(e) for e in next(data_iter)]
+    tr = run_rollouts(
+      sampler,
+      tokenizer,
+      tasks,
+      group_size=config.rollout.group_size,
+      config=agent_cfg,
+      seed=step_seed(config.seed, step, r),
+    )
+    rounds += 1
+    trajs += tr
+    rewards += rewards_lib.score_trajectories(tr, tokenizer, judge)
+    groups += [f"{r}/{t.task_id}" for t in tr]
+    if not rl.dynamic_sampling:
+      break
+    totals = shaped_totals(trajs, rewards, config)
+    ok = [t.stop_reason != "error" for t in trajs]
+    signal = shaping.groups_with_signal(totals, groups, ok)
+    signal_groups = [g for g, has in signal.items() if has]
+    if len(signal_groups) >= want:
+      break
+  totals = shaped_totals(trajs, rewards, config)
+  m: dict[str, float] = {}
+  if rl.dynamic_sampling:
+    chosen = set(signal_groups[:want])
+    train = np.asarray([g in chosen for g in groups], bool)
+    n_groups = len(dict.fromkeys(groups))
+    m.update(
+      {
+        "sampling/rounds": float(rounds),
+        "sampling/groups_drawn": float(n_groups),
+        "sampling/groups_with_signal": float(len(signal_groups)),
+        "sampling/groups_zero_variance": float(n_groups - len(signal_groups)),
+        "sampling/batch_filled": float(len(signal_groups) >= want),
+      }
+    )
+  else:
+    train = np.ones(len(trajs), bool)
+  if rl.overlong_buffer:
+    pen = totals - np.asarray([r.total for r in rewards], np.float32)
+    m["reward/overlong_penalty"] = float(pen.mean()) if len(pen) else 0.0
+    m["reward/overlong_frac"] = float((pen < 0).mean()) if len(pen) else 0.0
+  return Rollouts(trajs, rewards, totals, groups, train, m, time.time() - t0)
+
+
+def shaped_totals(trajs, rewards, config) -> np.ndarray:
+  """(N,) float32 rewards plus DAPO's overlong penalty (`rl.overlong_buffer` > 0): over the last `overlong_buffer`
+  tokens of each row's response budget (max_total_tokens minus its prompt)."""
+  totals = np.asarray([r.total for r in rewards], np.float32)
+  if not config.rl.overlong_buffer:
+    return totals
+  pen = shaping.overlong_penalty(
+    [t.response_length for t in trajs],
+    [config.rollout.max_total_tokens - t.prompt_length for t in trajs],
+    buffer=config.rl.overlong_buffer,
+    factor=config.rl.overlong_penalty,
+  )
+  return totals + pen
+
+
+def learn(batch: Rollouts, learner: Learner, config, vision_cfg) -> dict[str, float]:
+  """Advantages, the rows that learn, the update(s); returns the step's metrics (rollouts, update, mismatch)."""
+  trajs, rl = batch.trajs, config.rl
+  # A row the engine ended with an error (its message in metadata["error"], counted in errors/rows) is left out of
+  # its group's statistics and of the update: its reward says nothing about the policy.
+  ok = np.asarray([t.stop_reason != "error" for t in trajs], bool) & batch.train
+  adv, keep = np.zeros(len(trajs), np.float32), np.zeros(len(trajs), bool)
+  if ok.any():
+    adv_ok, keep_ok = grpo.get_advantage_fn(rl.advantage)(
+      batch.totals[ok],
+      [g for g, o in zip(batch.groups, ok) if o],
+      eps=rl.adv_eps,
+      drop_zero_variance=rl.drop_zero_variance or rl.dynamic_sampling,
+    )
+    adv[ok], keep[ok] = adv_ok, keep_ok
+  # A row without generated tokens (a prompt longer than max_total_tokens) has nothing to learn from, and its
+  # prompt may not fit a packing row.
+  keep &= np.asarray([bool(t.action_mask.any()) for t in trajs])
+  masked = shaping.over_turn([t.stop_reason for t in trajs]) & keep if rl.over_turn_masking else np.zeros_like(keep)
+  keep &= ~masked  # over-turn masking: in their group's statistics, out of the loss
+  kept = [t for t, k in zip(trajs, keep) if k]
+  t1 = time.time()
+  first: dict[str, float] = {}
+  update_metrics: dict[str, float] = {}
+  if kept:
+    batches = packing.minibatches(kept, adv[keep], rl, vision_cfg, learner)
+    for _ in range(rl.ppo_epochs):
+      for micro in batches:
+        update_metrics = learner.update(micro)
+        first = first or update_metrics
+  metrics = rollout_metrics(trajs, batch.rewards)
+  metrics.update(batch.metrics)
+  metrics.update({f"train/{k}": v for k, v in update_metrics.items() if not k.startswith("mismatch/")})
+  # Measured by the first update, whose parameters are still the old policy's (docs/training.md).
+  metrics.update({k: v for k, v in first.items() if k.startswith("mismatch/")})
+  metrics["loss"] = update_metrics.get("loss", 0.0)
+  metrics["kept_fraction"] = float(np.mean(keep)) if len(keep) else 0.0
+  if rl.over_turn_masking:
+    metrics["sampling/over_turn_masked"] = float(np.mean(masked)) if len(masked) else 0.0
+  metrics["time/rollout_s"] = batch.seconds
+  metrics["time/update_s"] = time.time() - t1
+  # Token counts for the caller's throughput and MFU (popped there).
+  metrics["_gen_tokens"] = sum(int(t.action_mask.sum()) for t in trajs)
+  metrics["_all_tokens"] = metrics["_rollout_tokens"] = sum(len(t.token_ids) for t in trajs)
+  metrics["_train_tokens"] = sum(len(t.token_ids) for t in kept) * rl.ppo_epochs
+  return metrics
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
@@ -86,14 +238,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # workdir paths go through epath: local or gs://
   if jax.process_index() == 0:  # what `python -m deepeyes_jax.export` needs to turn a checkpoint into an HF model
     (epath.Path(workdir) / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))  # epath: gs:// too
-  mesh = run_setup.make_mesh(config.mesh)
+  mesh, sampler_mesh = _meshes(config)
   chief = jax.process_index() == 0
   if chief:
     print(f"{jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}", flush=True)
+    if sampler_mesh is not mesh:
+      print(f"sampler on devices of its own: mesh {dict(sampler_mesh.shape)}", flush=True)
   checkpoint = run_setup.model_dir(config, workdir)
   model = run_setup.load_model(config, mesh, checkpoint)
   tokenizer = load_tokenizer(config.model.tokenizer or checkpoint)
-  sampler = Sampler(model, mesh=mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
+  sampler = Sampler(model, mesh=sampler_mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
   sampler.release()  # its copy of the weights is made before each rollout phase (sampler.state = learner.state)
   agent_cfg = run_setup.agent_config(config)
   judge = run_setup.make_judge(config, workdir)
@@ -135,7 +289,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   restored = ckpt.restore_latest(
     learner.state, learner.opt_state, lambda s: ws_iter if s < warm_steps else data_iter, config.total_steps
   )
-  start = 0
+  start, tool_state = 0, None
   if restored is not None:
     start, state, opt_state, meta = restored
     phase_cfg = warmstart_learner_config(config) if start < warm_steps else learner_config(config)
@@ -144,6 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     learner.state, learner.opt_state, learner.step = state, opt_state, meta["learner_step"]
     if start == warm_steps:  # the warm-start checkpoint: GRPO starts with a fresh optimiser
       learner = _switch_to_rl(learner, config, mesh)
+    tool_state = meta.get("tool_health")
     log.info("resuming from step %d", start)
   writer = make_writer(workdir, resume_step=start)
   if start == 0 and chief:
@@ -156,6 +311,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     config, workdir, tokenizer, sampler, agent_cfg, writer, make_tasks=lambda: run_setup.held_out_tasks(config)
   )
   probe = None  # SkillProbe, built at the first warm-start probe
+  tool_health = ToolHealth(config.log.get("tool_collapse_fraction", 0.0), state=tool_state)
+
+  def collect(step: int) -> Rollouts:
+    return collect_rollouts(step, config, sampler, tokenizer, agent_cfg, judge, data_iter)
+
+  off_policy = config.rl.off_policy_steps > 0
+  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts") if off_policy else None
+  pending: concurrent.futures.Future | None = None  # the next step's rollouts, when they run during an update
+  data_state = None  # the data iterator's state before `pending` drew its prompts
 
   with StopSignals() as stop:  # kill PID / Ctrl-C: the step in flight is finished and checkpointed
     for step in range(start, config.total_steps):
@@ -182,59 +346,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           return metrics
         continue
 
-      examples = next(data_iter)
-      tasks = [tasks_lib.record_task(e) for e in examples]
-      sampler.state = learner.state
-      trajs = run_rollouts(
-        sampler,
-        tokenizer,
-        tasks,
-        group_size=config.rollout.group_size,
-        config=agent_cfg,
-        seed=step_seed(config.seed, step),
-      )
-      sampler.release()  # the learner step does not hold the sampler's copy of the weights
-      t_rollout = time.time() - t0
-      rewards = rewards_lib.score_trajectories(trajs, tokenizer, judge)
-      adv_fn = grpo.get_advantage_fn(config.rl.advantage)
-      # A row the engine ended with an error (its message in metadata["error"], counted in errors/rows) is left out of
-      # its group's statistics and of the update: its reward says nothing about the policy.
-      ok = np.asarray([t.stop_reason != "error" for t in trajs], bool)
-      adv, keep = np.zeros(len(trajs), np.float32), np.zeros(len(trajs), bool)
-      if ok.any():
-        adv_ok, keep_ok = adv_fn(
-          [r.total for r, o in zip(rewards, ok) if o],
-          [t.task_id for t, o in zip(trajs, ok) if o],
-          eps=config.rl.adv_eps,
-          drop_zero_variance=config.rl.drop_zero_variance,
-        )
-        adv[ok], keep[ok] = adv_ok, keep_ok
-      # A row without generated tokens (a prompt longer than max_total_tokens) has nothing to learn from, and its
-      # prompt may not fit a packing row.
-      keep &= np.asarray([bool(t.action_mask.any()) for t in trajs])
-      kept = [t for t, k in zip(trajs, keep) if k]
-      t1 = time.time()
-      update_metrics: dict[str, float] = {}
-      if kept:
-        batches = packing.minibatches(kept, adv[keep], config.rl, sampler.config.vision, learner)
-        for _ in range(config.rl.ppo_epochs):
-          for micro in batches:
-            update_metrics = learner.update(micro)
-      t_update = time.time() - t1
-
-      metrics = rollout_metrics(trajs, rewards)
-      metrics.update({f"train/{k}": v for k, v in update_metrics.items()})
-      metrics["loss"] = update_metrics.get("loss", 0.0)
-      metrics["kept_fraction"] = float(np.mean(keep)) if len(keep) else 0.0
-      gen_tokens = sum(int(t.action_mask.sum()) for t in trajs)
-      all_tokens = sum(len(t.token_ids) for t in trajs)
-      train_tokens = sum(len(t.token_ids) for t in kept) * config.rl.ppo_epochs
-      metrics["time/rollout_s"] = t_rollout
-      metrics["time/update_s"] = t_update
+      if pending is not None:  # one-step-off-policy: rolled out while the previous update ran
+        batch, pending = pending.result(), None
+        sampler.release()
+      else:
+        sampler.push(learner.state)
+        batch = collect(step)
+        sampler.release()  # the learner step does not hold the sampler's copy of the weights
+      prefetch = off_policy and step + 1 < config.total_steps and not stop.requested
+      if prefetch and not _planned_save(ckpt, step + 1, config):
+        # Step n+1's rollouts run now, with the weights before this update (staleness 1), while it runs. Not past a
+        # planned checkpoint (the step after one is rolled out on-policy, so a resumed run repeats it exactly).
+        data_state = data_iter.get_state()
+        sampler.push(learner.state, private=True)  # the update donates learner.state
+        pending = executor.submit(collect, step + 1)
+      metrics = learn(batch, learner, config, sampler.config.vision)
+      metrics.update(tool_health.update(metrics["tool/calls_per_traj"]))
       metrics["time/step_s"] = time.time() - t0
-      metrics["throughput/rollout_tokens_per_s"] = all_tokens / max(t_rollout, 1e-9)
-      metrics["throughput/generated_tokens_per_s"] = gen_tokens / max(t_rollout, 1e-9)
-      flops = 2 * n_params * all_tokens + 6 * n_params * train_tokens
+      metrics["throughput/rollout_tokens_per_s"] = metrics.pop("_all_tokens") / max(batch.seconds, 1e-9)
+      metrics["throughput/generated_tokens_per_s"] = metrics.pop("_gen_tokens") / max(batch.seconds, 1e-9)
+      flops = 2 * n_params * metrics.pop("_rollout_tokens") + 6 * n_params * metrics.pop("_train_tokens")
       metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
       metrics.update(data_stats.metrics())  # data/skipped_records and data/skipped_<reason>
       if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
@@ -244,15 +375,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         print(progress.line(step + 1, metrics), flush=True)
         if config.log.save_trajectories_every and (step + 1) % config.log.save_trajectories_every == 0:
           save_trajectories(
-            trajs[: config.log.num_saved_trajectories],
+            batch.trajs[: config.log.num_saved_trajectories],
             epath.Path(workdir) / "rollouts",
             filename=f"step_{step + 1:06d}.jsonl",
           )
-      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stop)
+      if pending is not None and (stop.requested or ckpt.reached_preemption(step + 1)):
+        pending.result()  # the next step's rollouts are dropped: the checkpoint resumes before them
+        pending = None
+        data_iter.set_state(data_state)
+      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stop, tool_health.state())
       if _stopped(ckpt, step + 1, stop, chief):
         writer.flush()
         return metrics
   ckpt.close()
+  if executor is not None:
+    executor.shutdown()
   sampler.state = learner.state
   final = evaluator.run("final", config.total_steps)
   if final is not None and chief:
@@ -265,7 +402,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return metrics
 
 
-def _save(ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config, warm_steps: int, stop) -> None:
+def _planned_save(ckpt: Checkpointer, step: int, config) -> bool:
+  """Whether checkpoint `step` (steps done) will be saved: orbax's decision (every `checkpoint.every_steps`, a first
+  checkpoint, a preemption sync point) or the last step."""
+  return step == config.total_steps or ckpt.manager.should_save(step)
+
+
+def _save(
+  ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config, warm_steps: int, stop, tool_health=None
+) -> None:
   """Orbax decides: every `checkpoint.every_steps`, the warm-start and last steps, and a preemption sync point
   (all processes agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs); and the
   step a single-process run got SIGTERM / SIGINT in (`StopSignals`)."""
@@ -275,6 +420,7 @@ def _save(ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config
     learner.opt_state,
     learner_step=learner.step,
     data_iterator=data_iterator,
+    extra={"tool_health": tool_health} if tool_health else None,
     force=step in (config.total_steps, warm_steps) or stop.requested,
   )
 

@@ -111,6 +111,13 @@ def sampling_layout(state, dtype, mesh: Mesh | None, layout: str = "tensor_paral
   leaves = jax.tree.leaves(state)
   same_dtype = all(not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype for x in leaves)
   shardings = sampling_shardings(state, mesh, layout)
+  if shardings is not None and any(
+    getattr(x, "sharding", None) is not None and x.sharding.device_set != set(mesh.devices.flat) for x in leaves
+  ):
+    # Weights on other devices (the learner's group, the sampler on devices of its own: one-step-off-policy
+    # rollouts): one resharding transfer, then the cast below runs on the sampler's devices.
+    state = jax.device_put(state, shardings)
+    leaves = jax.tree.leaves(state)
   same_layout = shardings is None or all(
     getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim)
     for x, s in zip(leaves, jax.tree.leaves(shardings))
@@ -169,6 +176,15 @@ class Sampler:
   def state(self, state) -> None:
     """New weights (e.g. `learner.state` after an update): laid out for sampling once, here."""
     self._state = sampling_layout(state, self.dtype, self.mesh, self.weight_layout)
+
+  def push(self, state, *, private: bool = False) -> None:
+    """`self.state = state`; with `private`, never the caller's own arrays (a copy where the layout made none):
+    the learner may meanwhile donate its parameters to its next update (one-step-off-policy rollouts)."""
+    self.state = state
+    if private:
+      mine, theirs = jax.tree.leaves(self._state), jax.tree.leaves(state)
+      if any(a is b for a, b in zip(mine, theirs)):
+        self._state = jax.tree.map(jnp.copy, self._state)
 
   def release(self) -> None:
     """Drops the sampler's reference to its weights (its copy, with `weight_layout="tensor_parallel"`, is freed):
