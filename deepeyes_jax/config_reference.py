@@ -138,7 +138,8 @@ def render_config(path: Path, root: Path = ROOT) -> str:
   if doc:
     out += ["```", doc, "```", ""]
   usage = f"--config {rel}" + (f"[:{'|'.join(names)}]" if names else "")
-  out += [f"Use: `python -m deepeyes_jax.train {usage}`; override any field with `--config.FIELD=VALUE`.", ""]
+  entry = "train" if any(f.startswith("rl.") for f in base) else "evaluate"  # evaluation configs have no `rl` block
+  out += [f"Use: `python -m deepeyes_jax.{entry} {usage}`; override any field with `--config.FIELD=VALUE`.", ""]
   if names:
     out += ["Variants (`arg` of `get_config`): " + ", ".join(f"`{v}`" for v in names) + ".", ""]
   groups: dict[str, list[str]] = {}

@@ -83,16 +83,20 @@ def run(config: ml_collections.ConfigDict) -> dict:
   rollout_fn = agent_rollouts(sampler, tokenizer, run_setup.agent_config(config), one_turn=config.no_tool)
   directory = out_dir(config)
   judge = run_setup.make_judge(config, directory) if config.reward.use_judge else None
-  summary = evaluate_benchmark(
-    items,
-    rollout_fn,
-    directory,
-    s,
-    tokenizer=tokenizer,
-    judge=judge,
-    load_report=report,
-    write=jax.process_index() == 0,
-  )
+  try:
+    summary = evaluate_benchmark(
+      items,
+      rollout_fn,
+      directory,
+      s,
+      tokenizer=tokenizer,
+      judge=judge,
+      load_report=report,
+      write=jax.process_index() == 0,
+    )
+  finally:  # the verdicts a gs:// cache still holds in memory (a killed run keeps those written before)
+    if judge is not None:
+      judge.close()
   if jax.process_index() == 0:
     print(summary_markdown(summary), flush=True)
     print(f"wrote {directory}/results.jsonl, summary.json, summary.md", flush=True)

@@ -73,11 +73,11 @@ Flags may be written --flag VALUE or --flag=VALUE, with '-' or '_' inside the na
 
 Examples:
   $PROG create --name my-pod --zone us-central2-b --accelerator-type v5p-64 --version v2-alpha-tpuv5 --spot
-  $PROG setup  --name my-pod --zone us-central2-b --repo_url https://github.com/ORG/deepeyes_jax.git --ref main
-  $PROG train  --name my-pod --zone us-central2-b --config configs/deepeyes_7b.py --workdir gs://BUCKET/runs/7b \\
+  $PROG setup  --name my-pod --zone us-central2-b --repo_url https://github.com/ORG/deepeyes_jax.git --ref main  # ORG: your fork (a placeholder)
+  $PROG train  --name my-pod --zone us-central2-b --config configs/deepeyes_7b.py --workdir gs://my-bucket/runs/7b \\
       --env DEEPEYES_JUDGE_URL=http://judge:8000/v1 \\
       -- --config.model.checkpoint=../ckpt/Qwen2.5-VL-7B-Instruct --config.data.train='../data/deepeyes47k/*.parquet'
-  $PROG eval   --name my-pod --zone us-central2-b --config configs/eval_vstar.py --workdir gs://BUCKET/evals/vstar \\
+  $PROG eval   --name my-pod --zone us-central2-b --config configs/eval_vstar.py --workdir gs://my-bucket/evals/vstar \\
       -- --config.checkpoint=../ckpt/Qwen2.5-VL-7B-Instruct --config.data_path=../data/vstar_bench
   $PROG logs   --name my-pod --zone us-central2-b --worker 0 --follow
 EOF

@@ -293,6 +293,9 @@ def test_pope_summary_yes_no_metrics_and_load_skips(tmp_path, tiny_vlm):
   recs = {r["item_id"]: r for r in map(json.loads, open(out / "results.jsonl"))}
   assert {i: r["samples"][0]["answer"] for i, r in recs.items()} == said
   assert summary["overall"]["items"] == 7 and summary["overall"]["skipped"] == 2  # the load report's skips
+  # both skipped lines are popular ones (the file's name says so): counted in that category too
+  assert {c: row["skipped"] for c, row in summary["by_category"].items()} == {"adversarial": 0, "popular": 2}
+  assert summary["load_report"]["by_category"] == {"popular": 2}
   assert summary["overall"]["accuracy"] == pytest.approx(3 / 7)  # adversarial/1, adversarial/4, popular/1
   assert summary["has_options"] is False
   yn = summary["yes_no"]
@@ -317,7 +320,8 @@ def test_pope_summary_yes_no_metrics_and_load_skips(tmp_path, tiny_vlm):
   assert 'counts as a "no" prediction' in md
   overall_row = next(x for x in md.splitlines() if x.startswith("| **overall** | 7 | 42.9"))
   assert overall_row.endswith("| 2 |")  # the skipped column: the two items skipped at load
-  assert "2 items skipped when loading (bad_field 1, missing_file 1)" in md
+  assert next(x for x in md.splitlines() if x.startswith("| popular | 3 |")).endswith("| 2 |")
+  assert "2 items skipped when loading (bad_field 1, missing_file 1), counted in `skipped`;" in md
   assert "| this run | 42.9 |" in md
 
 
@@ -333,3 +337,68 @@ def test_summary_header_names_option_order_only_when_options_are_shown():
   open_rec = {**rec, "options_shown": []}
   md = runner.summary_markdown(runner.summarize([open_rec], unshuffled))
   assert "option" not in md and "yes_no" not in runner.summarize([open_rec], unshuffled)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Items skipped at load, by category
+
+
+def test_loaders_count_skipped_items_by_the_category_they_would_have_had(tmp_path):
+  """V*: the sub-directory; HR-Bench: the row's category column (not for a row with the wrong number of fields);
+  POPE: the record's category, else the file name's (not for a line that is not JSON in a file naming none);
+  DeepEyes: the record's data_source."""
+  from benchmark_fixtures import hrbench_rows, write_pope, write_tsv
+
+  root = write_vstar(str(tmp_path / "vstar"))
+  os.remove(os.path.join(root, "direct_attributes", "sa_1.json"))
+  with open(os.path.join(root, "relative_position", "sa_3.jpg"), "wb") as f:
+    f.write(b"not a jpeg")
+  _, report = bm.load_vstar(root)
+  assert report.skipped == 2 and report.by_category == {"direct_attributes": 1, "relative_position": 1}
+
+  rows = hrbench_rows(4)  # categories single, cross, single, cross
+  rows[0][2] = "E"  # a bad answer: single
+  rows[1][-1] = "!!!"  # not base64: cross
+  rows.append(rows[3][:5])  # a short row: its category column is not there
+  _, report = bm.load_hrbench(write_tsv(str(tmp_path / "hr_bench_4k.tsv"), rows))
+  assert report.skipped == 3 and report.by_category == {"single": 1, "cross": 1}
+
+  path, img_dir = write_pope(str(tmp_path / "pope"), n=2)  # coco_pope_adversarial.json
+  with open(path, "a") as f:
+    f.write("not json\n")  # the file's category
+    f.write(json.dumps({"question_id": 7, "image": "x.jpg", "text": "?", "label": "yes", "category": "random"}) + "\n")
+  other = os.path.join(os.path.dirname(path), "extra_questions.json")  # a name that names no category
+  with open(other, "w") as f:
+    f.write("{torn\n")  # unreadable: overall only
+    f.write(json.dumps({"question_id": 8, "image": "x.jpg", "text": "?", "label": "maybe"}) + "\n")  # "all"
+  _, report = bm.load_pope(os.path.dirname(path), img_dir)
+  assert report.skipped == 4 and report.by_category == {"adversarial": 1, "random": 1, "all": 1}
+
+  records = [{"data_source": "vstar", "prompt": "not a list"}, {"data_source": 3, "prompt": []}]
+  jsonl = tmp_path / "de.jsonl"
+  jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+  items, report = bm.load_deepeyes(str(jsonl))
+  assert items == [] and report.skipped == 2 and report.by_category == {"vstar": 1}
+
+
+def test_summary_counts_load_skips_per_category_and_says_which_are_overall_only():
+  def record(item_id, category, correct):
+    sample = dict.fromkeys(loop.SAMPLE_KEYS, 0) | {"answer": "A", "correct": correct, "how": "rule", "zoom_ious": []}
+    rec = {"item_id": item_id, "category": category, "options_shown": ["a", "b"], "ground_truth": "A"}
+    return rec | loop.item_record(item_id, [sample | {"error": None}])
+
+  records = [record("single/1", "single", True), record("single/2", "single", False)]
+  report = bm.LoadReport("hrbench_4k", "x.tsv", items=2)
+  report.skip("x.tsv:3", bm.BAD_IMAGE, "not base64", category="single")
+  report.skip("x.tsv:4", bm.BAD_IMAGE, "not base64", category="cross")  # every cross item was skipped
+  report.skip("x.tsv:5", bm.BAD_FIELD, "row has 5 fields")  # category unreadable
+  settings = runner.EvalSettings(benchmark="hrbench_4k", checkpoint="x")
+  summary = runner.summarize(records, settings, report)
+  assert {c: (row["items"], row["skipped"]) for c, row in summary["by_category"].items()} == {
+    "cross": (0, 1), "single": (2, 1)
+  }  # fmt: skip
+  assert summary["overall"]["skipped"] == 3 and summary["overall"]["accuracy"] == 0.5
+  md = runner.summary_markdown(summary)
+  assert next(x for x in md.splitlines() if x.startswith("| cross | 0 |")).endswith("| 1 |")
+  assert next(x for x in md.splitlines() if x.startswith("| **overall** | 2 |")).endswith("| 3 |")
+  assert "3 items skipped when loading (bad_field 1, bad_image 2), counted in `skipped` (1 in the overall row " in md

@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+from etils import epath
+from test_workdir_paths import gcs  # noqa: F401  (a fake gs:// bucket, in memory, behind epath's two backends)
 
 from deepeyes_jax.reward import judge as J
 from deepeyes_jax.reward import rewards as R
@@ -367,6 +369,75 @@ def test_disk_cache_survives_a_new_client(server, tmp_path):
   assert len(server.chat_requests) == 2
   # Another judge model does not reuse the verdicts.
   assert make_judge(server, cache_path=str(path), model="other", max_retries=0).judge(QUESTION, "red", GT) is None
+
+
+def _cache_rows(path) -> list[tuple[str, bool]]:
+  return [(r["answer"], r["verdict"]) for r in map(json.loads, epath.Path(path).read_text().splitlines())]
+
+
+def test_local_disk_cache_is_appended_per_verdict_and_flush_adds_nothing(server, tmp_path):
+  path = tmp_path / "judge_cache.jsonl"
+  judge = make_judge(server, cache_path=str(path), cache_flush_every=100)
+  judge.judge(QUESTION, "red", GT)
+  assert _cache_rows(path) == [("red", True)]  # on disk at once, not after 100 verdicts
+  judge.judge(QUESTION, "blue", GT)
+  judge.close()
+  judge.flush()
+  assert _cache_rows(path) == [("red", True), ("blue", False)]
+
+
+def test_disk_cache_on_gs_is_rewritten_every_n_verdicts_and_on_close(server, gcs):  # noqa: F811
+  """gs:// cannot append: new verdicts wait in memory; after `cache_flush_every` of them, and on close(), the object
+  is rewritten with every verdict; a new client reads it back."""
+  path = f"{gcs}/judge_cache.jsonl"
+  judge = make_judge(server, cache_path=path, cache_flush_every=3)
+  judge.judge(QUESTION, "red", GT)
+  judge.judge(QUESTION, "blue", GT)
+  assert not epath.Path(path).exists()  # two verdicts: not written yet
+  judge.judge(QUESTION, "green", GT)
+  assert _cache_rows(path) == [("red", True), ("blue", False), ("green", False)]
+  judge.judge(QUESTION, "umbrella red", GT)
+  assert len(_cache_rows(path)) == 3
+  judge.close()
+  assert _cache_rows(path)[-1] == ("umbrella red", True)
+  judge.close()  # nothing new: no rewrite
+  server.stop()
+  again = make_judge(server, cache_path=path, max_retries=0)
+  assert [again.judge(QUESTION, a, GT) for a in ("red", "blue", "green", "umbrella red")] == [True, False, False, True]
+  assert again.metrics()["disk_cache_loaded"] == 4 and len(server.chat_requests) == 4
+
+
+def test_disk_cache_on_gs_under_concurrent_verdicts_keeps_each_once(server, gcs):  # noqa: F811
+  path = f"{gcs}/judge_cache.jsonl"
+  with make_judge(server, cache_path=path, cache_flush_every=2, max_workers=8) as judge:
+    colors = [f"color{i}" for i in range(13)]
+    assert judge.judge_many([(QUESTION, c, GT) for c in colors]) == [False] * 13
+  assert sorted(a for a, _ in _cache_rows(path)) == sorted(colors)  # the with block closed it: all 13, once each
+
+
+def test_disk_cache_failures_are_warnings(server, gcs, caplog):  # noqa: F811
+  """A cache that cannot be read starts empty; one that cannot be written keeps its verdicts for the next flush."""
+  caplog.set_level(logging.WARNING, logger=J.__name__)
+  path = f"{gcs}/judge_cache.jsonl"
+  cls = type(epath.Path(path))
+
+  def broken(*args, **kwargs):
+    raise OSError("the bucket said no")
+
+  with pytest.MonkeyPatch.context() as mp:  # its own: undoing it leaves the fake bucket in place
+    mp.setattr(cls, "exists", broken)
+    judge = make_judge(server, cache_path=path, cache_flush_every=1)
+  assert "cannot read the cache" in caplog.text and judge.metrics()["disk_cache_loaded"] == 0
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(cls, "write_bytes", broken)
+    assert judge.judge(QUESTION, "red", GT) is True  # the verdict, whatever the cache
+    assert judge.metrics()["disk_cache_write_failures"] == 1 and "cannot write the cache" in caplog.text
+    assert judge.judge(QUESTION, "blue", GT) is False  # a failing store is retried with the next verdict(s)
+    assert judge.metrics()["disk_cache_write_failures"] == 2
+  judge.flush()  # the verdicts that failed to be written are written now
+  assert _cache_rows(path) == [("red", True), ("blue", False)]
+  local = make_judge(server, cache_path="/nonexistent-dir/judge_cache.jsonl")
+  assert local.judge(QUESTION, "blue", GT) is False and local.metrics()["disk_cache_write_failures"] == 1
 
 
 # --- outages -------------------------------------------------------------------------------------------------

@@ -216,6 +216,7 @@ def test_tpu_help(fx, args):
   for word in TPU_SUBCOMMANDS + TPU_FLAGS:
     assert word in p.stdout, word
   assert "gs://" in p.stdout
+  assert "--repo_url https://github.com/ORG/deepeyes_jax.git --ref main  # ORG: your fork (a placeholder)" in p.stdout
   assert fx.calls() == []
 
 
@@ -583,13 +584,13 @@ def test_slurm_help(fx, args):
     assert word in p.stdout, word
 
 
-def _sbatch_text(stdout: str) -> str:
+def sbatch_text(stdout: str) -> str:
   m = re.search(r"^# sbatch script \(would be written to .*?\):\n(.*)^# end of sbatch script$", stdout, re.M | re.S)
   assert m, stdout
   return m.group(1)
 
 
-def _srun_argv(script: str) -> list[str]:
+def srun_argv(script: str) -> list[str]:
   text = script.replace("\\\n", " ")
   [line] = [ln for ln in text.splitlines() if ln.startswith("srun ")]
   return shlex.split(line)
@@ -606,7 +607,7 @@ def test_slurm_dry_run(fx, tmp_path):
   )  # fmt: skip
   assert not out.exists() and not out.parent.exists() and fx.calls() == []  # nothing written, nothing run
   assert plus_lines(p.stdout) == [["mkdir", "-p", f"{REPO}/logs", str(out.parent)], ["sbatch", str(out)]]
-  script = _sbatch_text(p.stdout)
+  script = sbatch_text(p.stdout)
   assert script.startswith("#!/bin/bash\n")
   sbatch = [ln.removeprefix("#SBATCH ") for ln in script.splitlines() if ln.startswith("#SBATCH ")]
   assert sbatch == [
@@ -621,7 +622,7 @@ def test_slurm_dry_run(fx, tmp_path):
   assert 'export JAX_NUM_PROCESSES="$SLURM_NTASKS"' in lines
   assert "export DEEPEYES_JUDGE_URL=http://judge/v1" in lines
   assert f"source {REPO}/.venv/bin/activate" in lines
-  argv = _srun_argv(script)
+  argv = srun_argv(script)
   assert argv[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
   assert argv[4] == 'export JAX_PROCESS_ID="$SLURM_PROCID"; exec python -m deepeyes_jax.train "$@"'
   assert argv[5:] == [
@@ -636,7 +637,7 @@ def test_slurm_write_only_stdout_and_eval(fx):
   assert plus_lines(p.stdout) == [] and fx.calls() == []
   assert p.stdout.startswith("#!/bin/bash\n")
   assert "source /opt/venvs/de/bin/activate" in p.stdout and "#SBATCH --job-name=deepeyes-eval" in p.stdout
-  argv = _srun_argv(p.stdout)
+  argv = srun_argv(p.stdout)
   assert "exec python -m deepeyes_jax.evaluate" in argv[4] and argv[5:] == ["deepeyes_jax.evaluate", "--config", CONFIG]
   assert "warning" in p.stderr and "--venv" in p.stderr  # /opt/venvs/de does not exist here
   bash_syntax_ok(p.stdout)
@@ -646,7 +647,7 @@ def test_slurm_eval_workdir_is_the_out_dir(fx):
   extra = ["--config.checkpoint=/shared/ckpt/DeepEyes-7B", "--config.data_path=/shared/data/vstar_bench"]
   args = ["eval", *SLURM_BASE, "--config", EVAL_CONFIG, "--workdir", "/shared/evals/v", "--write-only"]
   p = fx.run(SLURM, *args, "--", *extra)
-  argv = _srun_argv(p.stdout)
+  argv = srun_argv(p.stdout)
   assert argv[5:] == ["deepeyes_jax.evaluate", "--config", EVAL_CONFIG, "--config.out_dir=/shared/evals/v", *extra]
 
 
@@ -675,7 +676,7 @@ def test_slurm_submit_and_run_job(fx, tmp_path):
   assert (repo / "logs").is_dir() and out.exists()
   assert plus_lines(p.stderr) == [["mkdir", "-p", f"{repo}/logs", str(tmp_path)], ["sbatch", str(out)]]
   dry = fx.run(SLURM, *args, "--dry-run", *python_args, extra_env=judge)
-  assert _sbatch_text(dry.stdout).replace(" --dry-run", "") == out.read_text()  # same script (its header: same flags)
+  assert sbatch_text(dry.stdout).replace(" --dry-run", "") == out.read_text()  # same script (its header: same flags)
 
   record = tmp_path / "record"
   record.mkdir()

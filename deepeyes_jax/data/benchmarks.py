@@ -1,9 +1,10 @@
 """Evaluation benchmarks read from the files their authors release (nothing is downloaded).
 
 Every loader returns ``(items, report)``: a list of :class:`BenchmarkItem` and a :class:`LoadReport` that counts
-what was read and names every file or row that was skipped, with the reason. A missing or corrupt file skips that
-item, never the benchmark; a file that is not the benchmark at all (a TSV without the expected columns, a path that
-does not exist) raises ``BenchmarkFormatError`` naming it.
+what was read and names every file or row that was skipped, with the reason, and counts the skipped items by
+category when their category can still be read (the summaries' per-category ``skipped``). A missing or corrupt file
+skips that item, never the benchmark; a file that is not the benchmark at all (a TSV without the expected columns, a
+path that does not exist) raises ``BenchmarkFormatError`` naming it.
 
 Layouts (as released):
 
@@ -97,18 +98,27 @@ class BenchmarkItem:
 
 @dataclasses.dataclass
 class LoadReport:
-  """What a loader read: ``items`` kept, ``skipped`` with ``by_reason`` counts and ``problems`` (path, message)."""
+  """What a loader read: ``items`` kept, ``skipped`` with ``by_reason`` counts and ``problems`` (path, message).
+
+  ``by_category``: the skipped items per category, the one the item would have had (V*: its sub-directory; HR-Bench:
+  its row's ``category`` column; POPE: its record's ``category``, else its file's name; DeepEyes: its
+  ``data_source``). An item whose category cannot be read (a POPE line that is not JSON in a file whose name names no
+  category, an HR-Bench row with the wrong number of fields) counts in ``skipped`` only."""
 
   benchmark: str
   source: str
   items: int = 0
   skipped: int = 0
   by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  by_category: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-  def skip(self, path: str, reason: str, message: str) -> None:
+  def skip(self, path: str, reason: str, message: str, category: str | None = None) -> None:
+    """Counts one skipped item (``category``: None when it cannot be read) and logs why."""
     self.skipped += 1
     self.by_reason[reason] += 1
+    if category is not None:
+      self.by_category[category] += 1
     self.problems.append((path, message))
     log.warning("%s: skipping %s: %s", self.benchmark, path, message)
 
@@ -179,23 +189,23 @@ def _vstar_item(category: str, image_path: str, report: LoadReport) -> Benchmark
   stem = os.path.splitext(image_path)[0]
   json_path = stem + ".json"
   if not os.path.exists(json_path):
-    report.skip(json_path, MISSING_FILE, "no annotation file beside the image")
+    report.skip(json_path, MISSING_FILE, "no annotation file beside the image", category=category)
     return None
   try:
     with open(json_path, encoding="utf-8") as f:
       ann = json.load(f)
   except (ValueError, OSError) as e:
-    report.skip(json_path, BAD_JSON, f"not valid JSON ({e})")
+    report.skip(json_path, BAD_JSON, f"not valid JSON ({e})", category=category)
     return None
   if not isinstance(ann, dict):
-    report.skip(json_path, BAD_JSON, f"expected a JSON object, got {type(ann).__name__}")
+    report.skip(json_path, BAD_JSON, f"expected a JSON object, got {type(ann).__name__}", category=category)
     return None
   question, options = ann.get("question"), _str_list(ann.get("options"))
   if not isinstance(question, str) or not question.strip():
-    report.skip(json_path, BAD_FIELD, "'question' must be a non-empty string")
+    report.skip(json_path, BAD_FIELD, "'question' must be a non-empty string", category=category)
     return None
   if options is None or len(options) < 2:
-    report.skip(json_path, BAD_FIELD, "'options' must be a list of at least 2 strings")
+    report.skip(json_path, BAD_FIELD, "'options' must be a list of at least 2 strings", category=category)
     return None
   boxes = ann.get("bbox") or []
   try:
@@ -203,7 +213,7 @@ def _vstar_item(category: str, image_path: str, report: LoadReport) -> Benchmark
     if any(len(b) != 4 for b in boxes):
       raise ValueError("a box needs 4 numbers [x, y, w, h]")
   except (TypeError, ValueError) as e:
-    report.skip(json_path, BAD_FIELD, f"'bbox' must be a list of [x, y, w, h] boxes ({e})")
+    report.skip(json_path, BAD_FIELD, f"'bbox' must be a list of [x, y, w, h] boxes ({e})", category=category)
     return None
   targets = ann.get("target_object") or []
   targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
@@ -211,11 +221,11 @@ def _vstar_item(category: str, image_path: str, report: LoadReport) -> Benchmark
     with open(image_path, "rb") as f:
       data = f.read()
   except OSError as e:
-    report.skip(image_path, BAD_IMAGE, f"not a readable file ({type(e).__name__}: {e})")
+    report.skip(image_path, BAD_IMAGE, f"not a readable file ({type(e).__name__}: {e})", category=category)
     return None
   problem = _image_problem(data)
   if problem is not None:
-    report.skip(image_path, *problem)
+    report.skip(image_path, *problem, category=category)
     return None
   name = os.path.basename(stem)
   return BenchmarkItem(
@@ -258,28 +268,30 @@ def load_hrbench(path: str, benchmark: str | None = None) -> tuple[list[Benchmar
     for line, row in enumerate(reader, start=2):
       where = f"{path}:{line}"
       if None in row or any(row.get(c) is None for c in HRBENCH_COLUMNS):  # a short or overlong row
+        # its fields are out of place: its category column cannot be trusted, it counts in the overall skips only
         report.skip(where, BAD_FIELD, f"row has {len(row) - (None in row)} fields, expected {len(HRBENCH_COLUMNS)}")
         continue
+      category = row["category"] or "all"
       options = [row[c] for c in "ABCD"]
       answer = row["answer"].strip()
       if answer not in "ABCD" or len(answer) != 1:
-        report.skip(where, BAD_FIELD, f"answer {answer!r} is not one of A, B, C, D")
+        report.skip(where, BAD_FIELD, f"answer {answer!r} is not one of A, B, C, D", category=category)
         continue
       try:
         data = base64.b64decode(row["image"], validate=True)
       except (binascii.Error, ValueError) as e:
-        report.skip(where, BAD_IMAGE, f"image column is not base64 ({type(e).__name__}: {e})")
+        report.skip(where, BAD_IMAGE, f"image column is not base64 ({type(e).__name__}: {e})", category=category)
         continue
       problem = _image_problem(data)
       if problem is not None:
-        report.skip(where, *problem)
+        report.skip(where, *problem, category=category)
         continue
       k = "ABCD".index(answer)
       items.append(
         BenchmarkItem(
           item_id=row["index"],
           benchmark=benchmark,
-          category=row["category"] or "all",
+          category=category,
           question=row["question"].strip(),
           answer=options[k],
           answer_index=k,
@@ -312,7 +324,8 @@ def load_pope(path: str, image_dir: str) -> tuple[list[BenchmarkItem], LoadRepor
   report = LoadReport("pope", path)
   items, checked = [], {}
   for file in files:
-    default_cat = next((c for c in POPE_CATEGORIES if c in os.path.basename(file).lower()), "all")
+    named = next((c for c in POPE_CATEGORIES if c in os.path.basename(file).lower()), None)
+    default_cat = named or "all"
     with open(file, encoding="utf-8") as f:
       for line_no, line in enumerate(f, start=1):
         if not line.strip():
@@ -322,21 +335,22 @@ def load_pope(path: str, image_dir: str) -> tuple[list[BenchmarkItem], LoadRepor
           rec = json.loads(line)
           if not isinstance(rec, dict):
             raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-        except ValueError as e:
-          report.skip(where, BAD_JSON, f"not a JSON object ({e})")
+        except ValueError as e:  # its own category is unreadable: the file's, when its name gives one
+          report.skip(where, BAD_JSON, f"not a JSON object ({e})", category=named)
           continue
+        cat = str(rec.get("category") or default_cat)
         label = str(rec.get("label", "")).strip().lower()
         if label not in ("yes", "no") or not isinstance(rec.get("text"), str) or not rec.get("image"):
-          report.skip(where, BAD_FIELD, "needs 'text' (str), 'image' (file name) and 'label' ('yes' or 'no')")
+          message = "needs 'text' (str), 'image' (file name) and 'label' ('yes' or 'no')"
+          report.skip(where, BAD_FIELD, message, category=cat)
           continue
         image_path = os.path.join(image_dir, str(rec["image"]))
         if image_path not in checked:
           checked[image_path] = _image_problem(image_path)
         problem = checked[image_path]
         if problem is not None:
-          report.skip(image_path, problem[0], f"{where}: {problem[1]}")
+          report.skip(image_path, problem[0], f"{where}: {problem[1]}", category=cat)
           continue
-        cat = str(rec.get("category") or default_cat)
         items.append(
           BenchmarkItem(
             item_id=f"{cat}/{rec.get('question_id', line_no)}",
@@ -375,7 +389,9 @@ def load_deepeyes(paths: str | Sequence[str], benchmark: str = "deepeyes") -> tu
     try:
       ex = decode_example(record, i, source_name=record.get("_file", "?"))
     except BadRecord as e:
-      report.skip(f"{e.source} (index {e.index})", e.reason, str(e))
+      source_name = record.get("data_source") if isinstance(record, dict) else None  # the item's category
+      category = source_name if isinstance(source_name, str) and source_name else None
+      report.skip(f"{e.source} (index {e.index})", e.reason, str(e), category=category)
       continue
     extra_info = ex.extra.get("extra_info", {})
     boxes = extra_info.get("bbox") or extra_info.get("gt_bbox") or []

@@ -246,12 +246,16 @@ def _write_batch(out_dir, settings: EvalSettings, trajs: list[Trajectory], recor
 def summarize(records: list[dict], settings: EvalSettings, load_report: LoadReport | None = None) -> dict[str, Any]:
   """Accuracy (%) by category and overall (micro average over items), plus the comparison rows.
 
-  ``overall["skipped"]`` counts the items skipped when loading (``load_report``, not per category: the report has
-  no categories) and those whose task could not be built; POPE adds ``yes_no``: precision, recall, F1 and
-  yes-ratio by category and overall (``yes_no_metrics``). ``has_options``: whether any item showed options (POPE
-  and open questions show none, and the tables then say nothing about option order)."""
-  cats = sorted({r["category"] for r in records})
+  ``skipped`` counts the items whose task could not be built and those skipped when loading (``load_report``): by
+  category where the loader could read the item's category (``LoadReport.by_category``; a category whose items were
+  all skipped is a row of its own), all of them overall. POPE adds ``yes_no``: precision, recall, F1 and yes-ratio
+  by category and overall (``yes_no_metrics``). ``has_options``: whether any item showed options (POPE and open
+  questions show none, and the tables then say nothing about option order)."""
+  load_skips = dict(load_report.by_category) if load_report is not None else {}
+  cats = sorted({r["category"] for r in records} | set(load_skips))
   by_cat = {c: loop.summarize([r for r in records if r["category"] == c]) for c in cats}
+  for c, n in load_skips.items():
+    by_cat[c]["skipped"] += n
   overall = loop.summarize(records)
   if load_report is not None:
     overall["skipped"] += load_report.skipped
@@ -286,6 +290,7 @@ def summarize(records: list[dict], settings: EvalSettings, load_report: LoadRepo
       "items": load_report.items,
       "skipped": load_report.skipped,
       "by_reason": dict(load_report.by_reason),
+      "by_category": dict(load_report.by_category),
       "problems": load_report.problems[:50],
     }
   return out
@@ -358,8 +363,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
   load = summary.get("load_report") or {}
   if load.get("skipped"):
     n, reasons = load["skipped"], ", ".join(f"{r} {c}" for r, c in sorted(load["by_reason"].items()))
-    note = f"{n} item{'s' * (n != 1)} skipped when loading ({reasons}), counted in the overall `skipped`; "
-    lines += ["", note + "summary.json's `load_report` lists them."]
+    # A summary.json written before load skips had categories: all of them were in the overall row only.
+    overall_only = n - sum(load.get("by_category", {}).values())
+    note = f"{n} item{'s' * (n != 1)} skipped when loading ({reasons}), counted in `skipped`"
+    if overall_only:
+      note += f" ({overall_only} in the overall row only: the loader could not read their category)"
+    lines += ["", note + "; summary.json's `load_report` lists them."]
   if "yes_no" in summary:
     lines += _yes_no_table(summary["yes_no"])
   comp = ["", "## Against the published numbers (accuracy %)", "", "| model | accuracy | source |", "|---|---|---|"]

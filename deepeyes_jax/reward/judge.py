@@ -15,7 +15,12 @@ is consistent with the ground truth, with a few-shot prompt whose examples end i
   (a server dripping its headers or body one byte a second cannot hold it), a call makes no new attempt once
   ``deadline_s`` has passed, and a reply over ``max_reply_bytes`` is refused;
 * verdicts are cached in memory, keyed by ``(model, question, answer, ground_truth)``, and optionally in a JSON-lines
-  file (``cache_path``) that a new :class:`LLMJudge` reloads, so a restarted run does not pay for them again;
+  file (``cache_path``, any path ``etils.epath`` reads: local, or ``gs://`` under a workdir on GCS) that a new
+  :class:`LLMJudge` reloads, so a restarted run does not pay for them again. A local file gets one line appended per
+  verdict. An object store cannot append: there the new verdicts are kept in memory and the whole object (every
+  verdict of the cache) is rewritten after ``cache_flush_every`` new ones and on :meth:`LLMJudge.flush` /
+  :meth:`LLMJudge.close`, which the owner of the judge calls at the end of a run. Reading or writing the cache never
+  raises: a failure is a warning, the verdicts stay in memory;
 * when the endpoint is down, :meth:`LLMJudge.judge` returns None: the caller (``rewards.compute_reward``) falls back
   to rule matching. The first failure of an outage is logged with ``logging.warning`` (once per outage; a later
   verdict ends the outage and logs its recovery), and for ``outage_cooldown_s`` after a transport failure calls
@@ -45,6 +50,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
+
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +131,8 @@ class JudgeConfig:
   the original does). ``max_retries`` counts retries after the first attempt; the n-th retry waits
   ``backoff_s * 2**(n-1)`` seconds (capped by ``max_backoff_s``, plus up to 10% jitter). ``timeout_s`` bounds one
   attempt (connect to last byte), ``deadline_s`` one call with its retries; ``max_reply_bytes`` caps a reply.
+  ``cache_path``: the JSON-lines verdict cache (local or a URL such as ``gs://...``; None: memory only);
+  ``cache_flush_every``: for a URL, new verdicts kept in memory before the object is rewritten.
   """
 
   url: str
@@ -137,6 +146,7 @@ class JudgeConfig:
   backoff_s: float = 1.0
   max_workers: int = 16
   cache_path: str | None = None
+  cache_flush_every: int = 64
   max_tokens: int | None = 64
   max_backoff_s: float = 30.0
   outage_cooldown_s: float = 30.0
@@ -155,6 +165,8 @@ class JudgeConfig:
       raise ValueError("backoff_s, max_backoff_s and outage_cooldown_s must be >= 0")
     if self.max_workers < 1:
       raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+    if self.cache_flush_every < 1:
+      raise ValueError(f"cache_flush_every must be >= 1, got {self.cache_flush_every}")
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> JudgeConfig | None:
@@ -233,13 +245,20 @@ class LLMJudge:
         "oversized_replies",
         "disk_cache_loaded",
         "disk_cache_bad_lines",
+        "disk_cache_write_failures",
       ),
       0,
     )
     self._outage = False
     self._cooldown_until = 0.0
-    if config.cache_path:
-      self._load_disk_cache(config.cache_path)
+    # The disk cache: a local file is appended to; an object store's object (gs://...) is rewritten whole after
+    # `cache_flush_every` new verdicts (`_unsaved` counts those not written yet), one rewrite at a time.
+    self._cache_file = epath.Path(config.cache_path) if config.cache_path else None
+    self._cache_is_local = bool(config.cache_path) and "://" not in str(config.cache_path)
+    self._unsaved = 0
+    self._flush_lock = threading.Lock()
+    if self._cache_file is not None:
+      self._load_disk_cache()
 
   # --- public API ---------------------------------------------------------------------------------------------
   @property
@@ -259,6 +278,35 @@ class LLMJudge:
   @property
   def counters(self) -> dict[str, int]:
     return self.metrics()
+
+  def flush(self) -> None:
+    """Writes the verdicts not yet on disk: for a ``cache_path`` URL, rewrites the object with every verdict of the
+    cache (a local file already has them: each was appended when it came). A failure is a warning."""
+    if self._cache_file is None or self._cache_is_local:
+      return
+    with self._flush_lock:  # one rewrite at a time, each with every verdict known when it starts
+      with self._lock:
+        if not self._unsaved:
+          return
+        unsaved, self._unsaved = self._unsaved, 0
+        text = "".join(_cache_line(key, verdict) for key, verdict in self._cache.items())
+      try:
+        self._cache_file.write_bytes(text.encode("utf-8", errors="replace"))  # bytes: no locale encoding
+      except Exception as e:  # any storage error (OSError, the TF / fsspec backends' own): the run goes on
+        with self._lock:
+          self._unsaved += unsaved  # written with the next attempt
+          self._counters["disk_cache_write_failures"] += 1
+        logger.warning("LLM judge: cannot write the cache %s: %s", self._cache_file, e)
+
+  def close(self) -> None:
+    """`flush`; the judge stays usable (a later verdict is written by the next flush)."""
+    self.flush()
+
+  def __enter__(self) -> LLMJudge:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def judge(self, question: str | None, answer: str, ground_truth: str) -> bool | None:
     """True/False: the judge's verdict on ``answer`` against ``ground_truth``; None: no verdict (endpoint down, or
@@ -436,6 +484,7 @@ class LLMJudge:
     return delay * (1.0 + 0.1 * random.random())
 
   def _store(self, key: tuple[str, str, str, str], verdict: bool) -> None:
+    flush = False
     with self._lock:
       self._counters["verdicts"] += 1
       self._cache[key] = verdict
@@ -443,13 +492,19 @@ class LLMJudge:
         self._outage = False
         logger.info("LLM judge at %s is answering again", self._chat_url)
       self._cooldown_until = 0.0
-      if self.config.cache_path:
-        record = dict(zip(("model", "question", "answer", "ground_truth"), key), verdict=verdict)
+      if self._cache_file is not None and self._cache_is_local:
         try:
-          with open(self.config.cache_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+          with self._cache_file.open("ab") as f:  # bytes: epath opens text in the locale's encoding
+            f.write(_cache_line(key, verdict).encode("utf-8", errors="replace"))
         except OSError as e:
-          logger.warning("LLM judge: cannot append to the cache file %s: %s", self.config.cache_path, e)
+          self._counters["disk_cache_write_failures"] += 1
+          logger.warning("LLM judge: cannot append to the cache file %s: %s", self._cache_file, e)
+      elif self._cache_file is not None:
+        self._unsaved += 1
+        # every N unsaved verdicts: after a failed rewrite (they stay unsaved) the next try is N verdicts later
+        flush = self._unsaved % self.config.cache_flush_every == 0
+    if flush:  # outside the lock: the other threads go on judging while the object uploads
+      self.flush()
 
   def _no_verdict(self, reason: str, *, transport: bool) -> None:
     with self._lock:
@@ -466,24 +521,37 @@ class LLMJudge:
         )
     return None
 
-  def _load_disk_cache(self, path: str) -> None:
-    if not os.path.exists(path):
+  def _load_disk_cache(self) -> None:
+    """The verdicts of ``cache_path`` (bad lines counted and skipped). A cache that cannot be read is a warning: the
+    run starts with an empty cache."""
+    try:
+      if not self._cache_file.exists():
+        return
+      with self._cache_file.open("rb") as f:  # entered: epath's TF backend returns a context manager
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except Exception as e:  # OSError, or a storage backend's own error
+      logger.warning("LLM judge: cannot read the cache %s (starting without it): %s", self._cache_file, e)
       return
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        if not line.strip():
-          continue
-        try:
-          r = json.loads(line)
-          key = (str(r["model"]), str(r["question"]), str(r["answer"]), str(r["ground_truth"]))
-          verdict = r["verdict"]
-          if not isinstance(verdict, bool):
-            raise TypeError(f"verdict {verdict!r} is not a bool")
-        except (ValueError, KeyError, TypeError):  # e.g. a line cut short by a crash
-          self._counters["disk_cache_bad_lines"] += 1
-          continue
-        self._cache[key] = verdict
-        self._counters["disk_cache_loaded"] += 1
+    for line in lines:
+      if not line.strip():
+        continue
+      try:
+        r = json.loads(line)
+        key = (str(r["model"]), str(r["question"]), str(r["answer"]), str(r["ground_truth"]))
+        verdict = r["verdict"]
+        if not isinstance(verdict, bool):
+          raise TypeError(f"verdict {verdict!r} is not a bool")
+      except (ValueError, KeyError, TypeError):  # e.g. a line cut short by a crash
+        self._counters["disk_cache_bad_lines"] += 1
+        continue
+      self._cache[key] = verdict
+      self._counters["disk_cache_loaded"] += 1
+
+
+def _cache_line(key: tuple[str, str, str, str], verdict: bool) -> str:
+  """One JSON line of the verdict cache."""
+  record = dict(zip(("model", "question", "answer", "ground_truth"), key), verdict=verdict)
+  return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def _as_triple(item: Sequence[str] | Mapping[str, str]) -> tuple[str, str, str]:

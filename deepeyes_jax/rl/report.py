@@ -4,8 +4,9 @@ rendered trajectories), written to the workdir at the end of training (`config.l
 
 Curves come from `metrics.jsonl` (one line per step, what the TensorBoard logs hold too): the warm-start loss (and
 its `skills/*` probes), then
-per RL step the rollout reward, accuracy, tool calls per trajectory, tool success rate and IoU of the zoom boxes
-with the target; held-out evaluations (`eval/*` keys) are drawn as markers.
+per RL step the rollout reward, accuracy, tool calls per trajectory, tool success rate, IoU of the zoom boxes
+with the target, the sampler / learner mismatch (`mismatch/*`) and the tool-use health (moving average of tool
+calls against its peak, collapse warnings); held-out evaluations (`eval/*` keys) are drawn as markers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ PANELS = (
   ("tool calls / trajectory", "tool/calls_per_traj", "eval/tool_calls_per_traj"),
   ("tool success rate", "tool/success_rate", "eval/tool_success_rate"),
   ("IoU of zoom boxes with the target", "tool/iou", "eval/mean_iou"),
+  ("sampler / learner mismatch: mean |log ratio|", "mismatch/abs_log_ratio_mean", None),
+  ("sampler / learner mismatch: k3 KL(sampler || learner)", "mismatch/kl_k3", None),
+  ("tool calls / trajectory: moving average and peak", "tool/calls_ema", None),
 )
 
 
@@ -46,11 +50,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def plot(rows: Sequence[dict], out_png: str | os.PathLike, *, warmstart_steps: int = 0) -> None:
-  fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+  fig, axes = plt.subplots(3, 3, figsize=(15, 12))
   for ax, (title, key, eval_key) in zip(axes.flat, PANELS):
     pts = [(r["step"], r[key]) for r in rows if key in r]
     if pts:
       ax.plot(*zip(*pts), lw=1.2, label="training rollouts" if key != "train/nll" else "train")
+    if key == "tool/calls_ema":  # the running peak the collapse warning compares against (rl/metrics.ToolHealth)
+      peak = [(r["step"], r["tool/calls_peak"]) for r in rows if "tool/calls_peak" in r]
+      if peak:
+        ax.plot(*zip(*peak), "--", lw=1, color="gray", label="peak")
+      flagged = [(r["step"], r[key]) for r in rows if r.get("tool/collapse")]
+      if flagged:
+        ax.plot(*zip(*flagged), "x", color="red", label="collapse warning")
     if eval_key:
       ev = [(r["step"], r[eval_key]) for r in rows if eval_key in r]
       if ev:

@@ -385,7 +385,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         data_iter.set_state(data_state)
       _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stop, tool_health.state())
       if _stopped(ckpt, step + 1, stop, chief):
-        writer.flush()
+        _finish(writer, judge)
         return metrics
   ckpt.close()
   if executor is not None:
@@ -398,8 +398,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       trajs = evaluator.trajectories[: config.log.get("report_trajectories", 6)]
       path = write_report(workdir, final_eval, trajs, warmstart_steps=warm_steps, title="deepeyes_jax: " + workdir)
       print(f"report: {path}", flush=True)
-  writer.flush()
+  _finish(writer, judge)
   return metrics
+
+
+def _finish(writer, judge) -> None:
+  """The run returns: metrics flushed, and the judge's verdict cache (kept in memory between rewrites on gs://)."""
+  writer.flush()
+  if judge is not None:
+    judge.close()
 
 
 def _planned_save(ckpt: Checkpointer, step: int, config) -> bool:
