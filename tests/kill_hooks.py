@@ -6,6 +6,8 @@
 - ``rollouts=N``: the trainer is killed right after the rollouts of its N-th GRPO step, i.e. mid-step; every
   checkpoint before it is durable (saves are made synchronous here), so the test knows where the run resumes.
 - ``items=N``: the benchmark evaluation is killed once N items' results were written.
+- ``term_in_update=N``: the trainer sends itself SIGTERM as its N-th GRPO update starts (a `kill PID` that lands
+  while one-step-off-policy rollouts run in the background); the run goes on to its own clean exit.
 
 The hooks are monkeypatches applied here, so that the package itself holds no test code.
 """
@@ -59,7 +61,21 @@ def kill_after_items(n: int) -> None:
   runner._write_batch = write_batch
 
 
-HOOKS = {"rollouts": kill_after_rollouts, "items": kill_after_items}
+def sigterm_in_update(n: int) -> None:
+  from deepeyes_jax.rl import trainer
+
+  real, calls = trainer.learn, [0]
+
+  def learn(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's StopSignals: the step goes on
+    return real(*args, **kwargs)
+
+  trainer.learn = learn
+
+
+HOOKS = {"rollouts": kill_after_rollouts, "items": kill_after_items, "term_in_update": sigterm_in_update}
 
 
 def main() -> None:

@@ -96,3 +96,39 @@ def test_stop_signals_handlers():
       raised = True
     assert raised
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_of_an_off_policy_run_drops_the_prefetched_rollouts_and_keeps_the_prompts(
+  tmp_path,
+  tiny_vlm,
+  train_data,  # noqa: F811
+):
+  """rl.off_policy_steps=1: a SIGTERM during step 2's update, while step 3's rollouts run in the background: they
+  are waited for and dropped, step 2 is checkpointed with the data iterator from before them, and the resumed run
+  rolls out the same prompts at every step as an uninterrupted run (step 3 on-policy, docs/training.md)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"))
+  extra = ["--config.rl.off_policy_steps=1", "--config.log.save_trajectories_every=1"]
+
+  def run(workdir, hook=None):
+    cmd = _cmd(workdir, tiny_vlm[0], train_data) + extra
+    if hook:  # python tests/kill_hooks.py HOOK deepeyes_jax.train ... instead of python -m deepeyes_jax.train ...
+      cmd[1:3] = [os.path.join(ROOT, "tests", "kill_hooks.py"), hook, "deepeyes_jax.train"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+  full = run(tmp_path / "full")
+  assert full.returncode == 0, full.stderr[-3000:]
+  workdir = tmp_path / "run"
+  stopped = run(workdir, hook="term_in_update=2")
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert "preempted: saved step 2" in stopped.stdout, stopped.stdout[-3000:]
+  again = run(workdir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from step 2" in again.stderr
+
+  def prompts(run_dir):
+    return [
+      [json.loads(x)["task_id"] for x in (run_dir / "rollouts" / f"step_{s:06d}.jsonl").read_text().splitlines()]
+      for s in (1, 2, 3, 4)
+    ]
+
+  assert prompts(workdir) == prompts(tmp_path / "full")

@@ -340,8 +340,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer.write_scalars(step + 1, metrics)
         if chief:
           print(progress.line(step + 1, metrics), flush=True)
-        _save(ckpt, step + 1, learner, ws_iter if step + 1 < warm_steps else data_iter, config, warm_steps, stop)
-        if _stopped(ckpt, step + 1, stop, chief):
+        stopping = stop.requested  # one decision per step (a signal may arrive at any time)
+        _save(ckpt, step + 1, learner, ws_iter if step + 1 < warm_steps else data_iter, config, warm_steps, stopping)
+        if _stopped(ckpt, step + 1, stopping, chief):
           writer.flush()
           return metrics
         continue
@@ -379,12 +380,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             epath.Path(workdir) / "rollouts",
             filename=f"step_{step + 1:06d}.jsonl",
           )
-      if pending is not None and (stop.requested or ckpt.reached_preemption(step + 1)):
+      stopping = stop.requested  # one decision per step (a signal may arrive at any time)
+      if pending is not None and (stopping or ckpt.reached_preemption(step + 1)):
         pending.result()  # the next step's rollouts are dropped: the checkpoint resumes before them
         pending = None
         data_iter.set_state(data_state)
-      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stop, tool_health.state())
-      if _stopped(ckpt, step + 1, stop, chief):
+      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stopping, tool_health.state())
+      if _stopped(ckpt, step + 1, stopping, chief):
         _finish(writer, judge)
         return metrics
   ckpt.close()
@@ -416,7 +418,14 @@ def _planned_save(ckpt: Checkpointer, step: int, config) -> bool:
 
 
 def _save(
-  ckpt: Checkpointer, step: int, learner: Learner, data_iterator, config, warm_steps: int, stop, tool_health=None
+  ckpt: Checkpointer,
+  step: int,
+  learner: Learner,
+  data_iterator,
+  config,
+  warm_steps: int,
+  stopping: str | None,
+  tool_health=None,
 ) -> None:
   """Orbax decides: every `checkpoint.every_steps`, the warm-start and last steps, and a preemption sync point
   (all processes agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs); and the
@@ -428,17 +437,17 @@ def _save(
     learner_step=learner.step,
     data_iterator=data_iterator,
     extra={"tool_health": tool_health} if tool_health else None,
-    force=step in (config.total_steps, warm_steps) or stop.requested,
+    force=step in (config.total_steps, warm_steps) or bool(stopping),
   )
 
 
-def _stopped(ckpt: Checkpointer, step: int, stop: StopSignals, chief: bool) -> bool:
+def _stopped(ckpt: Checkpointer, step: int, stopping: str | None, chief: bool) -> bool:
   """After step `step` was saved: True (the checkpoint is durable, the run should return) on a preemption sync
   point or a stop signal."""
-  if not (stop.requested or ckpt.reached_preemption(step)):
+  if not (stopping or ckpt.reached_preemption(step)):
     return False
   ckpt.close()
-  why = f"{stop.requested} received" if stop.requested else "preemption"
+  why = f"{stopping} received" if stopping else "preemption"
   log.warning("%s: checkpoint of step %d written; exiting (re-run the same command to resume)", why, step)
   if chief:
     print(f"preempted: saved step {step}, exiting ({why}; re-run the same command to resume)", flush=True)
