@@ -96,7 +96,7 @@ class Rollouts:
 
   trajs: list  # Trajectory, in (round, task, sample) order
   rewards: list  # RewardResult per trajectory
-  totals: np.ndarray  # (N,) float32 rewards after shaping (DAPO's overlong penalty)
+  totals: np.ndarray  # (N,) float64 rewards after shaping (DAPO's overlong penalty)
   groups: list[str]  # (N,) group id per trajectory: "round/task_id"
   train: np.ndarray  # (N,) bool: rows of the groups the update may use (dynamic sampling keeps the filled batch)
   metrics: dict[str, float]  # sampling/*, reward/overlong_*
@@ -154,16 +154,18 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
   else:
     train = np.ones(len(trajs), bool)
   if rl.overlong_buffer:
-    pen = totals - np.asarray([r.total for r in rewards], np.float32)
+    pen = totals - np.asarray([r.total for r in rewards], np.float64)
     m["reward/overlong_penalty"] = float(pen.mean()) if len(pen) else 0.0
     m["reward/overlong_frac"] = float((pen < 0).mean()) if len(pen) else 0.0
   return Rollouts(trajs, rewards, totals, groups, train, m, time.time() - t0)
 
 
 def shaped_totals(trajs, rewards, config) -> np.ndarray:
-  """(N,) float32 rewards plus DAPO's overlong penalty (`rl.overlong_buffer` > 0): over the last `overlong_buffer`
-  tokens of each row's response budget (max_total_tokens minus its prompt)."""
-  totals = np.asarray([r.total for r in rewards], np.float32)
+  """(N,) float64 rewards plus DAPO's overlong penalty (`rl.overlong_buffer` > 0): over the last `overlong_buffer`
+  tokens of each row's response budget (max_total_tokens minus its prompt). float64 as the rewards themselves: the
+  advantages of a run without shaping stay bit-identical to those of the rewards (float32 rounding of 0.8 + 0.2 + 1.2
+  moved every advantage by ~1e-7, enough to change where a 40-step toy run ends)."""
+  totals = np.asarray([r.total for r in rewards], np.float64)
   if not config.rl.overlong_buffer:
     return totals
   pen = shaping.overlong_penalty(
