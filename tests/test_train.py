@@ -300,3 +300,20 @@ def test_off_policy_sampler_on_devices_of_its_own(tmp_path, tiny_vlm, train_data
   assert "sampler on devices of its own" in capsys.readouterr().out
   assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
   assert metrics["mismatch/abs_log_ratio_mean"] > 1e-4  # stale by one update
+
+
+def test_unshaped_rewards_reach_the_advantages_unrounded():
+  """Without shaping the advantages see the rewards themselves: float64, not float32-rounded (0.8 + 0.2 + 1.2 in
+  float32 moves every GRPO advantage by ~1e-7, enough to change where the embedded default's run ends)."""
+  import types
+
+  from deepeyes_jax.rl.trainer import shaped_totals
+
+  rewards = [types.SimpleNamespace(total=0.8 + 0.2 + 1.2), types.SimpleNamespace(total=0.2)]
+  config = _config("unused", "unused")
+  totals = shaped_totals([], rewards, config)
+  assert totals.dtype == np.float64 and totals.tolist() == [0.8 + 0.2 + 1.2, 0.2]
+  config.rl.overlong_buffer = 100
+  traj = types.SimpleNamespace(response_length=1536 - 20 - 50, prompt_length=20)  # half-way into the buffer
+  shaped = shaped_totals([traj, traj], rewards, config)
+  assert shaped.tolist() == pytest.approx([2.2 - 0.5, 0.2 - 0.5])
