@@ -132,3 +132,17 @@ def test_sigterm_of_an_off_policy_run_drops_the_prefetched_rollouts_and_keeps_th
     ]
 
   assert prompts(workdir) == prompts(tmp_path / "full")
+
+
+def test_off_policy_rollouts_are_refused_under_jax_distributed(tmp_path, tiny_vlm, train_data):  # noqa: F811
+  """Two threads dispatching device programs would order them differently on each process: the run says so and
+  names the field before anything loads."""
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"),
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0",
+  )  # fmt: skip
+  cmd = _cmd(tmp_path / "run", tiny_vlm[0], train_data) + ["--config.rl.off_policy_steps=1"]
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert p.returncode != 0
+  assert "config.rl.off_policy_steps=1: one-step-off-policy rollouts need a single-process run" in p.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -233,10 +233,12 @@ def test_over_turn_masking_leaves_rows_cut_by_the_limits_out_of_the_loss(tmp_pat
   from deepeyes_jax.rl.shaping import OVER_LIMIT_STOPS
   from deepeyes_jax.rl.trainer import train
 
-  cfg = _config(tiny_vlm[0], train_data, **{"rl.over_turn_masking": True, "total_steps": 1})
+  # One turn may fill the whole context: the random tiny model runs into max_total_tokens (max_sequence).
+  overrides = {"rl.over_turn_masking": True, "total_steps": 1, "rollout.max_tokens_per_turn": 1024}
+  cfg = _config(tiny_vlm[0], train_data, **overrides, **{"rollout.max_total_tokens": 1024})
   metrics = train(cfg, str(tmp_path / "run"))
   cut = sum(metrics.get(f"stop/{s}", 0.0) for s in OVER_LIMIT_STOPS)
-  assert cut > 0  # the random tiny model runs into max_tokens_per_turn
+  assert cut > 0
   assert metrics["sampling/over_turn_masked"] == pytest.approx(cut)
   assert metrics["kept_fraction"] == pytest.approx(1.0 - cut)
 

@@ -133,6 +133,11 @@ def _check_algorithms(p: Problems, config: ml_collections.ConfigDict) -> None:
   rl = config.rl
   if rl.policy_loss == "gspo":
     p.check("rl.aggregation", rl.aggregation, rl.aggregation == "seq_mean", "'seq_mean' with rl.policy_loss='gspo'")
+    # GSPO's clip band (3e-4) is narrower than the sampler / learner numerics gap: on the sampler's log-probs most
+    # sequences would be clipped from the first update.
+    p.check(
+      "rl.old_logprobs", rl.old_logprobs, rl.old_logprobs == "recompute", "'recompute' with rl.policy_loss='gspo'"
+    )
   if rl.rollout_correction != "none":
     p.check(
       "rl.old_logprobs",
@@ -141,13 +146,19 @@ def _check_algorithms(p: Problems, config: ml_collections.ConfigDict) -> None:
       f"'recompute' with rl.rollout_correction={rl.rollout_correction!r} (its ratio is the learner's old policy "
       "over the sampler's log-probs)",
     )
-  p.choice("rl.dynamic_sampling", rl.dynamic_sampling, (False, True))
+  if p.choice("rl.dynamic_sampling", rl.dynamic_sampling, (False, True)) and rl.dynamic_sampling:
+    p.check(
+      "rl.dynamic_sampling", rl.dynamic_sampling, config.rollout.group_size > 1, "False with rollout.group_size 1"
+    )
   p.number("rl.dynamic_sampling_max_rounds", rl.dynamic_sampling_max_rounds, ge=1, integer=True)
   if p.number("rl.overlong_buffer", rl.overlong_buffer, ge=0, integer=True) and rl.overlong_buffer:
     budget = config.rollout.max_total_tokens - config.rollout.max_prompt_tokens
     p.check("rl.overlong_buffer", rl.overlong_buffer, rl.overlong_buffer < budget, f"< the response budget {budget}")
   p.number("rl.overlong_penalty", rl.overlong_penalty, ge=0)
   p.choice("rl.over_turn_masking", rl.over_turn_masking, (False, True))
-  p.choice("rl.off_policy_steps", rl.off_policy_steps, (0, 1))
+  if p.choice("rl.off_policy_steps", rl.off_policy_steps, (0, 1)) and rl.off_policy_steps:
+    if config.checkpoint.every_steps == 1:
+      p.warn("rl.off_policy_steps", rl.off_policy_steps, "no effect with checkpoint.every_steps=1 (the step after a "
+             "planned checkpoint is rolled out on-policy)")  # fmt: skip
   if p.number("rl.sampler_devices", rl.sampler_devices, ge=0, integer=True) and rl.sampler_devices:
     p.check("rl.sampler_devices", rl.sampler_devices, rl.off_policy_steps > 0, "0 unless rl.off_policy_steps > 0")

@@ -11,6 +11,7 @@ run killed at any point and restarted from its workdir produces the same metrics
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -58,6 +59,8 @@ def warmstart_learner_config(config: ml_collections.ConfigDict) -> LearnerConfig
     decay_steps=max(1, ws.steps - ws.warmup_steps),
     weight_decay=ws.weight_decay,
     policy_loss="nll",
+    aggregation="token_mean",  # whatever the RL algorithm: every algo= variant starts from the same warm start
+    rollout_correction="none",  # demonstrations have no sampler log-probs to correct against
   )
 
 
@@ -103,12 +106,15 @@ class Rollouts:
   seconds: float
 
 
-def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, data_iter) -> Rollouts:
+def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, data_iter, data_stats=None) -> Rollouts:
   """Rolls out a batch of prompts (G samples each) with the sampler's current weights and scores them.
 
   With `rl.dynamic_sampling` (DAPO), groups whose (shaped) rewards are all equal carry no signal: more batches are
   drawn and rolled out, up to `rl.dynamic_sampling_max_rounds` rounds, until `data.batch_size` groups with signal
   are held; the update uses those (the first ones, in order) and the rest is dropped. Counted in `sampling/*`.
+  Signal means a non-zero advantage: any difference of the shaped reward (accuracy, format, tool bonus, overlong
+  penalty), not accuracy alone. `data_stats`' counters (rows skipped by the pipeline) are read here, by the thread
+  that drew the prompts, into the metrics.
   """
   t0 = time.time()
   rl = config.rl
@@ -147,7 +153,7 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
         "sampling/rounds": float(rounds),
         "sampling/groups_drawn": float(n_groups),
         "sampling/groups_with_signal": float(len(signal_groups)),
-        "sampling/groups_zero_variance": float(n_groups - len(signal_groups)),
+        "sampling/groups_without_signal": float(n_groups - len(signal_groups)),
         "sampling/batch_filled": float(len(signal_groups) >= want),
       }
     )
@@ -157,6 +163,8 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
     pen = totals - np.asarray([r.total for r in rewards], np.float64)
     m["reward/overlong_penalty"] = float(pen.mean()) if len(pen) else 0.0
     m["reward/overlong_frac"] = float((pen < 0).mean()) if len(pen) else 0.0
+  if data_stats is not None:
+    m.update(data_stats.metrics())  # data/skipped_records and data/skipped_<reason>
   return Rollouts(trajs, rewards, totals, groups, train, m, time.time() - t0)
 
 
@@ -240,6 +248,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # workdir paths go through epath: local or gs://
   if jax.process_index() == 0:  # what `python -m deepeyes_jax.export` needs to turn a checkpoint into an HF model
     (epath.Path(workdir) / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))  # epath: gs:// too
+  if config.rl.off_policy_steps and jax.distributed.is_initialized():
+    # Two threads dispatching device programs: their order differs between processes (collectives across hosts
+    # would pair up wrongly), and a preemption sync point could be reached while the rollouts run.
+    raise ValueError(
+      f"config.rl.off_policy_steps={config.rl.off_policy_steps}: one-step-off-policy rollouts need a single-process "
+      "run (this one runs under jax.distributed, e.g. launched with DEEPEYES_DISTRIBUTED=1); set it to 0"
+    )
   mesh, sampler_mesh = _meshes(config)
   chief = jax.process_index() == 0
   if chief:
@@ -316,14 +331,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   tool_health = ToolHealth(config.log.get("tool_collapse_fraction", 0.0), state=tool_state)
 
   def collect(step: int) -> Rollouts:
-    return collect_rollouts(step, config, sampler, tokenizer, agent_cfg, judge, data_iter)
+    return collect_rollouts(step, config, sampler, tokenizer, agent_cfg, judge, data_iter, data_stats)
 
   off_policy = config.rl.off_policy_steps > 0
   executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts") if off_policy else None
   pending: concurrent.futures.Future | None = None  # the next step's rollouts, when they run during an update
   data_state = None  # the data iterator's state before `pending` drew its prompts
 
-  with StopSignals() as stop:  # kill PID / Ctrl-C: the step in flight is finished and checkpointed
+  # kill PID / Ctrl-C: the step in flight is finished and checkpointed. However the loop ends (a return, an error),
+  # the rollout thread takes no new work (one in flight is not interruptible: it ends with its rollouts).
+  with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+    if executor is not None:
+      cleanup.callback(executor.shutdown, wait=False, cancel_futures=True)
     for step in range(start, config.total_steps):
       t0 = time.time()
       if step == warm_steps and warm_steps:
@@ -370,7 +389,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       metrics["throughput/generated_tokens_per_s"] = metrics.pop("_gen_tokens") / max(batch.seconds, 1e-9)
       flops = 2 * n_params * metrics.pop("_rollout_tokens") + 6 * n_params * metrics.pop("_train_tokens")
       metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
-      metrics.update(data_stats.metrics())  # data/skipped_records and data/skipped_<reason>
       if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
         metrics.update({f"judge/{k}": float(v) for k, v in judge.metrics().items()})
       writer.write_scalars(step + 1, metrics)
@@ -383,17 +401,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             filename=f"step_{step + 1:06d}.jsonl",
           )
       stopping = stop.requested  # one decision per step (a signal may arrive at any time)
-      if pending is not None and (stopping or ckpt.reached_preemption(step + 1)):
-        pending.result()  # the next step's rollouts are dropped: the checkpoint resumes before them
+      if pending is not None and stopping:
+        # The next step's rollouts are dropped (waited for: they use the data iterator), and the checkpoint resumes
+        # before them. Their failure does not matter any more.
+        try:
+          pending.result()
+        except Exception as e:  # noqa: BLE001 -- dropped rollouts: their error must not cost the checkpoint
+          log.warning("the dropped prefetched rollouts of step %d failed: %s", step + 2, e)
         pending = None
+        sampler.release()
         data_iter.set_state(data_state)
       _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stopping, tool_health.state())
       if _stopped(ckpt, step + 1, stopping, chief):
         _finish(writer, judge)
         return metrics
   ckpt.close()
-  if executor is not None:
-    executor.shutdown()
   sampler.state = learner.state
   final = evaluator.run("final", config.total_steps)
   if final is not None and chief:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 
+import ml_collections
 import numpy as np
 
 from deepeyes_jax import run_setup
@@ -212,9 +213,12 @@ def warmstart_step(ws_iter, config, tokenizer, agent_cfg: AgentConfig, model_cfg
     examples, modes, demonstrator=ws.demonstrator, tokenizer=tokenizer, agent_config=agent_cfg, model_config=model_cfg
   )
   update: dict[str, float] = {}
-  for micro in packing.minibatches(trajs, np.ones(len(trajs), np.float32), config.rl, model_cfg.vision, learner):
+  # Demonstrations: nothing to recompute (the nll loss has no ratio), whatever `rl.old_logprobs` the RL phase uses.
+  rl = ml_collections.ConfigDict({**config.rl.to_dict(), "old_logprobs": "sampler"})
+  for micro in packing.minibatches(trajs, np.ones(len(trajs), np.float32), rl, model_cfg.vision, learner):
     update = learner.update(micro)
-  out = {f"train/{k}": v for k, v in update.items()}
+  # (mismatch/* compares with the demonstrations' log-probs, which are 0: not a measurement)
+  out = {f"train/{k}": v for k, v in update.items() if not k.startswith("mismatch/")}
   out["loss"] = update.get("loss", 0.0)
   for mode in MODES:
     out[f"warmstart/{mode}_fraction"] = modes.count(mode) / max(1, len(modes))
