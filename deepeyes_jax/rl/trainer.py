@@ -119,7 +119,8 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
   t0 = time.time()
   rl = config.rl
   want = config.data.batch_size
-  trajs, rewards, groups, signal_groups, rounds = [], [], [], [], 0
+  trajs, rewards, groups, signal_groups = [], [], [], []
+  totals = np.zeros(0, np.float64)
   for r in range(rl.dynamic_sampling_max_rounds if rl.dynamic_sampling else 1):
     tasks = [tasks_lib.record_task(e) for e in next(data_iter)]
     tr = run_rollouts(
@@ -130,19 +131,16 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
       config=agent_cfg,
       seed=step_seed(config.seed, step, r),
     )
-    rounds += 1
-    trajs += tr
-    rewards += rewards_lib.score_trajectories(tr, tokenizer, judge)
+    rw = rewards_lib.score_trajectories(tr, tokenizer, judge)
+    trajs, rewards = trajs + tr, rewards + rw
+    totals = np.concatenate([totals, shaped_totals(tr, rw, config)])  # this round's only: earlier ones are done
     groups += [f"{r}/{t.task_id}" for t in tr]
     if not rl.dynamic_sampling:
       break
-    totals = shaped_totals(trajs, rewards, config)
-    ok = [t.stop_reason != "error" for t in trajs]
-    signal = shaping.groups_with_signal(totals, groups, ok)
+    signal = shaping.groups_with_signal(totals, groups, [t.stop_reason != "error" for t in trajs])
     signal_groups = [g for g, has in signal.items() if has]
     if len(signal_groups) >= want:
       break
-  totals = shaped_totals(trajs, rewards, config)
   m: dict[str, float] = {}
   if rl.dynamic_sampling:
     chosen = set(signal_groups[:want])
@@ -150,7 +148,7 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
     n_groups = len(dict.fromkeys(groups))
     m.update(
       {
-        "sampling/rounds": float(rounds),
+        "sampling/rounds": float(r + 1),
         "sampling/groups_drawn": float(n_groups),
         "sampling/groups_with_signal": float(len(signal_groups)),
         "sampling/groups_without_signal": float(n_groups - len(signal_groups)),
@@ -228,7 +226,7 @@ def learn(batch: Rollouts, learner: Learner, config, vision_cfg) -> dict[str, fl
   metrics["time/update_s"] = time.time() - t1
   # Token counts for the caller's throughput and MFU (popped there).
   metrics["_gen_tokens"] = sum(int(t.action_mask.sum()) for t in trajs)
-  metrics["_all_tokens"] = metrics["_rollout_tokens"] = sum(len(t.token_ids) for t in trajs)
+  metrics["_rollout_tokens"] = sum(len(t.token_ids) for t in trajs)
   metrics["_train_tokens"] = sum(len(t.token_ids) for t in kept) * rl.ppo_epochs
   return metrics
 
@@ -385,9 +383,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       metrics = learn(batch, learner, config, sampler.config.vision)
       metrics.update(tool_health.update(metrics["tool/calls_per_traj"]))
       metrics["time/step_s"] = time.time() - t0
-      metrics["throughput/rollout_tokens_per_s"] = metrics.pop("_all_tokens") / max(batch.seconds, 1e-9)
+      rollout_tokens = metrics.pop("_rollout_tokens")
+      metrics["throughput/rollout_tokens_per_s"] = rollout_tokens / max(batch.seconds, 1e-9)
       metrics["throughput/generated_tokens_per_s"] = metrics.pop("_gen_tokens") / max(batch.seconds, 1e-9)
-      flops = 2 * n_params * metrics.pop("_rollout_tokens") + 6 * n_params * metrics.pop("_train_tokens")
+      flops = 2 * n_params * rollout_tokens + 6 * n_params * metrics.pop("_train_tokens")
       metrics["mfu"] = flops / max(metrics["time/step_s"], 1e-9) / peak
       if judge is not None:  # cumulative: requests, failures, fallbacks to the rule, deadlines, oversized replies, ...
         metrics.update({f"judge/{k}": float(v) for k, v in judge.metrics().items()})
