@@ -209,6 +209,124 @@ def test_lowers_to_triton_for_cuda(splits, grad):
   assert text.count("xla.gpu.triton") == 1
 
 
+def _paged_case(rng, b, n, h, kh, d, page, width, before, counts, dtype):
+  """A pool (P, page, 2K, d) whose pages are shared out to the rows in random order, the rows' new tokens already
+  written; pages no row owns hold large garbage. Returns (q, pool, table, q_positions, q_segment_ids, reference
+  output (B, N, H, d) fp64 computed slot by slot with numpy)."""
+  num_pages = b * width + 3
+  pool = rng.standard_normal((num_pages, page, 2 * kh, d)) * 1e4  # garbage: a read of an unowned slot shows
+  table = rng.permutation(num_pages)[: b * width].reshape(b, width).astype(np.int32)
+  q = rng.standard_normal((b, n, h, d))
+  seg = (np.arange(n)[None] < np.asarray(counts)[:, None]).astype(np.int32)
+  pos = np.asarray(before)[:, None] + np.arange(n)[None]
+  keys = np.zeros((b, width * page, kh, d))
+  values = np.zeros_like(keys)
+  for r in range(b):
+    length = before[r] + counts[r]
+    kv = rng.standard_normal((length, 2 * kh, d))
+    for t in range(length):
+      pool[table[r, t // page], t % page] = kv[t]
+    keys[r, :length], values[r, :length] = kv[:, 0::2], kv[:, 1::2]
+  pool = np.asarray(jnp.asarray(pool, dtype), np.float64)  # the reference sees what the kernel sees
+  keys = np.asarray(jnp.asarray(keys, dtype), np.float64)
+  values = np.asarray(jnp.asarray(values, dtype), np.float64)
+  qd = np.asarray(jnp.asarray(q, dtype), np.float64)
+  ref = np.zeros((b, n, h, d))
+  for r, t in zip(*np.nonzero(seg)):
+    for head in range(h):
+      kvh = head // (h // kh)
+      logits = keys[r, : pos[r, t] + 1, kvh] @ qd[r, t, head] * d**-0.5
+      p = np.exp(logits - logits.max())
+      ref[r, t, head] = p @ values[r, : pos[r, t] + 1, kvh] / p.sum()
+  args = (jnp.asarray(q, dtype), jnp.asarray(pool, dtype), jnp.asarray(table), jnp.asarray(pos, jnp.int32))
+  return (*args, jnp.asarray(seg), ref)
+
+
+@pytest.mark.parametrize(
+  "g,n,page,block_k,dtype",
+  [
+    (1, 1, 8, 16, jnp.float32),  # decode, two pages per loop step
+    (4, 5, 16, 16, jnp.float32),  # extend across a page boundary, one page per step
+    (7, 1, 32, 64, jnp.float32),  # the 7B's 7 query heads per KV head, a page larger than the key block
+    (2, 3, 16, 64, jnp.bfloat16),
+  ],
+)
+def test_paged_flash_reads_pages_in_place_and_matches_a_slot_by_slot_reference(g, n, page, block_k, dtype):
+  """`gpu_paged_attention.paged_flash` (interpret mode): rows of different cached lengths, one with no new token,
+  pages in random order, garbage in every slot a row does not own; the result equals attention over each row's
+  own slots, and padding queries get zeros."""
+  from deepeyes_jax.kernels.gpu_paged_attention import paged_flash
+
+  rng = np.random.default_rng(g * 100 + n)
+  kh, d, width = 2, 16, 6
+  before = [0, page - 1, 3 * page + 2, 5]
+  counts = [n, n, max(1, n - 2), 0]
+  q, pool, table, pos, seg, ref = _paged_case(rng, 4, n, g * kh, kh, d, page, width, before, counts, dtype)
+  out = paged_flash(q, pool, table, pos, seg, interpret=True, block_k=block_k)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  real = np.asarray(seg).astype(bool)
+  assert _rel(np.asarray(out, np.float64)[real], ref[real]) <= (FP32_TOL if dtype == jnp.float32 else BF16_TOL)
+  assert not np.asarray(out)[~real].any()
+
+
+def test_paged_attention_pallas_reads_in_place_and_agrees_with_the_gather_path():
+  """`paged_attention(impl="pallas")` on a CPU (GPU semantics, interpret mode) takes the in-place kernel, not the
+  gathered pages, and agrees with the XLA reference on the rows' real tokens; the write is the same."""
+  from deepeyes_jax.kernels import gpu_paged_attention
+  from deepeyes_jax.kernels.paged_attention import paged_attention
+
+  rng = np.random.default_rng(3)
+  b, n, h, kh, d, page, width = 3, 2, 4, 2, 16, 8, 4
+  pool = jnp.asarray(rng.standard_normal((b * width, page, 2 * kh, d)), jnp.float32)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(b, n, h, d), (b, n, kh, d), (b, n, kh, d)])
+  before, counts = np.array([3, 9, 0]), np.array([2, 1, 2])
+  tables = rng.permutation(b * width).reshape(b, width).astype(np.int32)
+  valid = np.arange(n)[None] < counts[:, None]
+  slots = before[:, None] + np.arange(n)[None]
+  kw = dict(
+    page_table=jnp.asarray(tables),
+    write_page=jnp.asarray(np.where(valid, np.take_along_axis(tables, slots // page, 1), b * width), jnp.int32),
+    write_offset=jnp.asarray(slots % page, jnp.int32),
+    kv_lengths=jnp.asarray(before + counts, jnp.int32),
+    q_segment_ids=jnp.asarray(valid, jnp.int32),
+    q_positions=jnp.asarray(slots, jnp.int32),
+  )
+  calls = []
+  real_kernel = gpu_paged_attention.paged_flash
+  try:
+    gpu_paged_attention.paged_flash = lambda *a, **kw_: calls.append(1) or real_kernel(*a, **kw_)
+    out, written = paged_attention(q, k, v, pool, impl="pallas", **kw)
+  finally:
+    gpu_paged_attention.paged_flash = real_kernel
+  ref, ref_written = paged_attention(q, k, v, pool, impl="xla", **kw)
+  assert calls == [1]
+  np.testing.assert_array_equal(np.asarray(written), np.asarray(ref_written))
+  assert _rel(np.asarray(out)[valid], np.asarray(ref)[valid]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("n", [1, 256])
+def test_paged_flash_lowers_to_triton_for_cuda_and_leaves_the_pool_where_it_is(n):
+  """The 7B's decode (and a 256-token extend) over a recipe-sized pool, lowered for CUDA from this CPU: one Triton
+  kernel, and no gather or slice of the pool around it (the pool goes to the kernel as it is)."""
+  from deepeyes_jax.kernels.gpu_paged_attention import paged_flash
+
+  s = jax.ShapeDtypeStruct
+  b, pool_shape = 64, (8192, 16, 8, 128)
+  args = (
+    s((b, n, 28, 128), jnp.bfloat16),
+    s(pool_shape, jnp.bfloat16),
+    s((b, 512), jnp.int32),
+    s((b, n), jnp.int32),
+    s((b, n), jnp.int32),
+  )
+  fn = lambda q, pool, table, pos, seg: paged_flash(q, pool, table, pos, seg, interpret=False)
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 1
+  assert "gather" not in text and "dynamic_slice" not in text
+  with pytest.raises(ValueError, match="power-of-two page size"):
+    jax.jit(fn).trace(args[0], s((64, 12, 8, 128), jnp.bfloat16), *args[2:]).lower(lowering_platforms=("cuda",))
+
+
 def test_attention_dispatch():
   q, k, v, _ = _inputs(1, 24, 24, 2, 1, 16, jnp.float32, seed=5)
   seg = jnp.asarray(np.array([[1] * 10 + [2] * 14], np.int32))

@@ -115,6 +115,21 @@ def test_continuous_engine_on_a_mesh_matches_one_device(tiny_vlm, agent, referen
   assert stats.kv_bytes % (4 * paged.page_bytes(sampler.config, 8, jnp.float32)) == 0  # a whole number per shard
 
 
+def test_continuous_engine_with_pallas_attention_matches_lockstep(tiny_vlm, agent, reference, monkeypatch):
+  """attention_impl="pallas": the decode and extend steps read the paged pool in place (the GPU kernel, interpret
+  mode here) and give the reference engine's trajectories."""
+  from deepeyes_jax.kernels import gpu_paged_attention
+
+  traced = []
+  kernel = gpu_paged_attention.paged_flash
+  counted = lambda *a, **kw: traced.append(a[0].shape) or kernel(*a, **kw)
+  monkeypatch.setattr(gpu_paged_attention, "paged_flash", counted)
+  sampler = Sampler(qvl.from_pretrained(tiny_vlm[0], dtype=jnp.float32, attention_impl="pallas"))
+  out, _ = _rollout((sampler, agent[1]), max_concurrent_rows=4, page_size=16, segment_steps=8)
+  _assert_same(out, reference[0])
+  assert {shape[1] for shape in traced} >= {1} and max(shape[1] for shape in traced) > 1  # decode and extend
+
+
 @pytest.mark.parametrize("engine", ["continuous", "lockstep"])
 def test_a_prompt_that_cannot_fit_ends_its_rows_with_a_reason(agent, engine, caplog):
   sampler, tok = agent

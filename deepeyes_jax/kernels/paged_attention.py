@@ -13,8 +13,10 @@ Implementations:
   nothing is gathered. Each row's N query slots (bucket padding included) are one ragged sequence whose last N
   slots are the queries, so its causal rule is ours; padding queries read slots past the row's tokens and their
   outputs are discarded.
-- "pallas" elsewhere (GPU, CPU interpret): the gathered pages through our flash kernels (`pallas_attention`).
-  A GPU kernel that reads pages in place is not written yet.
+- "pallas" on GPU (and CPU, in interpret mode): `gpu_paged_attention.paged_flash`, a Triton-lowered kernel that
+  streams each row's pages from the pool as stored (nothing gathered). Compiled, it needs a power-of-two page size
+  and head_dim >= 16 (Triton tiles); other shapes, and TPU test models whose head_dim is not a multiple of 128, take
+  the gathered pages through our flash kernels (`pallas_attention` / `tpu_attention`).
 
 On a mesh the pool's pages are split over data x fsdp like the rows: each shard holds the pages of its own rows
 and page ids are local to the shard (the engine allocates them per shard), so the write and the read run per shard
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepeyes_jax.kernels import platform
+from deepeyes_jax.kernels import gpu_paged_attention, platform
 from deepeyes_jax.kernels.attention import attention, resolve_impl
 from deepeyes_jax.parallel import sharding as shd
 
@@ -93,9 +95,14 @@ def _local(q, k, v, pool, page_table, write_page, write_offset, kv_lengths, q_se
   b, n = q.shape[:2]
   # The ragged kernel works on whole 128-lane head vectors (Qwen2.5-VL's head_dim is 128); smaller test models take
   # the gathered pages through our TPU kernel instead.
-  if impl == "pallas" and platform.target_platform() == "tpu" and q.shape[-1] % 128 == 0:
+  target = platform.target_platform()
+  if impl == "pallas" and target == "tpu" and q.shape[-1] % 128 == 0:
     counts = jnp.sum(q_segment_ids > 0, axis=1).astype(jnp.int32)
     return _ragged(q, pool, page_table, kv_lengths, counts), pool
+  in_place = gpu_paged_attention.supported(pool.shape[1], q.shape[-1], interpret=target != "gpu")
+  if impl == "pallas" and target != "tpu" and in_place:
+    # A real query's slot is < kv_lengths (its token was just written), so the causal rule alone bounds its keys.
+    return gpu_paged_attention.paged_flash(q, pool, page_table, q_positions, q_segment_ids), pool
   keys, values = paged_gather(pool, page_table)
   slots = jnp.arange(keys.shape[1], dtype=jnp.int32)[None]
   out = attention(

@@ -119,6 +119,20 @@ def _mask(qs, qp, ks, kp, causal: bool):
   return m
 
 
+def _fold_block(carry, q, k, v, mask, scale2: float):
+  """One key block folded into the online softmax (base 2, fp32 accumulators): carry (acc (rows, D), running max
+  (rows,), running sum (rows,)). Masked logits are MASK_VALUE and their probabilities 0, so a row that has seen only
+  masked keys keeps a zero sum (no NaN, no spurious mass)."""
+  acc, m, denom = carry
+  s = jnp.where(mask, _dot_nt(q, k) * scale2, MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+  denom = alpha * denom + jnp.sum(p, axis=-1)
+  acc = alpha[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
+  return acc, m_new, denom
+
+
 def _seg_summary(seg):
   """(min, max) non-zero segment id of a 1-D block, as scalars; (INT_MAX, INT_MIN) when all are padding."""
   live = seg != 0
@@ -180,18 +194,8 @@ def _fwd_kernel(
   lo, hi = _visible_range(vis, start, stop)
 
   def body(j, carry):
-    acc, m, denom = carry
     sl = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-    k = k_ref[sl, :]
-    v = v_ref[sl, :]
-    mask = _mask(qs, qp, kseg_ref[sl], kpos_ref[sl], causal)
-    s = jnp.where(mask, _dot_nt(q, k) * scale2, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-    denom = alpha * denom + jnp.sum(p, axis=-1)
-    acc = alpha[:, None] * acc + _dot_nn(p.astype(v.dtype), v)
-    return acc, m_new, denom
+    return _fold_block(carry, q, k_ref[sl, :], v_ref[sl, :], _mask(qs, qp, kseg_ref[sl], kpos_ref[sl], causal), scale2)
 
   rows, dp = q.shape
   init = (

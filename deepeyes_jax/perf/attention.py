@@ -14,6 +14,11 @@ Shape classes (full; `--quick` shrinks every dimension so the CPU finishes in we
 - prefill_8k: 8192 tokens causal, 28 query heads / 4 KV heads, head_dim 128 (Qwen2.5-VL-7B decoder).
 - decode_64x8k: batch 64, one query token each against an 8192-slot cache, ragged lengths drawn uniformly in
   [S/2, S] (kv segment = slot < length, query at slot length - 1), 28 / 4 heads, head_dim 128.
+- paged_decode_64x8k: the decode_64x8k rows with their keys/values in a paged KV pool (pages of 16 slots, each row's
+  pages scattered over the pool in random order, keys and values interleaved by head as the rollout engine stores
+  them). "xla" gathers each row's pages and attends (the reference path of `kernels.paged_attention`), "pallas"
+  reads the pages in place (`kernels.gpu_paged_attention`; TPU has jax's ragged paged attention instead), "cudnn"
+  attends over the gathered pages.
 - train_packed_8k (forward + backward): one 8192-token row packed with uneven documents and a padded tail, causal
   + segment ids, 28 / 4 heads, head_dim 128; timed as the gradient w.r.t. q, k, v of sum(out * ct).
 
@@ -45,7 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepeyes_jax.kernels import attention as attn
+from deepeyes_jax.kernels import gpu_paged_attention, paged_attention
 from deepeyes_jax.perf import write_json
+
+PAGE = 16  # slots per page of the paged shape class (the rollout engine's default page size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +65,13 @@ class Shape:
   h: int
   kh: int
   d: int
-  kind: str  # "windows" | "full" | "prefill" | "decode" | "packed"
+  kind: str  # "windows" | "full" | "prefill" | "decode" | "paged" | "packed"
   window: int = 0  # tokens per window (kind "windows")
   backward: bool = False
 
 
 def shapes(quick: bool) -> list[Shape]:
-  """The five shape classes: the 7B recipe's sizes, or small ones (--quick)."""
+  """The six shape classes: the 7B recipe's sizes, or small ones (--quick)."""
   vis, vis_heads, window = (256, 4, 16) if quick else (4096, 16, 64)  # vision tokens per image, heads, window
   txt, heads, kv_heads = (256, 7, 1) if quick else (8192, 28, 4)  # text tokens, query / KV heads
   rows, cached = (4, 512) if quick else (64, 8192)  # decode rows and their cache length
@@ -73,6 +81,7 @@ def shapes(quick: bool) -> list[Shape]:
     Shape("vision_full", 1, vis, vis, vis_heads, vis_heads, 80, "full"),
     Shape("prefill" + sfx, 1, txt, txt, heads, kv_heads, 128, "prefill"),
     Shape(dec, rows, 1, cached, heads, kv_heads, 128, "decode"),
+    Shape("paged_" + dec, rows, 1, cached, heads, kv_heads, 128, "paged"),
     Shape("train_packed" + sfx, 1, txt, txt, heads, kv_heads, 128, "packed", backward=True),
   ]
 
@@ -94,7 +103,7 @@ def make_inputs(sh: Shape, dtype, seed: int = 0):
   elif sh.kind == "prefill":
     pos = np.arange(sh.t, dtype=np.int32)[None]
     meta = dict(q_positions=pos, kv_positions=pos)
-  elif sh.kind == "decode":
+  elif sh.kind in ("decode", "paged"):
     kv_len = rng.integers(sh.s // 2, sh.s + 1, size=sh.b)
     meta = dict(
       q_segment_ids=np.ones((sh.b, 1), np.int32),
@@ -126,6 +135,14 @@ def make_inputs(sh: Shape, dtype, seed: int = 0):
   pairs = sh.b * sh.t * sh.s if mask is None else int(np.asarray(mask).sum())
   itemsize = jnp.dtype(dtype).itemsize
   nbytes = itemsize * sh.d * (2 * sh.b * sh.t * sh.h + 2 * int(kv_len.sum()) * sh.kh)
+  if sh.kind == "paged":  # k, v -> one pool (P, page, 2K, D), row r's slot t at page table[r, t // page]
+    width = sh.s // PAGE
+    order = rng.permutation(sh.b * width).astype(np.int32)
+    meta["page_table"] = order.reshape(sh.b, width)
+    pool = np.zeros((sh.b * width, PAGE, 2 * sh.kh, sh.d), np.float32)
+    kv = np.stack([k, v], axis=3).reshape(sh.b, width, PAGE, 2 * sh.kh, sh.d)
+    pool[meta["page_table"]] = kv
+    k = v = pool  # the pool once, under both names (the timed functions read it once)
   arrays = tuple(jnp.asarray(x, dtype) for x in (q, k, v, ct))
   meta = {n: jnp.asarray(x) for n, x in meta.items()}
   return arrays, meta, causal, pairs, nbytes
@@ -149,6 +166,9 @@ def available_impls(backend: str) -> list[str]:
 
 
 def build(impl: str, sh: Shape, causal: bool, meta):
+  if sh.kind == "paged":
+    return _build_paged(impl, meta)
+
   def fwd(q, k, v):
     return attn.attention(q, k, v, causal=causal, impl=impl, **meta)
 
@@ -159,6 +179,21 @@ def build(impl: str, sh: Shape, causal: bool, meta):
     return jnp.sum(fwd(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _build_paged(impl: str, meta):
+  """One decode step's attention over a paged pool (the new token already written): pages read in place by the
+  Pallas kernel, or gathered per row first (the XLA reference; cuDNN attends over the gathered pages)."""
+  table, qpos, qseg = meta["page_table"], meta["q_positions"], meta["q_segment_ids"]
+
+  def read(q, pool, _, ct):
+    if impl == "pallas":
+      return gpu_paged_attention.paged_flash(q, pool, table, qpos, qseg)
+    keys, values = paged_attention.paged_gather(pool, table)
+    kw = {n: meta[n] for n in ("q_segment_ids", "kv_segment_ids", "q_positions", "kv_positions")}
+    return attn.attention(q, keys, values, causal=True, impl=impl, **kw)
+
+  return jax.jit(read)
 
 
 def rel_err(a, b) -> float:
