@@ -364,8 +364,11 @@ class Learner:
     for mb in micro_batches:
       with platform.scope(self.mesh):
         g, aux = self._grad(self.state, self.place(mb), denominator)
-      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-      aux_sum = aux if aux_sum is None else {k: _combine(k, aux_sum[k], v) for k, v in aux.items()}
+      if grads is None:
+        grads, aux_sum = g, aux
+      else:
+        with platform.scope(self.mesh):
+          grads, aux_sum = _accumulate(grads, aux_sum, g, aux)
     self.state, self.opt_state, grad_norm, ok = self._apply(self.state, self.opt_state, grads, aux_sum["loss"])
     metrics = {k: float(v) for k, v in aux_sum.items()}
     metrics["grad_norm"] = float(grad_norm)
@@ -398,6 +401,13 @@ def num_sequences(batch: PackedBatch) -> int:
 def _combine(key: str, a, b):
   """Accumulates a metric over micro-batches: maxima (`*_max`) by max, the rest (shared denominators) by sum."""
   return jnp.maximum(a, b) if key.endswith("_max") else a + b
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _accumulate(grads, aux_sum, g, aux):
+  """Adds a micro-batch's gradients and metrics to the running sums, in place (donated): one program per
+  micro-batch rather than one eager add per parameter, and no second copy of the gradients."""
+  return jax.tree.map(jnp.add, grads, g), {k: _combine(k, aux_sum[k], v) for k, v in aux.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
