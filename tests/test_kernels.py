@@ -8,6 +8,7 @@ disagreement; 2e-2 is ~5 ulps, tight enough to catch a wrong mask, scale or miss
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -243,15 +244,17 @@ def _paged_case(rng, b, n, h, kh, d, page, width, before, counts, dtype):
 
 
 @pytest.mark.parametrize(
-  "g,n,page,block_k,dtype",
+  "g,n,page,block_k,splits,dtype",
   [
-    (1, 1, 8, 16, jnp.float32),  # decode, two pages per loop step
-    (4, 5, 16, 16, jnp.float32),  # extend across a page boundary, one page per step
-    (7, 1, 32, 64, jnp.float32),  # the 7B's 7 query heads per KV head, a page larger than the key block
-    (2, 3, 16, 64, jnp.bfloat16),
+    (1, 1, 8, 16, 1, jnp.float32),  # decode, two pages per loop step
+    (1, 1, 8, 16, 4, jnp.float32),  # the same, key blocks split over 4 programs (flash-decoding) and merged
+    (4, 5, 16, 16, 1, jnp.float32),  # extend across a page boundary, one page per step
+    (7, 1, 32, 64, 1, jnp.float32),  # the 7B's 7 query heads per KV head, a page larger than the key block
+    (7, 1, 16, 16, 5, jnp.float32),  # splits past some rows' last block: those splits see nothing
+    (2, 3, 16, 64, 1, jnp.bfloat16),
   ],
 )
-def test_paged_flash_reads_pages_in_place_and_matches_a_slot_by_slot_reference(g, n, page, block_k, dtype):
+def test_paged_flash_reads_pages_in_place_and_matches_a_slot_by_slot_reference(g, n, page, block_k, splits, dtype):
   """`gpu_paged_attention.paged_flash` (interpret mode): rows of different cached lengths, one with no new token,
   pages in random order, garbage in every slot a row does not own; the result equals attention over each row's
   own slots, and padding queries get zeros."""
@@ -262,7 +265,7 @@ def test_paged_flash_reads_pages_in_place_and_matches_a_slot_by_slot_reference(g
   before = [0, page - 1, 3 * page + 2, 5]
   counts = [n, n, max(1, n - 2), 0]
   q, pool, table, pos, seg, ref = _paged_case(rng, 4, n, g * kh, kh, d, page, width, before, counts, dtype)
-  out = paged_flash(q, pool, table, pos, seg, interpret=True, block_k=block_k)
+  out = paged_flash(q, pool, table, pos, seg, interpret=True, block_k=block_k, num_splits=splits)
   assert out.shape == q.shape and out.dtype == q.dtype
   real = np.asarray(seg).astype(bool)
   assert _rel(np.asarray(out, np.float64)[real], ref[real]) <= (FP32_TOL if dtype == jnp.float32 else BF16_TOL)
@@ -304,14 +307,15 @@ def test_paged_attention_pallas_reads_in_place_and_agrees_with_the_gather_path()
   assert _rel(np.asarray(out)[valid], np.asarray(ref)[valid]) <= FP32_TOL
 
 
-@pytest.mark.parametrize("n", [1, 256])
-def test_paged_flash_lowers_to_triton_for_cuda_and_leaves_the_pool_where_it_is(n):
-  """The 7B's decode (and a 256-token extend) over a recipe-sized pool, lowered for CUDA from this CPU: one Triton
-  kernel, and no gather or slice of the pool around it (the pool goes to the kernel as it is)."""
+@pytest.mark.parametrize("b,n", [(64, 1), (1, 1), (8, 256)])
+def test_paged_flash_lowers_to_triton_for_cuda_and_leaves_the_pool_where_it_is(b, n):
+  """The 7B's decode (64 rows; one row, whose keys are split over programs) and a 256-token extend over a
+  recipe-sized pool, lowered for CUDA from this CPU: one Triton kernel, and no gather or slice of the pool around it
+  (the pool goes to the kernel as it is)."""
   from deepeyes_jax.kernels.gpu_paged_attention import paged_flash
 
   s = jax.ShapeDtypeStruct
-  b, pool_shape = 64, (8192, 16, 8, 128)
+  pool_shape = (8192, 16, 8, 128)
   args = (
     s((b, n, 28, 128), jnp.bfloat16),
     s(pool_shape, jnp.bfloat16),
@@ -323,6 +327,9 @@ def test_paged_flash_lowers_to_triton_for_cuda_and_leaves_the_pool_where_it_is(n
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("xla.gpu.triton") == 1
   assert "gather" not in text and "dynamic_slice" not in text
+  if b == 1:  # 4 programs (one row x 4 KV heads) for a GPU of ~100 cores: per-split fp32 outputs, merged in XLA
+    splits = re.search(r"tensor<(\d+)x1x4x16x128xf32>", text)
+    assert splits and int(splits.group(1)) > 1
   with pytest.raises(ValueError, match="power-of-two page size"):
     jax.jit(fn).trace(args[0], s((64, 12, 8, 128), jnp.bfloat16), *args[2:]).lower(lowering_platforms=("cuda",))
 

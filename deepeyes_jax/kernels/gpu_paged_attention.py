@@ -10,13 +10,16 @@ so a program sees keys and values as (P, page, hd) without any copy. As in `pall
 heads of a KV group are folded into the query axis ("rows": row t * G + j = token t, head k * G + j), so the group's
 pages are read once for all G heads and decode (N = 1) still gives G rows per program.
 
-Kernel (grid: row blocks x B x K). A row block loads `pages_per_block` page ids of its row from the page table at a
-time (one vector load), then the keys and values of those pages with one indexed load each, (pages_per_block, page,
-hd) -> (block_k, hd), and folds them in with an online softmax in base 2 and fp32 accumulators. Visibility is the
-causal rule on slots: a query at slot p sees slots <= p, all of which belong to its row (the engine writes the new
-tokens first, and a row's slots [0, kv_length) are its own), so neither segment ids nor lengths are read; the loop
-stops at the block holding the largest slot of the row block (a data-dependent bound, no branch inside). Padding
-queries (segment 0) get slot -1: they see nothing, output zeros, and are discarded by the caller.
+Kernel (grid: row blocks x key splits x B x K). A row block loads `pages_per_block` page ids of its row from the
+page table at a time (one vector load), then the keys and values of those pages with one indexed load each,
+(pages_per_block, page, hd) -> (block_k, hd), and folds them in with an online softmax in base 2 and fp32
+accumulators (`pallas_attention._fold_block`). Visibility is the causal rule on slots: a query at slot p sees slots
+<= p, all of which belong to its row (the engine writes the new tokens first, and a row's slots [0, kv_length) are
+its own), so neither segment ids nor lengths are read; the loop stops at the block holding the largest slot of the
+row block (a data-dependent bound, no branch inside). Padding queries (segment 0) get slot -1: they see nothing,
+output zeros, and are discarded by the caller. When rows x KV heads are too few programs for the GPU (decode at a
+small batch), the key blocks are split over a grid axis (flash-decoding) and the splits' outputs are merged by
+their log-sum-exp in XLA.
 
 Why not jax's `pallas.ops.gpu.paged_attention`: it takes one query token per row (no extend, no causal rule),
 separate K and V pools laid out (K, P, page, hd), and K == H or an explicit GQA batch; our pool layout is fixed by
@@ -52,14 +55,17 @@ def supported(page_size: int, head_dim: int, interpret: bool) -> bool:
   return interpret or (_pow2(page_size) and _pow2(head_dim) and head_dim >= 16)
 
 
-def _kernel(pt_ref, q_ref, qpos_ref, k_ref, v_ref, o_ref, *, scale2: float, pages_per_block: int, num_blocks: int):
-  """One row block of one (row, KV head): q (bq, hd), slots (bq,) int32 (-1 = padding); pages streamed from the pool."""
+def _kernel(pt_ref, q_ref, qpos_ref, k_ref, v_ref, *out_refs, scale2: float, pages_per_block: int, blocks_per_split):
+  """One row block of one (row, KV head), over one split of its key blocks: q (bq, hd), slots (bq,) int32 (-1 =
+  padding); pages streamed from the pool. Writes the normalised output, and with splits its lse (base 2)."""
   q = q_ref[...]
   qp = qpos_ref[...]
   page = k_ref.shape[1]
   block_k = pages_per_block * page
-  # Blocks [0, hi) hold every slot this row block sees (none when all its rows are padding: max slot -1).
-  hi = jnp.minimum((jnp.max(qp) + block_k) // block_k, num_blocks)
+  # Blocks [0, last) hold every slot this row block sees (none when all its rows are padding: max slot -1).
+  last = (jnp.max(qp) + block_k) // block_k
+  lo = pl.program_id(1) * blocks_per_split
+  hi = jnp.minimum(lo + blocks_per_split, last)
 
   def body(j, carry):
     pages = pt_ref[pl.ds(pl.multiple_of(j * pages_per_block, pages_per_block), pages_per_block)]
@@ -74,8 +80,20 @@ def _kernel(pt_ref, q_ref, qpos_ref, k_ref, v_ref, o_ref, *, scale2: float, page
     jnp.full((rows,), MASK_VALUE, jnp.float32),
     jnp.zeros((rows,), jnp.float32),
   )
-  acc, _, denom = lax.fori_loop(0, hi, body, init)
-  o_ref[...] = (acc / jnp.where(denom == 0.0, 1.0, denom)[:, None]).astype(o_ref.dtype)
+  acc, m, denom = lax.fori_loop(lo, jnp.maximum(lo, hi), body, init)
+  empty = denom == 0.0
+  out_refs[0][...] = (acc / jnp.where(empty, 1.0, denom)[:, None]).astype(out_refs[0].dtype)
+  if len(out_refs) == 2:
+    out_refs[1][...] = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, denom)))
+
+
+def _num_splits(programs: int, num_blocks: int, interpret: bool) -> int:
+  """Key splits (flash-decoding) so that a small batch still fills the GPU: about two programs per core, at least
+  4 key blocks per split; 1 in interpret mode."""
+  if interpret:
+    return 1
+  cores = getattr(jax.devices()[0], "core_count", None) or 108
+  return max(1, min(num_blocks // 4, -(-2 * cores // programs)))
 
 
 def paged_flash(
@@ -88,6 +106,7 @@ def paged_flash(
   interpret: bool | None = None,
   block_q: int = BLOCK_Q,
   block_k: int = BLOCK_K,
+  num_splits: int | None = None,
   num_warps: int | None = None,
   num_stages: int = 2,
 ) -> jax.Array:
@@ -98,6 +117,7 @@ def paged_flash(
     page_table: (B, n) int32 pages of each row in order (entries past a row's tokens: any valid page id).
     q_positions: (B, N) int32 slot of each query; q_segment_ids: (B, N) 1 = real token, 0 = padding.
     interpret: None = interpret unless compiling for GPU (`platform.target_platform()`).
+    num_splits: key splits per row block, merged in XLA (None: enough programs for the GPU's cores, 1 interpreted).
   Returns:
     (B, N, H, hd) in q's dtype; padding queries get zeros.
   """
@@ -123,8 +143,23 @@ def paged_flash(
   qpos = blocks.pad_axis(jnp.repeat(slots, g, axis=1), 1, rows_pad, -1)  # (B, rows_pad)
   table = blocks.pad_axis(page_table.astype(jnp.int32), 1, n_pad)  # page 0: never visible past a row's slots
 
-  kernel = functools.partial(_kernel, scale2=float(hd**-0.5) * LOG2E, pages_per_block=ppb, num_blocks=n_pad // ppb)
-  row_spec = pl.BlockSpec((None, None, bq, hd), lambda i, bi, hi: (bi, hi, i, 0))
+  num_rb, num_blocks = rows_pad // bq, n_pad // ppb
+  ns = max(1, min(num_blocks, num_splits or _num_splits(num_rb * b * kh, num_blocks, interpret)))
+  per_split = -(-num_blocks // ns)
+  kernel = functools.partial(_kernel, scale2=float(hd**-0.5) * LOG2E, pages_per_block=ppb, blocks_per_split=per_split)
+  row_spec = pl.BlockSpec((None, None, bq, hd), lambda i, sp, bi, hi: (bi, hi, i, 0))
+  if ns == 1:
+    out_specs = row_spec
+    out_shape = jax.ShapeDtypeStruct((b, kh, rows_pad, hd), q.dtype)
+  else:  # per split: output in fp32 and its lse, merged below
+    out_specs = [
+      pl.BlockSpec((None, None, None, bq, hd), lambda i, sp, bi, hi: (sp, bi, hi, i, 0)),
+      pl.BlockSpec((None, None, None, bq), lambda i, sp, bi, hi: (sp, bi, hi, i)),
+    ]
+    out_shape = [
+      jax.ShapeDtypeStruct((ns, b, kh, rows_pad, hd), jnp.float32),
+      jax.ShapeDtypeStruct((ns, b, kh, rows_pad), jnp.float32),
+    ]
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
@@ -132,20 +167,26 @@ def paged_flash(
     compiler_params = plgpu.CompilerParams(num_warps=num_warps or (4 if hd <= 64 else 8), num_stages=num_stages)
   out = pl.pallas_call(
     kernel,
-    grid=(rows_pad // bq, b, kh),
+    grid=(num_rb, ns, b, kh),
     in_specs=[
-      pl.BlockSpec((None, n_pad), lambda i, bi, hi: (bi, 0)),
+      pl.BlockSpec((None, n_pad), lambda i, sp, bi, hi: (bi, 0)),
       row_spec,
-      pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+      pl.BlockSpec((None, bq), lambda i, sp, bi, hi: (bi, i)),
       # The same pool twice: KV head hi's keys (combined head 2 hi) and values (2 hi + 1), that axis squeezed.
-      pl.BlockSpec((pool.shape[0], page, None, hd), lambda i, bi, hi: (0, 0, 2 * hi, 0)),
-      pl.BlockSpec((pool.shape[0], page, None, hd), lambda i, bi, hi: (0, 0, 2 * hi + 1, 0)),
+      pl.BlockSpec((pool.shape[0], page, None, hd), lambda i, sp, bi, hi: (0, 0, 2 * hi, 0)),
+      pl.BlockSpec((pool.shape[0], page, None, hd), lambda i, sp, bi, hi: (0, 0, 2 * hi + 1, 0)),
     ],
-    out_specs=row_spec,
-    out_shape=jax.ShapeDtypeStruct((b, kh, rows_pad, hd), q.dtype),
+    out_specs=out_specs,
+    out_shape=out_shape,
     interpret=interpret,
     compiler_params=compiler_params,
     name="deepeyes_paged_flash",
   )(table, qr, qpos, pool, pool)
+  if ns > 1:  # merge the splits by their lse; a split that saw nothing has lse -inf and weight 0
+    o, lse = out
+    m = jnp.max(lse, axis=0)
+    w = jnp.exp2(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+    wsum = jnp.sum(w, axis=0)
+    out = (jnp.sum(w[..., None] * o, axis=0) / jnp.where(wsum == 0, 1.0, wsum)[..., None]).astype(q.dtype)
   out = out[:, :, :rows].reshape(b, kh, n, g, hd)
   return out.transpose(0, 2, 1, 3, 4).reshape(b, n, h, hd)
