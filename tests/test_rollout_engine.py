@@ -152,9 +152,43 @@ def test_a_prompt_that_cannot_fit_ends_its_rows_with_a_reason(agent, engine, cap
   assert "leaves no room in max_total_tokens" in caplog.text
 
 
-def _prompt_lengths(tok, tasks, model_config):
+def _prompt_lengths(tok, tasks, model_config, **pixels):
   from deepeyes_jax.sampling.generate import encode_conversation
 
+  pixels = pixels or SMALL
   return [
-    encode_conversation(tok, t.messages(), image_token_id=model_config.image_token_id, **SMALL).tokens for t in tasks
+    encode_conversation(tok, t.messages(), image_token_id=model_config.image_token_id, **pixels).tokens for t in tasks
   ]
+
+
+def test_rows_a_fixed_pool_cannot_hold_end_with_an_error_and_the_others_go_on(agent, caplog):
+  """rollout.kv_pages too small for one row, even alone: that row ends with the stop reason "error" (the message
+  names kv_pages) instead of stopping the rollout. Two ways: a prompt that cannot start, and a turn that outgrows
+  the pool."""
+  sampler, tok = agent
+  page = 16
+  tasks = [_task("big", 1, (1000, 1000)), _task("small", 2, (56, 56))]
+  pixels = dict(min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28)  # the big image takes 256 tokens, the small 4
+  big, small = (paged.pages_for(len(r), page) for r in _prompt_lengths(tok, tasks, sampler.config, **pixels))
+  assert small <= big - 8  # the small group's two rows fit where one big row cannot
+  kw = dict(sampling=rules.GREEDY, max_tokens_per_turn=64, page_size=page, segment_steps=8, **pixels)
+  # A big row needs its prompt's pages and a segment's growth (the group's first row a copy of the last page too):
+  # one or two pages more than the pool. The small rows need small + 2 and 1.
+  cfg = AgentConfig(kv_pages=big, max_total_tokens=4096, **kw)
+  stats = RolloutStats()
+  out = run_rollouts(sampler, tok, tasks, group_size=2, config=cfg, scripted_turns=[[ANSWER]] * 4, stats=stats)
+  assert [t.stop_reason for t in out] == ["error", "error", "answer", "answer"]
+  for t in out[:2]:
+    assert "rollout.kv_pages=" in t.metadata["error"] and "cannot hold the prompt" in t.metadata["error"]
+  assert [t.answer for t in out[2:]] == ["B", "B"] and stats.pool_failures == 2
+  # A turn of ~60 tokens cannot fit next to the small prompt in small + 2 pages: the row ends when it outgrows them
+  # (the other row, admitted when it ends, answers).
+  long_turn = "<think>" + "look " * 60 + "</think> <answer>B</answer><|im_end|>"
+  cfg = AgentConfig(kv_pages=small + 2, max_total_tokens=4096, **kw)
+  stats = RolloutStats()
+  out = run_rollouts(
+    sampler, tok, tasks[1:], group_size=2, config=cfg, scripted_turns=[[long_turn], [ANSWER]], stats=stats
+  )
+  assert out[0].stop_reason == "error" and "alone" in out[0].metadata["error"]
+  assert out[1].stop_reason == "answer" and stats.pool_failures == 1
+  assert "KV pages failed, row ended" in caplog.text

@@ -517,6 +517,7 @@ class RolloutStats:
   kv_peak_used_bytes: int = 0
   segments: int = 0
   restarts: int = 0  # rows restarted from their prompt because a fixed pool (kv_pages) ran out
+  pool_failures: int = 0  # rows ended ("error") because a fixed pool cannot hold them even alone
   pool_grows: int = 0
 
   @property
@@ -637,6 +638,12 @@ def _rollout_continuous(
     stats.pool_grows += 1
     return True
 
+  def pool_too_small(what: str) -> str:
+    return (
+      f"rollout.kv_pages={config.kv_pages} pages of {page} tokens ({alloc.pages_per_shard} per shard) cannot hold "
+      f"{what}; raise kv_pages or use 0 (grow on demand)"
+    )
+
   def restart(live: _Live) -> None:
     alloc.release(live.shard, live.pages)
     rows[live.index] = _fresh(templates[live.index])
@@ -654,11 +661,13 @@ def _rollout_continuous(
       return
     while not ensure(live.shard, need):
       rows_here = [x for x in slots if x is not None and x.shard == live.shard]
-      if rows_here == [live]:
-        raise MemoryError(
-          f"rollout.kv_pages={config.kv_pages} pages of {page} tokens ({alloc.pages_per_shard} per shard) cannot "
-          f"hold row {live.index} alone ({tokens} tokens); raise kv_pages or use 0 (grow on demand)"
-        )
+      if rows_here == [live]:  # recorded, not raised: the row ends, the rollout goes on
+        msg = f"row {live.index} alone ({tokens} tokens)"
+        _fail(rows[live.index], MemoryError(pool_too_small(msg)), "KV pages")
+        alloc.release(live.shard, live.pages)
+        slots[live.slot] = None
+        stats.pool_failures += 1
+        return
       youngest = max(rows_here, key=lambda x: x.order)
       restart(youngest)
       if youngest is live:
@@ -699,11 +708,18 @@ def _rollout_continuous(
       order += 1
       admitted.append((slots[s], g, last))
     if not admitted and not any(x is not None for x in slots):
-      raise MemoryError(
-        f"rollout.kv_pages={config.kv_pages} pages of {page} tokens ({alloc.pages_per_shard} per shard) cannot "
-        f"hold the prompt of row {queue[0]} ({rows[queue[0]].prompt_length} tokens); raise kv_pages or use 0 "
-        "(grow on demand)"
-      )
+      # Nothing in flight will free pages: the row at the head of the queue cannot start. It ends (recorded, not
+      # raised), and with it its group's prompts if it was the group's last row; the others go on.
+      i = queue.popleft()
+      msg = f"the prompt of row {i} ({rows[i].prompt_length} tokens) with a segment's growth"
+      _fail(rows[i], MemoryError(pool_too_small(msg)), "KV pages")
+      stats.pool_failures += 1
+      g = i // group_size
+      pending[g] -= 1
+      if not pending[g]:
+        for key in [key for key in prompts if key[0] == g]:
+          alloc.release(key[1], prompts.pop(key).pages)
+      continue
     if to_prefill:
       kv, lg, nxt = sampler.extend_paged(
         kv,
