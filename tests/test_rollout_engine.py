@@ -60,16 +60,20 @@ SCRIPTS = [ZOOMS[:1], [], ZOOMS, [ANSWER], ZOOMS[1:], [], [], ZOOMS[:1] + [ANSWE
 
 
 def _rollout(agent, **overrides):
+  stats = RolloutStats()
+  return _rollout_with(agent, stats, **overrides), stats
+
+
+def _rollout_with(agent, stats, cancel=None, **overrides):
   sampler, tok = agent
   tasks = [_task(t, s, size) for t, s, size in TASKS]
   base = AgentConfig(
     sampling=rules.SamplingParams(1.0), max_turns=4, max_tokens_per_turn=96, max_total_tokens=1024, **SMALL
   )
   cfg = dataclasses.replace(base, **overrides)
-  stats = RolloutStats()
   scripts = (SCRIPTS * 2)[: 3 * 3]
-  out = run_rollouts(sampler, tok, tasks, group_size=3, config=cfg, seed=5, scripted_turns=scripts, stats=stats)
-  return out, stats
+  kw = dict(seed=5, scripted_turns=scripts, stats=stats, cancel=cancel)
+  return run_rollouts(sampler, tok, tasks, group_size=3, config=cfg, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +196,21 @@ def test_rows_a_fixed_pool_cannot_hold_end_with_an_error_and_the_others_go_on(ag
   assert out[0].stop_reason == "error" and "alone" in out[0].metadata["error"]
   assert out[1].stop_reason == "answer" and stats.pool_failures == 1
   assert "KV pages failed, row ended" in caplog.text
+
+
+@pytest.mark.parametrize("engine", ["continuous", "lockstep"])
+def test_a_cancelled_rollout_stops_between_segments(agent, engine):
+  """`cancel` is polled between decode segments (lock-step: turns): once it says so, the rollout raises
+  RolloutCancelled there, without finishing the rows in flight."""
+  from deepeyes_jax.agent.rollout import RolloutCancelled
+
+  polls = []
+
+  def cancel():
+    polls.append(1)
+    return len(polls) >= 3
+
+  stats = RolloutStats()
+  with pytest.raises(RolloutCancelled):
+    _rollout_with(agent, stats, engine=engine, max_concurrent_rows=2, segment_steps=8, cancel=cancel)
+  assert len(polls) == 3 and stats.token_steps > 0  # it ran, then stopped at the third poll

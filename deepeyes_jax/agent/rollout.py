@@ -138,6 +138,15 @@ def _fail(row: _Row, e: Exception, where: str) -> None:
   log.warning("task %r, sample %d: %s failed, row ended: %s", row.task.task_id, row.sample_index, where, _message(e))
 
 
+class RolloutCancelled(Exception):
+  """`run_rollouts` stopped early because its `cancel` callable returned True."""
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+  if cancel is not None and cancel():
+    raise RolloutCancelled("rollout cancelled")
+
+
 def _message(e: Exception) -> str:
   return f"{type(e).__name__}: {e}"
 
@@ -158,6 +167,7 @@ def run_rollouts(
   scripted_turns: Sequence[Sequence[str]] | None = None,
   on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None = None,
   stats: RolloutStats | None = None,
+  cancel: Callable[[], bool] | None = None,
 ) -> list[Trajectory]:
   """Rolls out every task `group_size` times. Returns trajectories in (task, sample) order.
 
@@ -175,6 +185,8 @@ def run_rollouts(
       model still scores every token, so log-probs stay real).
     on_turn: called after each finished turn with (row index, turn number, turn, tool record) — live printing.
       The row index is that of the whole rollout, (task index) * group_size + sample index, whatever the chunk.
+    cancel: polled between decode segments (lock-step: between turns); once it returns True the rollout stops
+      there and raises `RolloutCancelled` (a trainer dropping prefetched rollouts on SIGTERM need not wait for them).
   """
   cfg = sampler.config
   rows, chunks = _prompt_rows(tokenizer, tasks, group_size, config, cfg)
@@ -193,7 +205,7 @@ def run_rollouts(
       )
   runnable = [i for i, row in enumerate(rows) if row.stop_reason is None]
   stats = RolloutStats() if stats is None else stats
-  kw = dict(config=config, seed=seed, scripted_turns=scripted_turns, on_turn=on_turn, stats=stats)
+  kw = dict(config=config, seed=seed, scripted_turns=scripted_turns, on_turn=on_turn, stats=stats, cancel=cancel)
   if config.engine == "continuous":
     _rollout_continuous(sampler, tokenizer, rows, chunks, runnable, group_size=max(group_size, 1), **kw)
   else:
@@ -242,6 +254,7 @@ def _rollout_rows(
   scripted_turns: Sequence[Sequence[str]] | None,
   on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None,
   stats: RolloutStats,
+  cancel: Callable[[], bool] | None = None,
 ) -> None:
   """The lock-step engine: rolls out rows `indices` in one contiguous KV cache of len(indices) rows x
   max_total_tokens, one turn of every row per round, updating them in place (the reference for the continuous
@@ -258,6 +271,7 @@ def _rollout_rows(
   stats.kv_peak_used_bytes = stats.kv_bytes  # every row holds max_total_tokens slots from the start
 
   for turn in range(1, config.max_turns + 1):
+    _check_cancel(cancel)
     active = [r.stop_reason is None for r in rows]
     budgets = [min(config.max_tokens_per_turn, capacity - len(r.tokens)) if a else 0 for r, a in zip(rows, active)]
     forced = [_script(tokenizer, scripted_turns, i, turn) if a else None for i, a in zip(indices, active)]
@@ -581,6 +595,7 @@ def _rollout_continuous(
   scripted_turns: Sequence[Sequence[str]] | None,
   on_turn: Callable[[int, int, Turn, ToolRecord | None], None] | None,
   stats: RolloutStats,
+  cancel: Callable[[], bool] | None = None,
 ) -> None:
   """Rolls out rows `runnable` (updated in place) with continuous batching over a paged KV pool.
 
@@ -678,6 +693,7 @@ def _rollout_continuous(
     stats.kv_peak_used_bytes = max(stats.kv_peak_used_bytes, alloc.peak_in_use * per_page)
 
   while queue or any(x is not None for x in slots):
+    _check_cancel(cancel)
     # 1. Admission: free slots take the next rows, preferring a shard that holds the row's group prompt (a prompt
     # is prefilled once per shard that runs its group). Every page a row starts with is taken here; a fixed pool
     # also keeps a segment's growth free for the row.
