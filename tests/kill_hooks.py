@@ -7,7 +7,9 @@
   checkpoint before it is durable (saves are made synchronous here), so the test knows where the run resumes.
 - ``items=N``: the benchmark evaluation is killed once N items' results were written.
 - ``term_in_update=N``: the trainer sends itself SIGTERM as its N-th GRPO update starts (a `kill PID` that lands
-  while one-step-off-policy rollouts run in the background); the run goes on to its own clean exit.
+  while one-step-off-policy rollouts run in the background); the run goes on to its own clean exit. Prefetched
+  rollouts (those given a `cancel`) first wait up to 5 s for it, so that the ones a stop drops are still running
+  when the trainer drops them, whatever the machine's speed.
 
 The hooks are monkeypatches applied here, so that the package itself holds no test code.
 """
@@ -16,6 +18,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 
 def _kill() -> None:
@@ -73,6 +76,15 @@ def sigterm_in_update(n: int) -> None:
     return real(*args, **kwargs)
 
   trainer.learn = learn
+  real_rollouts = trainer.run_rollouts
+
+  def rollouts(*args, cancel=None, **kwargs):
+    deadline = time.monotonic() + 5.0
+    while cancel is not None and not cancel() and time.monotonic() < deadline:
+      time.sleep(0.01)
+    return real_rollouts(*args, cancel=cancel, **kwargs)
+
+  trainer.run_rollouts = rollouts
 
 
 HOOKS = {"rollouts": kill_after_rollouts, "items": kill_after_items, "term_in_update": sigterm_in_update}

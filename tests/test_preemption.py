@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 from test_multiprocess import _free_port
 from test_train import ROOT, train_data  # noqa: F401  (fixture)
 
@@ -104,8 +105,9 @@ def test_sigterm_of_an_off_policy_run_drops_the_prefetched_rollouts_and_keeps_th
   train_data,  # noqa: F811
 ):
   """rl.off_policy_steps=1: a SIGTERM during step 2's update, while step 3's rollouts run in the background: they
-  are waited for and dropped, step 2 is checkpointed with the data iterator from before them, and the resumed run
-  rolls out the same prompts at every step as an uninterrupted run (step 3 on-policy, docs/training.md)."""
+  are cancelled (at their next decode segment) and dropped, step 2 is checkpointed with the data iterator from
+  before them, and the resumed run rolls out the same prompts at every step as an uninterrupted run (step 3
+  on-policy, docs/training.md)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"))
   extra = ["--config.rl.off_policy_steps=1", "--config.log.save_trajectories_every=1"]
 
@@ -121,6 +123,7 @@ def test_sigterm_of_an_off_policy_run_drops_the_prefetched_rollouts_and_keeps_th
   stopped = run(workdir, hook="term_in_update=2")
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert "preempted: saved step 2" in stopped.stdout, stopped.stdout[-3000:]
+  assert "the prefetched rollouts of step 3 were cancelled" in stopped.stderr
   again = run(workdir)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming from step 2" in again.stderr
@@ -134,9 +137,10 @@ def test_sigterm_of_an_off_policy_run_drops_the_prefetched_rollouts_and_keeps_th
   assert prompts(workdir) == prompts(tmp_path / "full")
 
 
-def test_off_policy_rollouts_are_refused_under_jax_distributed(tmp_path, tiny_vlm, train_data):  # noqa: F811
-  """Two threads dispatching device programs would order them differently on each process: the run says so and
-  names the field before anything loads."""
+def test_off_policy_rollouts_on_shared_devices_are_refused_under_jax_distributed(tmp_path, tiny_vlm, train_data):  # noqa: F811
+  """Under jax.distributed, one-step-off-policy rollouts need devices of their own (rl.sampler_devices): two threads
+  dispatching programs onto the same devices would order them differently on each process. The run says so, names
+  the fields and the fix, before anything loads."""
   env = dict(
     os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=os.path.join(ROOT, "tests"),
     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0",
@@ -144,5 +148,43 @@ def test_off_policy_rollouts_are_refused_under_jax_distributed(tmp_path, tiny_vl
   cmd = _cmd(tmp_path / "run", tiny_vlm[0], train_data) + ["--config.rl.off_policy_steps=1"]
   p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert p.returncode != 0
-  assert "config.rl.off_policy_steps=1: one-step-off-policy rollouts need a single-process run" in p.stderr
+  assert "config.rl.off_policy_steps=1 with config.rl.sampler_devices=0: under jax.distributed" in p.stderr
+  assert "set config.rl.sampler_devices to a multiple of the process count (1)" in p.stderr
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # ~100 s on the 2-core machine: three runs
+def test_preemption_of_an_off_policy_run_under_jax_distributed(tmp_path, tiny_vlm, train_data):  # noqa: F811
+  """rl.off_policy_steps=1 under jax.distributed, the sampler on a device of its own: SIGTERM starts orbax's
+  preemption sync; the run stops at the sync point (a step the prefetch did not run past: it asks orbax first), exits
+  0, and the resumed run rolls out the same prompts at every step as an uninterrupted run."""
+
+  def env():
+    return dict(
+      os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      PYTHONPATH=os.path.join(ROOT, "tests"),
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0",
+    )  # fmt: skip
+
+  extra = ["--config.rl.off_policy_steps=1", "--config.rl.sampler_devices=1", "--config.log.save_trajectories_every=1"]
+
+  def cmd(workdir):
+    return _cmd(workdir, tiny_vlm[0], train_data) + extra
+
+  workdir = tmp_path / "run"
+  out, saved = _sigterm_after_step_1(cmd(workdir), env())
+  assert "sampler on devices of its own" in out
+  assert len(saved) == 1 and 2 <= saved[0] <= 3, out
+  again = subprocess.run(cmd(workdir), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"resuming from step {saved[0]}" in again.stderr
+  full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  def prompts(run_dir):
+    return [
+      [json.loads(x)["task_id"] for x in (run_dir / "rollouts" / f"step_{s:06d}.jsonl").read_text().splitlines()]
+      for s in (1, 2, 3, 4)
+    ]
+
+  assert prompts(workdir) == prompts(tmp_path / "full")

@@ -70,6 +70,13 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[j
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def put_host(tree, sharding):
+  """`jax.device_put(tree, sharding)` of host arrays that every process holds alike, without device_put's check that
+  they do: under jax.distributed that check is a collective over every device, which another thread's programs
+  (one-step-off-policy rollouts on devices of their own) would pair up with differently on each process."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]), tree)
+
+
 def logical_to_spec(
   names: Iterable[str | None] | None,
   shape: Sequence[int],

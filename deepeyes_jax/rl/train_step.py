@@ -339,10 +339,12 @@ class Learner:
 
   # --- host API -------------------------------------------------------------------------------------------
   def place(self, batch: PackedBatch) -> PackedBatch:
-    """Puts a micro-batch on the mesh: rows over (data, fsdp), images replicated (`batch_shardings`)."""
+    """Puts a micro-batch on the mesh: rows over (data, fsdp), images replicated (`batch_shardings`). Every process
+    builds the same micro-batches from the same rollouts; `put_host` skips device_put's cross-process check of that
+    (a collective over every device, which a rollout thread's programs would interleave with)."""
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, batch)
-    return jax.tree.map(jax.device_put, batch, batch_shardings(batch, self.mesh))
+    return jax.tree.map(shd.put_host, batch, batch_shardings(batch, self.mesh))
 
   def logprobs(self, batch: PackedBatch) -> np.ndarray:
     """Current-policy log-probs (R, L) of a packed batch (no gradient): the 'recompute' old log-probs."""

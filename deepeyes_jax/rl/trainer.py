@@ -21,13 +21,14 @@ import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
 
 from deepeyes_jax import run_setup
-from deepeyes_jax.agent.rollout import run_rollouts
+from deepeyes_jax.agent.rollout import RolloutCancelled, run_rollouts
 from deepeyes_jax.agent.trajectory import save_trajectories
 from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.data.pipeline import make_train_iterator
@@ -41,7 +42,7 @@ from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, Checkpointer
 from deepeyes_jax.rl.metrics import Progress, ToolHealth, device_peak_flops, make_writer, rollout_metrics
 from deepeyes_jax.rl.report import write_report
 from deepeyes_jax.rl.train_step import Learner, LearnerConfig
-from deepeyes_jax.sampling.sampler import Sampler
+from deepeyes_jax.sampling.sampler import Sampler, sampling_shardings
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,94 @@ def step_seed(seed: int, step: int, round_: int = 0) -> int:
   return zlib.crc32(f"{seed}/{step}".encode() if round_ == 0 else f"{seed}/{step}/{round_}".encode())
 
 
+def split_devices(devices, k: int) -> tuple[list, list]:
+  """(learner devices, sampler devices) for `rl.sampler_devices` = k: the last k / P devices of each of the P
+  processes go to the sampler, the rest of each process's devices to the learner, both in `devices`' order. One
+  process: the last k devices. Every process then holds devices of both groups, so each group's programs run on
+  every process (multi-controller JAX: each process issues every program of every mesh it has devices in)."""
+  by_process: dict[int, list] = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+  p = len(by_process)
+  if k % p:
+    raise ValueError(
+      f"config.rl.sampler_devices={k}: must be a multiple of the number of processes ({p}): each process gives the "
+      "sampler the same number of its devices"
+    )
+  per = k // p
+  fewest = min(len(ds) for ds in by_process.values())
+  if per >= fewest:
+    raise ValueError(
+      f"config.rl.sampler_devices={k}: must leave the learner a device on every process ({k // p} of each "
+      f"process's {fewest} devices would go to the sampler); at most {(fewest - 1) * p}"
+    )
+  sampler = [d for ds in by_process.values() for d in ds[-per:]]
+  taken = set(sampler)
+  return [d for d in devices if d not in taken], sampler
+
+
 def _meshes(config) -> tuple:
-  """(learner mesh, sampler mesh): one mesh over every device, or with `rl.sampler_devices` = k the last k devices
-  for the sampler (rows over them, (data 1, fsdp k, tensor 1)) and the rest for the learner (`config.mesh`, -1 =
-  the remaining ones): one-step-off-policy rollouts then run on devices of their own, the weights pushed across
-  (a resharding transfer) once per step."""
+  """(learner mesh, sampler mesh): one mesh over every device, or with `rl.sampler_devices` = k the sampler's own
+  mesh over k devices (`split_devices`: the last k / P of each process; rows over them, (data 1, fsdp k, tensor 1))
+  and the learner's (`config.mesh`, -1 = the remaining ones) over the rest: one-step-off-policy rollouts then run
+  on devices of their own, the weights pushed across (`push_weights`) once per step."""
   k = config.rl.get("sampler_devices", 0)
   if not k:
     mesh = run_setup.make_mesh(config.mesh)
     return mesh, mesh
-  devices = jax.devices()
-  if k >= len(devices):
-    raise ValueError(f"config.rl.sampler_devices={k}: must leave the learner a device ({len(devices)} in all)")
+  learner_devices, sampler_devices = split_devices(jax.devices(), k)
   m = config.mesh
-  return shd.make_mesh(m.data, m.fsdp, m.tensor, devices=devices[:-k]), shd.make_mesh(1, k, 1, devices=devices[-k:])
+  return (
+    shd.make_mesh(m.data, m.fsdp, m.tensor, devices=learner_devices),
+    shd.make_mesh(1, k, 1, devices=sampler_devices),
+  )
+
+
+def push_weights(sampler: Sampler, state, *, private: bool = False) -> None:
+  """`sampler.push(state, private=private)`, also where the sampler's devices are not the learner's and the run has
+  several processes: there a resharding `jax.device_put` between the two device sets is refused ("a cross-host
+  reshard ... should have the same set of devices": jax 0.10.2, but on TPU's TFRT runtime), so each leaf is cast to
+  the sampler's dtype and replicated over the learner's own devices (a program of the learner's mesh: an all-gather),
+  then each process copies the slices its sampler devices hold from one of its learner devices (device-to-device,
+  within the process) and assembles them (`jax.make_array_from_single_device_arrays`). One leaf at a time, so the
+  learner's devices hold at most one gathered leaf (plus those in flight) beyond their own state. The arrays are
+  new: private. Call it from the thread that issues the learner's programs, while no rollout runs (it spans both
+  groups)."""
+  mesh = sampler.mesh
+  leaves, treedef = jax.tree.flatten(state)
+  if mesh is None or jax.process_count() == 1 or all(x.sharding.device_set == set(mesh.devices.flat) for x in leaves):
+    sampler.push(state, private=private)
+    return
+  targets = jax.tree.leaves(sampling_shardings(state, mesh, sampler.weight_layout))
+  assert len(targets) == len(leaves), (len(targets), len(leaves))
+  out, in_flight = [], 0
+  for x, target in zip(leaves, targets):
+    gathered = _gather_fn(jnp.dtype(sampler.dtype), x.sharding.mesh)(x)  # replicated over the learner's devices
+    local = gathered.addressable_shards[0].data  # the whole leaf, on one of this process's learner devices
+    full = tuple(slice(None) for _ in range(local.ndim))
+    shards = [
+      jax.device_put(local if tuple(idx) == full else local[idx], d)
+      for d, idx in target.addressable_devices_indices_map(local.shape).items()
+    ]
+    out.append(jax.make_array_from_single_device_arrays(local.shape, target, shards))
+    in_flight += local.nbytes
+    if in_flight > _PUSH_BYTES_IN_FLIGHT:  # bounds what the gathered copies hold on the learner's devices
+      out[-1].block_until_ready()
+      in_flight = 0
+  sampler.state = jax.tree.unflatten(treedef, out)  # the sampler's dtype and layout: taken as they are
+
+
+_PUSH_BYTES_IN_FLIGHT = 1 << 30
+_GATHER_FNS: dict = {}
+
+
+def _gather_fn(dtype, mesh):
+  """jit: a leaf cast to `dtype` (floating point leaves) and replicated over `mesh`; one per (dtype, mesh)."""
+  key = (dtype, mesh)
+  if key not in _GATHER_FNS:
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    _GATHER_FNS[key] = jax.jit(cast, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return _GATHER_FNS[key]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,7 +181,9 @@ class Rollouts:
   seconds: float
 
 
-def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, data_iter, data_stats=None) -> Rollouts:
+def collect_rollouts(
+  step: int, config, sampler, tokenizer, agent_cfg, judge, data_iter, data_stats=None, cancel=None
+) -> Rollouts:
   """Rolls out a batch of prompts (G samples each) with the sampler's current weights and scores them.
 
   With `rl.dynamic_sampling` (DAPO), groups whose (shaped) rewards are all equal carry no signal: more batches are
@@ -130,6 +207,7 @@ def collect_rollouts(step: int, config, sampler, tokenizer, agent_cfg, judge, da
       group_size=config.rollout.group_size,
       config=agent_cfg,
       seed=step_seed(config.seed, step, r),
+      cancel=cancel,  # dropped prefetched rollouts stop at the next decode segment (RolloutCancelled)
     )
     rw = rewards_lib.score_trajectories(tr, tokenizer, judge)
     trajs, rewards = trajs + tr, rewards + rw
@@ -246,12 +324,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # workdir paths go through epath: local or gs://
   if jax.process_index() == 0:  # what `python -m deepeyes_jax.export` needs to turn a checkpoint into an HF model
     (epath.Path(workdir) / TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))  # epath: gs:// too
-  if config.rl.off_policy_steps and jax.distributed.is_initialized():
-    # Two threads dispatching device programs: their order differs between processes (collectives across hosts
-    # would pair up wrongly), and a preemption sync point could be reached while the rollouts run.
+  distributed = jax.process_count() > 1 or jax.distributed.is_initialized()
+  if config.rl.off_policy_steps and distributed and not config.rl.sampler_devices:
+    # Two threads dispatching programs onto the same devices: their order would differ between processes
+    # (collectives across hosts would pair up wrongly). With devices of its own, each group's programs come from one
+    # thread (docs/training.md).
     raise ValueError(
-      f"config.rl.off_policy_steps={config.rl.off_policy_steps}: one-step-off-policy rollouts need a single-process "
-      "run (this one runs under jax.distributed, e.g. launched with DEEPEYES_DISTRIBUTED=1); set it to 0"
+      f"config.rl.off_policy_steps={config.rl.off_policy_steps} with config.rl.sampler_devices=0: under "
+      "jax.distributed (this run has several processes, or was launched with JAX_COORDINATOR_ADDRESS / "
+      "DEEPEYES_DISTRIBUTED=1) one-step-off-policy rollouts need devices of their own: set config.rl.sampler_devices "
+      f"to a multiple of the process count ({jax.process_count()}) that leaves every process a learner device, or "
+      "config.rl.off_policy_steps=0"
     )
   mesh, sampler_mesh = _meshes(config)
   chief = jax.process_index() == 0
@@ -262,8 +345,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpoint = run_setup.model_dir(config, workdir)
   model = run_setup.load_model(config, mesh, checkpoint)
   tokenizer = load_tokenizer(config.model.tokenizer or checkpoint)
-  sampler = Sampler(model, mesh=sampler_mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
-  sampler.release()  # its copy of the weights is made before each rollout phase (sampler.state = learner.state)
+  sampler = Sampler(model, mesh=mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
+  # Built where the model's weights are (a transfer to devices of its own is `push_weights`' job), then pointed at
+  # its mesh; its copy of the weights is made before each rollout phase (push_weights) and released after it.
+  sampler.mesh = sampler_mesh
+  sampler.release()
   agent_cfg = run_setup.agent_config(config)
   judge = run_setup.make_judge(config, workdir)
   ws = config.get("warmstart")  # validate() imported the reward plugins and checked warmstart.steps < total_steps
@@ -328,8 +414,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   probe = None  # SkillProbe, built at the first warm-start probe
   tool_health = ToolHealth(config.log.get("tool_collapse_fraction", 0.0), state=tool_state)
 
-  def collect(step: int) -> Rollouts:
-    return collect_rollouts(step, config, sampler, tokenizer, agent_cfg, judge, data_iter, data_stats)
+  # The sampler on devices of its own: the rollouts' small programs on uncommitted arrays (row keys, ...) run on one
+  # of this process's sampler devices too, so that the rollout thread issues nothing to the learner's.
+  own_device = None if sampler_mesh is mesh else _local_device(sampler_mesh)
+
+  # Set when prefetched rollouts are dropped (a stop): they end at their next decode segment instead of finishing.
+  # Single-process runs only: under jax.distributed every process must issue the same sampler programs, and the
+  # processes would see the flag at different segments.
+  drop_prefetch = threading.Event()
+
+  def collect(step: int, cancel=None) -> Rollouts:
+    with jax.default_device(own_device) if own_device is not None else contextlib.nullcontext():
+      return collect_rollouts(step, config, sampler, tokenizer, agent_cfg, judge, data_iter, data_stats, cancel)
 
   off_policy = config.rl.off_policy_steps > 0
   executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts") if off_policy else None
@@ -344,7 +440,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     for step in range(start, config.total_steps):
       t0 = time.time()
       if step == warm_steps and warm_steps:
-        sampler.state = learner.state
+        push_weights(sampler, learner.state)
         evaluator.run("warmstart", step)  # the warm-start checkpoint (skipped if already done)
         progress.pause_ended()
         if learner.cfg.policy_loss == "nll":
@@ -360,8 +456,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if chief:
           print(progress.line(step + 1, metrics), flush=True)
         stopping = stop.requested  # one decision per step (a signal may arrive at any time)
-        _save(ckpt, step + 1, learner, ws_iter if step + 1 < warm_steps else data_iter, config, warm_steps, stopping)
-        if _stopped(ckpt, step + 1, stopping, chief):
+        preempted = ckpt.reached_preemption(step + 1)
+        data = ws_iter if step + 1 < warm_steps else data_iter
+        _save(ckpt, step + 1, learner, data, config, warm_steps, bool(stopping or preempted))
+        if _stopped(ckpt, step + 1, stopping, preempted, chief):
           writer.flush()
           return metrics
         continue
@@ -370,7 +468,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         batch, pending = pending.result(), None
         sampler.release()
       else:
-        sampler.push(learner.state)
+        push_weights(sampler, learner.state)
         batch = collect(step)
         sampler.release()  # the learner step does not hold the sampler's copy of the weights
       prefetch = off_policy and step + 1 < config.total_steps and not stop.requested
@@ -378,8 +476,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         # Step n+1's rollouts run now, with the weights before this update (staleness 1), while it runs. Not past a
         # planned checkpoint (the step after one is rolled out on-policy, so a resumed run repeats it exactly).
         data_state = data_iter.get_state()
-        sampler.push(learner.state, private=True)  # the update donates learner.state
-        pending = executor.submit(collect, step + 1)
+        # In this thread, while no rollout runs: the push is the one program that spans both device groups.
+        push_weights(sampler, learner.state, private=True)  # the update donates learner.state
+        drop_prefetch.clear()
+        pending = executor.submit(collect, step + 1, None if distributed else drop_prefetch.is_set)
       metrics = learn(batch, learner, config, sampler.config.vision)
       metrics.update(tool_health.update(metrics["tool/calls_per_traj"]))
       metrics["time/step_s"] = time.time() - t0
@@ -399,23 +499,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             epath.Path(workdir) / "rollouts",
             filename=f"step_{step + 1:06d}.jsonl",
           )
-      stopping = stop.requested  # one decision per step (a signal may arrive at any time)
-      if pending is not None and stopping:
-        # The next step's rollouts are dropped (waited for: they use the data iterator), and the checkpoint resumes
-        # before them. Their failure does not matter any more.
+      # The stop decision, once per step, in this thread: a signal to a single-process run (it may arrive at any
+      # time: read once), or orbax's preemption sync point under jax.distributed (the same step on every process;
+      # asking again for the same step gives the same answer).
+      stopping = stop.requested
+      preempted = ckpt.reached_preemption(step + 1)
+      if pending is not None and (stopping or preempted):
+        # The next step's rollouts are dropped, and the checkpoint resumes before them. A single process cancels
+        # them (they stop at their next decode segment); under jax.distributed every process waits for them alike
+        # (they use the data iterator and the sampler's devices, which the save's barrier spans). Their failure does
+        # not matter any more.
+        drop_prefetch.set()
         try:
           pending.result()
+        except RolloutCancelled:
+          log.info("the prefetched rollouts of step %d were cancelled", step + 2)
         except Exception as e:  # noqa: BLE001 -- dropped rollouts: their error must not cost the checkpoint
           log.warning("the dropped prefetched rollouts of step %d failed: %s", step + 2, e)
         pending = None
         sampler.release()
         data_iter.set_state(data_state)
-      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, stopping, tool_health.state())
-      if _stopped(ckpt, step + 1, stopping, chief):
+      _save(ckpt, step + 1, learner, data_iter, config, warm_steps, bool(stopping or preempted), tool_health.state())
+      if _stopped(ckpt, step + 1, stopping, preempted, chief):
         _finish(writer, judge)
         return metrics
   ckpt.close()
-  sampler.state = learner.state
+  push_weights(sampler, learner.state)
   final = evaluator.run("final", config.total_steps)
   if final is not None and chief:
     final_eval = evaluator.write_final()
@@ -425,6 +534,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       print(f"report: {path}", flush=True)
   _finish(writer, judge)
   return metrics
+
+
+def _local_device(mesh):
+  """The first of `mesh`'s devices that belongs to this process."""
+  return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
 
 
 def _finish(writer, judge) -> None:
@@ -447,12 +561,12 @@ def _save(
   data_iterator,
   config,
   warm_steps: int,
-  stopping: str | None,
+  stop: bool,
   tool_health=None,
 ) -> None:
   """Orbax decides: every `checkpoint.every_steps`, the warm-start and last steps, and a preemption sync point
   (all processes agree on it after any of them got SIGTERM from the scheduler: spot / preemptible TPUs); and the
-  step a single-process run got SIGTERM / SIGINT in (`StopSignals`)."""
+  step the run stops at (`stop`: a single-process run's SIGTERM / SIGINT, `StopSignals`, or the sync point)."""
   ckpt.save(
     step,
     learner.state,
@@ -460,14 +574,14 @@ def _save(
     learner_step=learner.step,
     data_iterator=data_iterator,
     extra={"tool_health": tool_health} if tool_health else None,
-    force=step in (config.total_steps, warm_steps) or bool(stopping),
+    force=step in (config.total_steps, warm_steps) or stop,
   )
 
 
-def _stopped(ckpt: Checkpointer, step: int, stopping: str | None, chief: bool) -> bool:
+def _stopped(ckpt: Checkpointer, step: int, stopping: str | None, preempted: bool, chief: bool) -> bool:
   """After step `step` was saved: True (the checkpoint is durable, the run should return) on a preemption sync
   point or a stop signal."""
-  if not (stopping or ckpt.reached_preemption(step)):
+  if not (stopping or preempted):
     return False
   ckpt.close()
   why = f"{stopping} received" if stopping else "preemption"

@@ -279,7 +279,7 @@ class Sampler:
       plan = make_row_plans(grids, cfg.vision, pad_to=n_patches)
       if self.mesh is not None:  # each row's images on the chips of its row
         rows_sharding = shd.logical_to_sharding(("batch",), (b,), self.mesh)  # the leading (row) axis
-        pixel_values, plan = jax.device_put((pixel_values, plan), rows_sharding)
+        pixel_values, plan = shd.put_host((pixel_values, plan), rows_sharding)
     return tokens, counts, position_ids, new_next.astype(np.int32), pixel_values, plan
 
   def extend(self, cache: KVCache, chunks: Sequence[Chunk | None]) -> tuple[KVCache, jax.Array]:
