@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.overlong_penalty = 1.0  # the penalty at the budget
   c.rl.over_turn_masking = False  # Mini-o3: rows the turn / image / length limits cut are left out of the loss
   c.rl.off_policy_steps = 0  # 1: step n+1's rollouts run (stale weights) while step n's update runs; 0 = on-policy
-  c.rl.sampler_devices = 0  # k>0: sampler's own devices, last k/P of each of P processes; needed under jax.distributed
+  c.rl.sampler_devices = 0  # k>0: the sampler's own devices (last k/P of each process); off-policy on pods needs it
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6  # AdamW, constant after the warm-up

@@ -252,6 +252,7 @@ def _paged_case(rng, b, n, h, kh, d, page, width, before, counts, dtype):
     (7, 1, 32, 64, 1, jnp.float32),  # the 7B's 7 query heads per KV head, a page larger than the key block
     (7, 1, 16, 16, 5, jnp.float32),  # splits past some rows' last block: those splits see nothing
     (2, 3, 16, 64, 1, jnp.bfloat16),
+    (1, 2, 4, 8, 1, jnp.float32),  # tiny pages: 4 of them per step, 16 keys (Triton's smallest dot)
   ],
 )
 def test_paged_flash_reads_pages_in_place_and_matches_a_slot_by_slot_reference(g, n, page, block_k, splits, dtype):

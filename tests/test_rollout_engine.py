@@ -214,3 +214,20 @@ def test_a_cancelled_rollout_stops_between_segments(agent, engine):
   with pytest.raises(RolloutCancelled):
     _rollout_with(agent, stats, engine=engine, max_concurrent_rows=2, segment_steps=8, cancel=cancel)
   assert len(polls) == 3 and stats.token_steps > 0  # it ran, then stopped at the third poll
+
+
+def test_a_row_the_pool_can_hold_once_cached_prompts_go_is_not_ended(agent):
+  """A fixed pool full of another group's cached prompt (its row was restarted to make room): the growing row
+  drops that prompt (prefilled again when its rows start) rather than ending as if the pool could not hold it."""
+  sampler, tok = agent
+  tasks = [_task("a", 2, (56, 56)), _task("b", 3, (56, 56))]
+  long_turn = "<think>" + "look " * 16 + "</think> <answer>B</answer><|im_end|>"  # 61 tokens
+  cfg = AgentConfig(
+    sampling=rules.GREEDY, max_tokens_per_turn=96, max_total_tokens=4096, page_size=16, segment_steps=8,
+    max_concurrent_rows=2, kv_pages=79, **SMALL,
+  )  # fmt: skip
+  stats = RolloutStats()
+  scripts = [[ANSWER], [long_turn], [ANSWER], [ANSWER]]
+  out = run_rollouts(sampler, tok, tasks, group_size=2, config=cfg, scripted_turns=scripts, stats=stats)
+  assert [t.stop_reason for t in out] == ["answer"] * 4 and stats.pool_failures == 0
+  assert stats.restarts > 0  # the pool was tight: a row made room by restarting

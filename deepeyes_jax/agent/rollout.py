@@ -659,6 +659,13 @@ def _rollout_continuous(
       f"{what}; raise kv_pages or use 0 (grow on demand)"
     )
 
+  def drop_prompts(shards_: set[int], keep: int) -> int:
+    """Releases the cached prompts of groups other than `keep` on these shards; returns how many."""
+    dropped = [key for key in prompts if key[1] in shards_ and key[0] != keep]
+    for key in dropped:
+      alloc.release(key[1], prompts.pop(key).pages)
+    return len(dropped)
+
   def restart(live: _Live) -> None:
     alloc.release(live.shard, live.pages)
     rows[live.index] = _fresh(templates[live.index])
@@ -676,7 +683,10 @@ def _rollout_continuous(
       return
     while not ensure(live.shard, need):
       rows_here = [x for x in slots if x is not None and x.shard == live.shard]
-      if rows_here == [live]:  # recorded, not raised: the row ends, the rollout goes on
+      if rows_here == [live]:
+        if drop_prompts({live.shard}, keep=live.index // group_size):
+          continue  # other groups' cached prompts made room (they are prefilled again when their rows start)
+        # recorded, not raised: the row ends, the rollout goes on
         msg = f"row {live.index} alone ({tokens} tokens)"
         _fail(rows[live.index], MemoryError(pool_too_small(msg)), "KV pages")
         alloc.release(live.shard, live.pages)
@@ -724,8 +734,11 @@ def _rollout_continuous(
       order += 1
       admitted.append((slots[s], g, last))
     if not admitted and not any(x is not None for x in slots):
-      # Nothing in flight will free pages: the row at the head of the queue cannot start. It ends (recorded, not
+      # Nothing in flight will free pages: the row at the head of the queue cannot start. Other groups' cached
+      # prompts go first (prefilled again when their rows start); if there are none, the row ends (recorded, not
       # raised), and with it its group's prompts if it was the group's last row; the others go on.
+      if drop_prompts(set(range(shards)), keep=queue[0] // group_size):
+        continue
       i = queue.popleft()
       msg = f"the prompt of row {i} ({rows[i].prompt_length} tokens) with a segment's growth"
       _fail(rows[i], MemoryError(pool_too_small(msg)), "KV pages")

@@ -133,7 +133,9 @@ def paged_flash(
   bq = min(block_q, _next_pow2(max(rows, 16)))  # Triton dots need M >= 16
   rows_pad = blocks.round_up(rows, bq)
   width = page_table.shape[1]
-  ppb = max(1, min(block_k // page, _next_pow2(width)))  # a power of two when page is
+  # Pages per loop step: about block_k keys, at least 16 (Triton dots need N, K >= 16; the table is padded to a
+  # multiple), a power of two when the page size is.
+  ppb = max(1, min(block_k // page, _next_pow2(width)), -(-16 // page))
   n_pad = blocks.round_up(width, ppb)
 
   # (B, N, H, hd) -> (B, K, rows_pad, hd), row t * G + j = (token t, head k * G + j)
