@@ -92,6 +92,10 @@ def test_tiny_variant_end_to_end(tmp_path, tiny_vlm, train_data):
   ):
     assert key in metrics, key
   assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0 and metrics["reward/std"] > 0
+  # The rollout engine's costs: slots partly idle, the pool grown on demand, nothing restarted or failed.
+  assert 0 < metrics["engine/slot_utilisation"] <= 1 and metrics["engine/prefill_tokens"] > 0
+  assert 0 < metrics["engine/kv_peak_used_gib"] <= metrics["engine/kv_allocated_gib"]
+  assert metrics["engine/restarts"] == metrics["engine/pool_failures"] == 0 and metrics["engine/segments"] >= 1
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))

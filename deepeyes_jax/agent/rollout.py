@@ -538,6 +538,19 @@ class RolloutStats:
   def slot_utilisation(self) -> float:
     return self.token_steps / max(self.slot_steps, 1)
 
+  def metrics(self) -> dict[str, float]:
+    """What a trainer logs per step (`engine/*`): where a fixed pool's pressure and the slots' idling show."""
+    return {
+      "engine/slot_utilisation": self.slot_utilisation,
+      "engine/prefill_tokens": float(self.prefill_tokens),
+      "engine/segments": float(self.segments),
+      "engine/kv_allocated_gib": self.kv_bytes / 2**30,
+      "engine/kv_peak_used_gib": self.kv_peak_used_bytes / 2**30,
+      "engine/restarts": float(self.restarts),
+      "engine/pool_failures": float(self.pool_failures),
+      "engine/pool_grows": float(self.pool_grows),
+    }
+
 
 @dataclasses.dataclass
 class _Live:

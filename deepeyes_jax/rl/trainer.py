@@ -28,7 +28,7 @@ from etils import epath
 from flax import nnx
 
 from deepeyes_jax import run_setup
-from deepeyes_jax.agent.rollout import RolloutCancelled, run_rollouts
+from deepeyes_jax.agent.rollout import RolloutCancelled, RolloutStats, run_rollouts
 from deepeyes_jax.agent.trajectory import save_trajectories
 from deepeyes_jax.config_args import dataclass_from
 from deepeyes_jax.data.pipeline import make_train_iterator
@@ -198,6 +198,7 @@ def collect_rollouts(
   want = config.data.batch_size
   trajs, rewards, groups, signal_groups = [], [], [], []
   totals = np.zeros(0, np.float64)
+  stats = RolloutStats()  # the engine's costs over every round: engine/*
   for r in range(rl.dynamic_sampling_max_rounds if rl.dynamic_sampling else 1):
     tasks = [tasks_lib.record_task(e) for e in next(data_iter)]
     tr = run_rollouts(
@@ -208,6 +209,7 @@ def collect_rollouts(
       config=agent_cfg,
       seed=step_seed(config.seed, step, r),
       cancel=cancel,  # dropped prefetched rollouts stop at the next decode segment (RolloutCancelled)
+      stats=stats,
     )
     rw = rewards_lib.score_trajectories(tr, tokenizer, judge)
     trajs, rewards = trajs + tr, rewards + rw
@@ -219,7 +221,7 @@ def collect_rollouts(
     signal_groups = [g for g, has in signal.items() if has]
     if len(signal_groups) >= want:
       break
-  m: dict[str, float] = {}
+  m: dict[str, float] = stats.metrics()
   if rl.dynamic_sampling:
     chosen = set(signal_groups[:want])
     train = np.asarray([g in chosen for g in groups], bool)
