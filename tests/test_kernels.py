@@ -273,7 +273,7 @@ def test_paged_flash_reads_pages_in_place_and_matches_a_slot_by_slot_reference(g
   assert not np.asarray(out)[~real].any()
 
 
-def test_paged_attention_pallas_reads_in_place_and_agrees_with_the_gather_path():
+def test_paged_attention_pallas_reads_in_place_and_agrees_with_the_gather_path(monkeypatch):
   """`paged_attention(impl="pallas")` on a CPU (GPU semantics, interpret mode) takes the in-place kernel, not the
   gathered pages, and agrees with the XLA reference on the rows' real tokens; the write is the same."""
   from deepeyes_jax.kernels import gpu_paged_attention
@@ -297,11 +297,8 @@ def test_paged_attention_pallas_reads_in_place_and_agrees_with_the_gather_path()
   )
   calls = []
   real_kernel = gpu_paged_attention.paged_flash
-  try:
-    gpu_paged_attention.paged_flash = lambda *a, **kw_: calls.append(1) or real_kernel(*a, **kw_)
-    out, written = paged_attention(q, k, v, pool, impl="pallas", **kw)
-  finally:
-    gpu_paged_attention.paged_flash = real_kernel
+  monkeypatch.setattr(gpu_paged_attention, "paged_flash", lambda *a, **kw_: calls.append(1) or real_kernel(*a, **kw_))
+  out, written = paged_attention(q, k, v, pool, impl="pallas", **kw)
   ref, ref_written = paged_attention(q, k, v, pool, impl="xla", **kw)
   assert calls == [1]
   np.testing.assert_array_equal(np.asarray(written), np.asarray(ref_written))

@@ -672,11 +672,12 @@ def _rollout_continuous(
       f"{what}; raise kv_pages or use 0 (grow on demand)"
     )
 
-  def drop_prompts(shards_: set[int], keep: int) -> int:
-    """Releases the cached prompts of groups other than `keep` on these shards; returns how many."""
-    dropped = [key for key in prompts if key[1] in shards_ and key[0] != keep]
-    for key in dropped:
-      alloc.release(key[1], prompts.pop(key).pages)
+  def drop_prompts(keep: Callable[[int, int], bool]) -> int:
+    """Releases the cached prompts (group g, shard d) that `keep` does not keep; returns how many. A dropped group's
+    prompt is prefilled again when one of its rows starts."""
+    dropped = [key for key in prompts if not keep(*key)]
+    for g, d in dropped:
+      alloc.release(d, prompts.pop((g, d)).pages)
     return len(dropped)
 
   def restart(live: _Live) -> None:
@@ -697,8 +698,8 @@ def _rollout_continuous(
     while not ensure(live.shard, need):
       rows_here = [x for x in slots if x is not None and x.shard == live.shard]
       if rows_here == [live]:
-        if drop_prompts({live.shard}, keep=live.index // group_size):
-          continue  # other groups' cached prompts made room (they are prefilled again when their rows start)
+        if drop_prompts(keep=lambda g, d: d != live.shard or g == live.index // group_size):
+          continue  # other groups' cached prompts on this shard made room
         # recorded, not raised: the row ends, the rollout goes on
         msg = f"row {live.index} alone ({tokens} tokens)"
         _fail(rows[live.index], MemoryError(pool_too_small(msg)), "KV pages")
@@ -750,17 +751,15 @@ def _rollout_continuous(
       # Nothing in flight will free pages: the row at the head of the queue cannot start. Other groups' cached
       # prompts go first (prefilled again when their rows start); if there are none, the row ends (recorded, not
       # raised), and with it its group's prompts if it was the group's last row; the others go on.
-      if drop_prompts(set(range(shards)), keep=queue[0] // group_size):
+      if drop_prompts(keep=lambda g, d: g == queue[0] // group_size):
         continue
       i = queue.popleft()
       msg = f"the prompt of row {i} ({rows[i].prompt_length} tokens) with a segment's growth"
       _fail(rows[i], MemoryError(pool_too_small(msg)), "KV pages")
       stats.pool_failures += 1
-      g = i // group_size
-      pending[g] -= 1
-      if not pending[g]:
-        for key in [key for key in prompts if key[0] == g]:
-          alloc.release(key[1], prompts.pop(key).pages)
+      pending[i // group_size] -= 1
+      if not pending[i // group_size]:
+        drop_prompts(keep=lambda g, d: g != i // group_size)
       continue
     if to_prefill:
       kv, lg, nxt = sampler.extend_paged(

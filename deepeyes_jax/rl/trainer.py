@@ -21,7 +21,6 @@ import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -42,7 +41,7 @@ from deepeyes_jax.rl.checkpoint import TRAIN_CONFIG_FILE, Checkpointer
 from deepeyes_jax.rl.metrics import Progress, ToolHealth, device_peak_flops, make_writer, rollout_metrics
 from deepeyes_jax.rl.report import write_report
 from deepeyes_jax.rl.train_step import Learner, LearnerConfig
-from deepeyes_jax.sampling.sampler import Sampler, sampling_shardings
+from deepeyes_jax.sampling.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def _meshes(config) -> tuple:
   """(learner mesh, sampler mesh): one mesh over every device, or with `rl.sampler_devices` = k the sampler's own
   mesh over k devices (`split_devices`: the last k / P of each process; rows over them, (data 1, fsdp k, tensor 1))
   and the learner's (`config.mesh`, -1 = the remaining ones) over the rest: one-step-off-policy rollouts then run
-  on devices of their own, the weights pushed across (`push_weights`) once per step."""
+  on devices of their own, the weights pushed across (`sampler.push`) once per step."""
   k = config.rl.get("sampler_devices", 0)
   if not k:
     mesh = run_setup.make_mesh(config.mesh)
@@ -116,53 +115,6 @@ def _meshes(config) -> tuple:
     shd.make_mesh(m.data, m.fsdp, m.tensor, devices=learner_devices),
     shd.make_mesh(1, k, 1, devices=sampler_devices),
   )
-
-
-def push_weights(sampler: Sampler, state, *, private: bool = False) -> None:
-  """`sampler.push(state, private=private)`, also where the sampler's devices are not the learner's and the run has
-  several processes: there a resharding `jax.device_put` between the two device sets is refused ("a cross-host
-  reshard ... should have the same set of devices": jax 0.10.2, but on TPU's TFRT runtime), so each leaf is cast to
-  the sampler's dtype and replicated over the learner's own devices (a program of the learner's mesh: an all-gather),
-  then each process copies the slices its sampler devices hold from one of its learner devices (device-to-device,
-  within the process) and assembles them (`jax.make_array_from_single_device_arrays`). One leaf at a time, so the
-  learner's devices hold at most one gathered leaf (plus those in flight) beyond their own state. The arrays are
-  new: private. Call it from the thread that issues the learner's programs, while no rollout runs (it spans both
-  groups)."""
-  mesh = sampler.mesh
-  leaves, treedef = jax.tree.flatten(state)
-  if mesh is None or jax.process_count() == 1 or all(x.sharding.device_set == set(mesh.devices.flat) for x in leaves):
-    sampler.push(state, private=private)
-    return
-  targets = jax.tree.leaves(sampling_shardings(state, mesh, sampler.weight_layout))
-  assert len(targets) == len(leaves), (len(targets), len(leaves))
-  out, in_flight = [], 0
-  for x, target in zip(leaves, targets):
-    gathered = _gather_fn(jnp.dtype(sampler.dtype), x.sharding.mesh)(x)  # replicated over the learner's devices
-    local = gathered.addressable_shards[0].data  # the whole leaf, on one of this process's learner devices
-    full = tuple(slice(None) for _ in range(local.ndim))
-    shards = [
-      jax.device_put(local if tuple(idx) == full else local[idx], d)
-      for d, idx in target.addressable_devices_indices_map(local.shape).items()
-    ]
-    out.append(jax.make_array_from_single_device_arrays(local.shape, target, shards))
-    in_flight += local.nbytes
-    if in_flight > _PUSH_BYTES_IN_FLIGHT:  # bounds what the gathered copies hold on the learner's devices
-      out[-1].block_until_ready()
-      in_flight = 0
-  sampler.state = jax.tree.unflatten(treedef, out)  # the sampler's dtype and layout: taken as they are
-
-
-_PUSH_BYTES_IN_FLIGHT = 1 << 30
-_GATHER_FNS: dict = {}
-
-
-def _gather_fn(dtype, mesh):
-  """jit: a leaf cast to `dtype` (floating point leaves) and replicated over `mesh`; one per (dtype, mesh)."""
-  key = (dtype, mesh)
-  if key not in _GATHER_FNS:
-    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-    _GATHER_FNS[key] = jax.jit(cast, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return _GATHER_FNS[key]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,11 +299,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpoint = run_setup.model_dir(config, workdir)
   model = run_setup.load_model(config, mesh, checkpoint)
   tokenizer = load_tokenizer(config.model.tokenizer or checkpoint)
-  sampler = Sampler(model, mesh=mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
-  # Built where the model's weights are (a transfer to devices of its own is `push_weights`' job), then pointed at
-  # its mesh; its copy of the weights is made before each rollout phase (push_weights) and released after it.
-  sampler.mesh = sampler_mesh
-  sampler.release()
+  sampler = Sampler(model, mesh=sampler_mesh, weight_layout=config.rollout.get("weight_layout", "tensor_parallel"))
+  sampler.release()  # its copy of the weights is made before each rollout phase (sampler.push) and released after
   agent_cfg = run_setup.agent_config(config)
   judge = run_setup.make_judge(config, workdir)
   ws = config.get("warmstart")  # validate() imported the reward plugins and checked warmstart.steps < total_steps
@@ -442,7 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     for step in range(start, config.total_steps):
       t0 = time.time()
       if step == warm_steps and warm_steps:
-        push_weights(sampler, learner.state)
+        sampler.state = learner.state
         evaluator.run("warmstart", step)  # the warm-start checkpoint (skipped if already done)
         progress.pause_ended()
         if learner.cfg.policy_loss == "nll":
@@ -470,7 +419,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         batch, pending = pending.result(), None
         sampler.release()
       else:
-        push_weights(sampler, learner.state)
+        sampler.push(learner.state)
         batch = collect(step)
         sampler.release()  # the learner step does not hold the sampler's copy of the weights
       prefetch = off_policy and step + 1 < config.total_steps and not stop.requested
@@ -479,7 +428,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         # planned checkpoint (the step after one is rolled out on-policy, so a resumed run repeats it exactly).
         data_state = data_iter.get_state()
         # In this thread, while no rollout runs: the push is the one program that spans both device groups.
-        push_weights(sampler, learner.state, private=True)  # the update donates learner.state
+        sampler.push(learner.state, private=True)  # the update donates learner.state
         drop_prefetch.clear()
         pending = executor.submit(collect, step + 1, None if distributed else drop_prefetch.is_set)
       metrics = learn(batch, learner, config, sampler.config.vision)
@@ -526,7 +475,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _finish(writer, judge)
         return metrics
   ckpt.close()
-  push_weights(sampler, learner.state)
+  sampler.state = learner.state
   final = evaluator.run("final", config.total_steps)
   if final is not None and chief:
     final_eval = evaluator.write_final()

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepeyes_jax.kernels import platform
@@ -109,15 +109,15 @@ def sampling_layout(state, dtype, mesh: Mesh | None, layout: str = "tensor_paral
   if layout not in WEIGHT_LAYOUTS:
     raise ValueError(f"weight_layout {layout!r}: must be one of {', '.join(WEIGHT_LAYOUTS)}")
   leaves = jax.tree.leaves(state)
-  same_dtype = all(not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype for x in leaves)
   shardings = sampling_shardings(state, mesh, layout)
   if shardings is not None and any(
     getattr(x, "sharding", None) is not None and x.sharding.device_set != set(mesh.devices.flat) for x in leaves
   ):
     # Weights on other devices (the learner's group, the sampler on devices of its own: one-step-off-policy
-    # rollouts): one resharding transfer, then the cast below runs on the sampler's devices.
-    state = jax.device_put(state, shardings)
+    # rollouts): moved across first.
+    state = _to_other_devices(state, shardings, jnp.dtype(dtype))
     leaves = jax.tree.leaves(state)
+  same_dtype = all(not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype for x in leaves)
   same_layout = shardings is None or all(
     getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(s, x.ndim)
     for x, s in zip(leaves, jax.tree.leaves(shardings))
@@ -125,6 +125,34 @@ def sampling_layout(state, dtype, mesh: Mesh | None, layout: str = "tensor_paral
   if same_dtype and same_layout:
     return state
   return _cast_fn(jnp.dtype(dtype), shardings)(state)
+
+
+_PUSH_BYTES_IN_FLIGHT = 1 << 30
+
+
+def _to_other_devices(state, shardings, dtype):
+  """`state` on `shardings`, whose devices are not its own. One process: a resharding `jax.device_put` (the cast then
+  runs on the new devices). Several processes: JAX refuses a cross-host reshard between different device sets
+  ("should have the same set of devices": jax 0.10.2, but on TPU's TFRT runtime), so each leaf is cast to `dtype`
+  and replicated over its own mesh (a program of that mesh: an all-gather), then each process copies the slices its
+  target devices hold from one of its own devices holding the leaf (device to device, within the process) and
+  assembles them (`jax.make_array_from_single_device_arrays`). One leaf at a time: the source devices hold about
+  one gathered leaf (at most ~1 GiB in flight) beyond their own state. Issue it while nothing else dispatches to
+  either device group (it spans both)."""
+  if jax.process_count() == 1:
+    return jax.device_put(state, shardings)
+  leaves, treedef = jax.tree.flatten(state)
+  out, in_flight = [], 0
+  for x, target in zip(leaves, jax.tree.leaves(shardings), strict=True):
+    gathered = _cast_fn(dtype, NamedSharding(x.sharding.mesh, P()))(x)  # replicated over its own devices
+    local = gathered.addressable_shards[0].data  # the whole leaf, on one of this process's devices
+    shards = [jax.device_put(local[idx], d) for d, idx in target.addressable_devices_indices_map(local.shape).items()]
+    out.append(jax.make_array_from_single_device_arrays(local.shape, target, shards))
+    in_flight += local.nbytes
+    if in_flight > _PUSH_BYTES_IN_FLIGHT:  # bounds what the gathered copies hold
+      out[-1].block_until_ready()
+      in_flight = 0
+  return jax.tree.unflatten(treedef, out)
 
 
 def _cast(dtype, state):
